@@ -1,0 +1,40 @@
+"""jlora: functional LoRA for JAX and Flax.
+
+Shape conventions: a Flax kernel is ``(*stacked, *fan_in, *fan_out)`` (a Dense
+kernel ``(in, out)``); its adapter is ``lora_A`` ``(*stacked, *fan_in, r)`` and
+``lora_B`` ``(*stacked, r, *fan_out)``. PEFT's ``lora_A.weight`` is
+``(r, in)`` and ``lora_B.weight`` is ``(out, r)``.
+"""
+
+from importlib import metadata as _metadata
+
+from jlora._src.adapters import Layout
+from jlora._src.config import LoraConfig
+from jlora._src.initialize import init
+from jlora._src.interpreter import MaterializationWarning
+from jlora._src.merge import merge, unmerge
+from jlora._src.optim import combine, freeze_base, split, trainable_mask
+from jlora._src.summary import count_params, summary
+from jlora._src.wrap import infer_layouts, wrap
+
+try:
+  __version__ = _metadata.version("jlora")
+except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
+  __version__ = "0.0.0"
+
+__all__ = [
+  "Layout",
+  "LoraConfig",
+  "MaterializationWarning",
+  "combine",
+  "count_params",
+  "freeze_base",
+  "infer_layouts",
+  "init",
+  "merge",
+  "split",
+  "summary",
+  "trainable_mask",
+  "unmerge",
+  "wrap",
+]

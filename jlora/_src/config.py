@@ -1,0 +1,292 @@
+"""`LoraConfig`: the frozen, validated description of a LoRA adapter.
+
+Field names and meanings follow Hugging Face PEFT's `LoraConfig` so that a
+user who knows PEFT can read and write a jlora config without a dictionary.
+
+Shape conventions (repeated wherever weights are touched): a Flax kernel is
+``(*stacked, *fan_in, *fan_out)``; its adapter is ``lora_A`` with shape
+``(*stacked, *fan_in, r)`` and ``lora_B`` with shape ``(*stacked, r, *fan_out)``,
+so that ``delta = scale * A @ B`` has the kernel's shape. PEFT's
+``lora_A.weight`` is ``(r, in)`` and ``lora_B.weight`` is ``(out, r)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+InitLoraWeights = bool | Literal["gaussian"]
+
+ALL_LINEAR = "all-linear"
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _as_str_tuple(field: str, value: Any) -> tuple[str, ...] | str | None:
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, Sequence) or isinstance(value, (set, frozenset)):
+    items = tuple(value)
+    for item in items:
+      if not isinstance(item, str) or not item:
+        raise ValueError(f"`{field}` must hold non-empty strings; got {item!r} in {value!r}.")
+    if isinstance(value, (set, frozenset)):
+      items = tuple(sorted(items))
+    return items
+  raise TypeError(
+    f"`{field}` must be a string (regex), or a list/tuple of module names; "
+    f"got {type(value).__name__}: {value!r}."
+  )
+
+
+def _check_regex(field: str, pattern: str) -> None:
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"`{field}` pattern {pattern!r} is not a valid regex: {e}.") from e
+
+
+def _freeze_mapping(field: str, value: Any, check) -> tuple[tuple[str, Any], ...]:
+  if value is None:
+    return ()
+  if not isinstance(value, Mapping):
+    if isinstance(value, tuple) and all(isinstance(kv, tuple) and len(kv) == 2 for kv in value):
+      value = dict(value)
+    else:
+      raise TypeError(
+        f"`{field}` must be a mapping from module-name pattern to value; got {type(value).__name__}."
+      )
+  items = []
+  for key, val in value.items():
+    if not isinstance(key, str) or not key:
+      raise ValueError(f"`{field}` keys must be non-empty strings; got {key!r}.")
+    _check_regex(field, key)
+    items.append((key, check(key, val)))
+  return tuple(items)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  """Configuration of a LoRA adapter (PEFT's vocabulary).
+
+  Attributes:
+    r: adapter rank, a positive integer.
+    lora_alpha: scaling numerator; the update is ``(lora_alpha / r) * A @ B``
+      (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+    lora_dropout: dropout rate in ``[0, 1)`` on the input of the LoRA branch
+      (applied by the wrapped apply only when a ``lora_dropout_key`` is given).
+    target_modules: which modules to adapt. A list/tuple of names: a module
+      matches if its path equals a name or ends with ``/name`` (PEFT's suffix
+      rule; ``"proj"`` does not match ``q_proj``). A single string: a regex
+      that must fully match the module path. ``"all-linear"``: every ``kernel``
+      of two or more dimensions except the output head (``lm_head``, ``head``,
+      ``classifier``, ``score``).
+    exclude_modules: modules never adapted, with the same matching rules.
+    layers_to_transform: layer indices to adapt (an int or a sequence). A
+      layer's index is read from a path entry ``<layers_pattern>_<i>`` (Linen
+      lists) or ``<layers_pattern>/<i>`` (NNX lists, plain dicts), or, for a
+      kernel stacked over layers (``nn.scan``), from its stacked axis.
+    layers_pattern: the name(s) of the layer container (``"layers"``, ``"h"``
+      ...). ``None`` accepts the usual names.
+    rank_pattern: ``{pattern: rank}`` overriding ``r`` for matching modules
+      (pattern is a regex matched against the module path or a suffix of it;
+      the longest matching pattern wins).
+    alpha_pattern: ``{pattern: alpha}`` overriding ``lora_alpha``, likewise.
+    use_rslora: scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
+    init_lora_weights: ``True`` (A: Kaiming-uniform as PyTorch's Linear,
+      ``bound = 1/sqrt(fan_in)``; B: zeros), ``"gaussian"`` (A ~ N(0, 1/r);
+      B zeros) or ``False`` (both random; the adapter is not a no-op — for
+      tests).
+    modules_to_save: modules whose parameters are trained in full alongside
+      the adapter (e.g. a classifier head); same matching rules as
+      ``target_modules`` lists.
+    layout_pattern: ``{pattern: (stacked, fan_in)}``: how many leading axes of
+      a matching kernel are stacked-layer axes and how many of the next are
+      fan-in axes (the rest are fan-out). Overrides what jlora infers.
+    dtype: dtype name of the adapter weights; ``None`` follows the kernel.
+
+  Raises:
+    ValueError, TypeError: at construction, naming the bad field.
+
+  Example:
+    >>> import jlora
+    >>> cfg = jlora.LoraConfig(r=8, lora_alpha=16, target_modules=("q_proj", "v_proj"))
+    >>> cfg.scale_for("layers_0/attn/q_proj")
+    2.0
+  """
+
+  r: int = 8
+  lora_alpha: float = 8.0
+  lora_dropout: float = 0.0
+  target_modules: tuple[str, ...] | str | None = None
+  exclude_modules: tuple[str, ...] | str | None = None
+  layers_to_transform: tuple[int, ...] | int | None = None
+  layers_pattern: tuple[str, ...] | str | None = None
+  rank_pattern: Mapping[str, int] | tuple[tuple[str, int], ...] = ()
+  alpha_pattern: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
+  use_rslora: bool = False
+  init_lora_weights: InitLoraWeights = True
+  modules_to_save: tuple[str, ...] | None = None
+  layout_pattern: Mapping[str, tuple[int, int]] | tuple[tuple[str, tuple[int, int]], ...] = ()
+  dtype: str | None = None
+
+  def __post_init__(self) -> None:
+    set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+    if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+      raise ValueError(f"`r` must be a positive integer; got {self.r!r}.")
+    if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+      raise TypeError(f"`lora_alpha` must be a number; got {self.lora_alpha!r}.")
+    if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+      raise ValueError(f"`lora_alpha` must be a finite number > 0; got {self.lora_alpha!r}.")
+    set_("lora_alpha", float(self.lora_alpha))
+    if (
+      isinstance(self.lora_dropout, bool)
+      or not isinstance(self.lora_dropout, (int, float))
+      or not 0.0 <= self.lora_dropout < 1.0
+    ):
+      raise ValueError(f"`lora_dropout` must be a number in [0, 1); got {self.lora_dropout!r}.")
+    set_("lora_dropout", float(self.lora_dropout))
+
+    if self.target_modules is None:
+      raise ValueError(
+        "`target_modules` is required: a list of module names such as "
+        "('q_proj', 'v_proj'), a regex string, or 'all-linear'."
+      )
+    for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+      value = _as_str_tuple(name, getattr(self, name))
+      if isinstance(value, tuple) and not value:
+        value = None if name != "target_modules" else value
+      if name == "target_modules" and value == ():
+        raise ValueError("`target_modules` must name at least one module; got an empty list.")
+      if isinstance(value, str):
+        if not value:
+          raise ValueError(f"`{name}` must not be an empty string.")
+        if name in ("layers_pattern", "modules_to_save"):
+          value = (value,)
+        elif value != ALL_LINEAR or name != "target_modules":
+          _check_regex(name, value)
+      set_(name, value)
+    if self.exclude_modules == ALL_LINEAR:
+      raise ValueError("`exclude_modules` cannot be 'all-linear'.")
+
+    ltt = self.layers_to_transform
+    if ltt is not None:
+      if isinstance(ltt, bool):
+        raise TypeError(f"`layers_to_transform` must be an int or ints; got {ltt!r}.")
+      ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt)
+      if not ltt or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ltt):
+        raise ValueError(
+          f"`layers_to_transform` must be non-negative layer indices; got {self.layers_to_transform!r}."
+        )
+      if len(set(ltt)) != len(ltt):
+        raise ValueError(f"`layers_to_transform` has repeated indices: {ltt!r}.")
+      set_("layers_to_transform", tuple(sorted(ltt)))
+    elif self.layers_pattern is not None:
+      raise ValueError("`layers_pattern` is only used with `layers_to_transform`; set both or neither.")
+
+    def check_rank(key, val):
+      if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+        raise ValueError(f"`rank_pattern[{key!r}]` must be a positive integer; got {val!r}.")
+      return val
+
+    def check_alpha(key, val):
+      if isinstance(val, bool) or not isinstance(val, (int, float)) or not (math.isfinite(val) and val > 0):
+        raise ValueError(f"`alpha_pattern[{key!r}]` must be a finite number > 0; got {val!r}.")
+      return float(val)
+
+    def check_layout(key, val):
+      ok = (
+        isinstance(val, (tuple, list))
+        and len(val) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in val)
+        and val[0] >= 0
+        and val[1] >= 1
+      )
+      if not ok:
+        raise ValueError(
+          f"`layout_pattern[{key!r}]` must be (stacked, fan_in) with stacked >= 0 "
+          f"leading layer axes and fan_in >= 1 contracted axes; got {val!r}."
+        )
+      return (int(val[0]), int(val[1]))
+
+    set_("rank_pattern", _freeze_mapping("rank_pattern", self.rank_pattern, check_rank))
+    set_("alpha_pattern", _freeze_mapping("alpha_pattern", self.alpha_pattern, check_alpha))
+    set_("layout_pattern", _freeze_mapping("layout_pattern", self.layout_pattern, check_layout))
+
+    if not isinstance(self.use_rslora, bool):
+      raise TypeError(f"`use_rslora` must be a bool; got {self.use_rslora!r}.")
+    init = self.init_lora_weights
+    if not (init is True or init is False or init == "gaussian"):
+      raise ValueError(f"`init_lora_weights` must be one of True, False, 'gaussian'; got {init!r}.")
+    if self.dtype is not None and self.dtype not in _DTYPES:
+      raise ValueError(f"`dtype` must be None or one of {_DTYPES}; got {self.dtype!r}.")
+
+  # -- per-module values -----------------------------------------------------
+
+  def rank_for(self, module_path: str) -> int:
+    """The rank of the adapter at ``module_path`` (``rank_pattern`` or ``r``)."""
+    return _lookup(self.rank_pattern, module_path, self.r)
+
+  def alpha_for(self, module_path: str) -> float:
+    """The alpha of the adapter at ``module_path`` (``alpha_pattern`` or ``lora_alpha``)."""
+    return _lookup(self.alpha_pattern, module_path, self.lora_alpha)
+
+  def scale_for(self, module_path: str) -> float:
+    """``alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``) at ``module_path``."""
+    r = self.rank_for(module_path)
+    alpha = self.alpha_for(module_path)
+    return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+  def layout_for(self, module_path: str) -> tuple[int, int] | None:
+    """The user's ``(stacked, fan_in)`` override at ``module_path``, if any."""
+    return _lookup(self.layout_pattern, module_path, None)
+
+  # -- serialisation ---------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-compatible dict; ``LoraConfig.from_dict`` inverts it exactly."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if f.name in ("rank_pattern", "alpha_pattern"):
+        value = dict(value)
+      elif f.name == "layout_pattern":
+        value = {k: list(v) for k, v in value}
+      elif isinstance(value, tuple):
+        value = list(value)
+      out[f.name] = value
+    return out
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+    """Builds a config from ``to_dict`` output.
+
+    Raises:
+      ValueError: on unknown fields (listing the known ones) or invalid values.
+    """
+    if not isinstance(data, Mapping):
+      raise TypeError(f"A LoRA config must be a JSON object; got {type(data).__name__}.")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+      raise ValueError(f"Unknown LoraConfig field(s) {unknown}; known fields: {sorted(known)}.")
+    kwargs = dict(data)
+    if "layout_pattern" in kwargs and isinstance(kwargs["layout_pattern"], Mapping):
+      kwargs["layout_pattern"] = {k: tuple(v) for k, v in kwargs["layout_pattern"].items()}
+    return cls(**kwargs)
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _lookup(items: tuple[tuple[str, Any], ...], module_path: str, default: Any) -> Any:
+  """The value of the longest pattern that matches ``module_path`` or a suffix of it."""
+  best_key, best = None, default
+  for key, value in items:
+    if re.fullmatch(rf"(?:.*/)?(?:{key})", module_path):
+      if best_key is None or len(key) > len(best_key):
+        best_key, best = key, value
+  return best

@@ -1,0 +1,100 @@
+"""`merge` and `unmerge`: fold an adapter into its base kernels and back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._src import adapters, paths
+from jlora._src.config import LoraConfig
+
+
+def _check_finite(bound: list[adapters.Bound]) -> None:
+  for item in bound:
+    for name, arr in ((paths.LORA_A, item.a), (paths.LORA_B, item.b)):
+      if isinstance(arr, jax.core.Tracer):
+        raise TypeError(
+          "`safe_merge=True` inspects the adapter's values, so it cannot run under "
+          "`jax.jit`/`grad`; call `jlora.merge` outside of transformations."
+        )
+      if not bool(np.all(np.isfinite(np.asarray(arr, dtype=np.float32)))):
+        raise ValueError(
+          f"Refusing to merge: {name} of the adapter at {item.spec.where!r} contains NaN or Inf. "
+          "The adapter is broken (diverged training?); nothing was merged."
+        )
+
+
+def _apply(tree: Any, lora: Any, config: LoraConfig, sign: float, safe: bool) -> Any:
+  bound, saved = adapters.bind(tree, lora, config)
+  if safe:
+    _check_finite(bound)
+  by_path = {item.spec.path: item for item in bound}
+
+  def replace(key_path, leaf):
+    path = paths.normalize(key_path)
+    if path in saved:
+      return saved[path] if sign > 0 else leaf
+    item = by_path.get(path)
+    if item is None:
+      return leaf
+    d = adapters.delta(item.spec, item.a, item.b)
+    return (leaf.astype(jnp.float32) + sign * d).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(replace, tree)
+
+
+def merge(tree: Any, lora: Any, config: LoraConfig, *, safe_merge: bool = False) -> Any:
+  """The base tree with each adapted kernel replaced by ``W + scale * A @ B``.
+
+  The sum is accumulated in float32 and cast back to the kernel's dtype.
+  `modules_to_save` leaves are replaced by their trained copies. The caller's
+  arrays are never mutated or donated; the result is a new tree of the same
+  type (Linen dict, NNX state, plain dict) ready for ``model.apply``.
+
+  Shapes: kernel ``(*stacked, *fan_in, *fan_out)``, ``lora_A``
+  ``(*stacked, *fan_in, r)``, ``lora_B`` ``(*stacked, r, *fan_out)``.
+
+  Args:
+    tree: the base tree the adapter was made for.
+    lora: the adapter tree from `jlora.init` (or training).
+    config: the config the adapter was made with.
+    safe_merge: first check every adapter weight is finite and raise instead
+      of merging NaN/Inf (PEFT's ``safe_merge``). Needs concrete arrays.
+
+  Returns:
+    The merged tree.
+
+  Raises:
+    ValueError: if the adapter does not fit ``tree`` (naming the path), or,
+      with ``safe_merge``, holds a non-finite value.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"q_proj": {"kernel": jnp.ones((4, 3))}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",))
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
+    >>> bool((jlora.merge(params, lora, cfg)["q_proj"]["kernel"] == 1).all())  # B starts at zero
+    True
+  """
+  return _apply(tree, lora, config, 1.0, safe_merge)
+
+
+def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
+  """Inverse of `merge`: subtracts ``scale * A @ B`` from each adapted kernel.
+
+  Exact up to rounding in the kernel's dtype (float32: a few ulps).
+  `modules_to_save` leaves cannot be recovered from a merged tree and are left
+  as they are.
+
+  Args:
+    tree: a tree produced by ``merge(base, lora, config)``.
+    lora: the same adapter tree.
+    config: the same config.
+
+  Returns:
+    The base tree.
+  """
+  return _apply(tree, lora, config, -1.0, False)

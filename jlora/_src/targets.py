@@ -1,0 +1,174 @@
+"""Target matching: which leaves of a tree a `LoraConfig` adapts.
+
+PEFT's rules, on module paths (see `jlora._src.paths`):
+
+* a list of names matches a module whose path equals a name or ends with
+  ``/name`` (so ``proj`` does not match ``q_proj``);
+* a single string is a regex that must match the whole module path;
+* ``"all-linear"`` matches every ``kernel`` of two or more dimensions except
+  the output head.
+
+Only floating leaves of two or more dimensions are adaptable; biases, norm
+scales and other 1-D leaves never are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._src import paths
+from jlora._src.config import ALL_LINEAR, LoraConfig
+
+_NEVER_ADAPTED = frozenset({"bias", "scale", "mean", "var", "count"})
+_HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score"})
+_DEFAULT_LAYER_NAMES = ("layers", "layer", "h", "blocks", "block", "decoder_layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+  """An adaptable leaf: its path, module path and abstract value."""
+
+  path: paths.Path
+  module: str
+  shape: tuple[int, ...]
+  dtype: Any
+
+  @property
+  def leaf_name(self) -> str:
+    return str(self.path[-1])
+
+
+def _is_adaptable(leaf_name: str, leaf: Any) -> bool:
+  shape = getattr(leaf, "shape", None)
+  dtype = getattr(leaf, "dtype", None)
+  if shape is None or dtype is None or len(shape) < 2:
+    return False
+  return leaf_name not in _NEVER_ADAPTED and jnp.issubdtype(dtype, np.floating)
+
+
+def candidates(tree: Any) -> list[Candidate]:
+  """Every adaptable leaf of ``tree`` (Linen: only in the ``params`` collection)."""
+  collections = paths.is_collections(tree)
+  out = []
+  for path, leaf in paths.leaves_with_paths(tree):
+    if collections and path[0] != "params":
+      continue
+    if len(path) < 2 or not _is_adaptable(str(path[-1]), leaf):
+      continue
+    out.append(Candidate(path, paths.module_path(path, collections), tuple(leaf.shape), leaf.dtype))
+  return out
+
+
+def all_module_paths(tree: Any) -> list[str]:
+  collections = paths.is_collections(tree)
+  seen: dict[str, None] = {}
+  for path, _ in paths.leaves_with_paths(tree):
+    if (not collections or path[0] == "params") and len(path) >= 2:
+      seen[paths.module_path(path, collections)] = None
+  return list(seen)
+
+
+def name_matches(spec: tuple[str, ...] | str, module: str) -> bool:
+  """PEFT's rule: a list matches by path suffix, a string as a full-match regex."""
+  if isinstance(spec, str):
+    return re.fullmatch(spec, module) is not None
+  return any(module == name or module.endswith("/" + name) for name in spec)
+
+
+def layer_index(module: str, layers_pattern: tuple[str, ...] | None) -> int | None:
+  """The layer index in a module path: ``layers_3`` or ``layers/3`` -> 3."""
+  names = layers_pattern or _DEFAULT_LAYER_NAMES
+  parts = module.split("/")
+  for i, part in enumerate(parts):
+    for name in names:
+      if part == name and i + 1 < len(parts) and parts[i + 1].isdigit():
+        return int(parts[i + 1])
+      m = re.fullmatch(rf"{re.escape(name)}_(\d+)", part)
+      if m:
+        return int(m.group(1))
+  return None
+
+
+def _unmatched_error(field: str, spec: str, modules: list[str]) -> ValueError:
+  names = sorted({m.split("/")[-1] for m in modules})
+  close = difflib.get_close_matches(spec.rsplit("/", maxsplit=1)[-1], names, n=5, cutoff=0.5)
+  sample = modules[:12]
+  msg = f"`{field}` entry {spec!r} matches no module of the tree."
+  if close:
+    msg += f" Close module names: {close}."
+  msg += (
+    f" Some module paths that exist: {sample}"
+    + (" ..." if len(modules) > len(sample) else "")
+    + ". A list entry matches a module whose path equals it or ends with '/<entry>'; "
+    "a string is a regex that must match the whole path."
+  )
+  return ValueError(msg)
+
+
+def _is_head(module: str) -> bool:
+  return module.rsplit("/", maxsplit=1)[-1] in _HEAD_NAMES if module else False
+
+
+def match_targets(tree: Any, config: LoraConfig) -> list[Candidate]:
+  """The leaves ``config`` adapts, in tree order, before layout and layer selection.
+
+  Raises:
+    ValueError: if a `target_modules` entry matches no module (listing close
+      names and a sample of real module paths), or matches only modules with
+      no adaptable kernel.
+  """
+  cands = candidates(tree)
+  modules = all_module_paths(tree)
+  spec = config.target_modules
+  if spec == ALL_LINEAR:
+    chosen = [c for c in cands if c.leaf_name == "kernel" and not _is_head(c.module)]
+  else:
+    entries = (spec,) if isinstance(spec, str) else spec
+    for entry in entries:
+      sub = entry if isinstance(spec, str) else (entry,)
+      if not any(name_matches(sub, m) for m in modules):
+        raise _unmatched_error("target_modules", entry, modules)
+      if not any(name_matches(sub, c.module) for c in cands):
+        raise ValueError(
+          f"`target_modules` entry {entry!r} matches modules with no adaptable kernel "
+          f"(only 1-D leaves such as biases or norm scales, which are never adapted): "
+          f"{[m for m in modules if name_matches(sub, m)][:8]}."
+        )
+    chosen = [c for c in cands if name_matches(spec, c.module)]
+  if config.exclude_modules is not None:
+    chosen = [c for c in chosen if not name_matches(config.exclude_modules, c.module)]
+  if config.modules_to_save is not None:
+    chosen = [c for c in chosen if not name_matches(config.modules_to_save, c.module)]
+  if not chosen:
+    raise ValueError(
+      f"`target_modules`={spec!r} with `exclude_modules`={config.exclude_modules!r} "
+      f"leaves nothing to adapt. Some module paths that exist: {modules[:12]}."
+    )
+  return chosen
+
+
+def saved_module_paths(tree: Any, config: LoraConfig) -> list[paths.Path]:
+  """Leaf paths trained in full because their module is in `modules_to_save`.
+
+  Raises:
+    ValueError: if a `modules_to_save` entry matches no module.
+  """
+  if config.modules_to_save is None:
+    return []
+  collections = paths.is_collections(tree)
+  modules = all_module_paths(tree)
+  for entry in config.modules_to_save:
+    if not any(name_matches((entry,), m) for m in modules):
+      raise _unmatched_error("modules_to_save", entry, modules)
+  out = []
+  for path, _ in paths.leaves_with_paths(tree):
+    if (not collections or path[0] == "params") and len(path) >= 2:
+      if name_matches(config.modules_to_save, paths.module_path(path, collections)):
+        out.append(path)
+  return out

@@ -1,0 +1,284 @@
+"""`wrap` and `infer_layouts`: running a model with adapters, and reading its kernel layouts."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+import numpy as np
+
+from jlora._src import adapters, interpreter, paths, targets, values
+from jlora._src.config import LoraConfig
+from jlora._src.merge import merge
+
+Strategy = Literal["auto", "factorized", "merged"]
+_STRATEGIES = ("auto", "factorized", "merged")
+_CACHE_SIZE = 32
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+class _Traced(NamedTuple):
+  closed: Any  # ClosedJaxpr of the model over its array inputs
+  out_tree: Any
+  tree_slots: dict[paths.Path, int]  # base leaf path -> position among the jaxpr's inputs
+  dynamic: list[Any]  # the array inputs, in order
+
+
+def _trace(
+  fn: Callable, tree: Any, args: Sequence[Any], kwargs: Mapping[str, Any], cache: dict | None
+) -> _Traced:
+  """Traces ``fn(tree, *args, **kwargs)`` to a jaxpr over its array leaves."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path((tree, tuple(args), dict(kwargs)))
+  leaves = [leaf for _, leaf in flat]
+  dyn_idx = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
+  dynamic = [leaves[i] for i in dyn_idx]
+  tree_slots = {}
+  for slot, i in enumerate(dyn_idx):
+    key_path = flat[i][0]
+    if isinstance(key_path[0], jax.tree_util.SequenceKey) and key_path[0].idx == 0:
+      tree_slots[paths.normalize(key_path[1:])] = slot
+
+  cache_key = None
+  if cache is not None and not any(isinstance(x, jax.core.Tracer) for x in dynamic):
+    static = tuple((i, leaves[i]) for i in range(len(leaves)) if i not in set(dyn_idx))
+    try:
+      cache_key = (treedef, static, tuple(jax.typeof(x) for x in dynamic))
+      hash(cache_key)
+    except TypeError:
+      cache_key = None
+    if cache_key is not None and cache_key in cache:
+      closed, out_tree = cache[cache_key]
+      return _Traced(closed, out_tree, tree_slots, dynamic)
+
+  def flat_fn(*dyn):
+    full = list(leaves)
+    for i, v in zip(dyn_idx, dyn):
+      full[i] = v
+    t, a, k = jax.tree_util.tree_unflatten(treedef, full)
+    return fn(t, *a, **k)
+
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
+  out_tree = jax.tree_util.tree_structure(out_shape)
+  if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
+    if len(cache) >= _CACHE_SIZE:
+      cache.pop(next(iter(cache)))
+    cache[cache_key] = (closed, out_tree)
+  return _Traced(closed, out_tree, tree_slots, dynamic)
+
+
+def _differentiated(lora: Any) -> bool:
+  """Whether gradients flow into ``lora`` in the current trace (JVP or linearize)."""
+  try:
+    from jax._src.interpreters import ad, batching  # noqa: PLC0415
+  except ImportError:  # pragma: no cover - a jax without these: assume training
+    return True
+  for leaf in jax.tree_util.tree_leaves(lora):
+    t = leaf
+    while isinstance(t, jax.core.Tracer):
+      if isinstance(t, (ad.JVPTracer, ad.LinearizeTracer)):
+        return True
+      t = t.val if isinstance(t, batching.BatchTracer) else None
+  return False
+
+
+def _lora_value(item: adapters.Bound) -> values.LoraValue:
+  spec = item.spec
+  a, b = adapters.expand_layers(spec, item.a, item.b)
+  s = spec.stacked
+  stacked = tuple(range(s))
+  fan_in = tuple(range(s, s + spec.fan_in))
+  fan_out = tuple(range(s + spec.fan_in, len(spec.kernel_shape)))
+  return values.LoraValue(
+    w=item.kernel,
+    a=a,
+    b=jax.numpy.moveaxis(b, s, -1),
+    a_axes=stacked + fan_in,
+    b_axes=stacked + fan_out,
+    scale=spec.scale,
+    site=spec.where,
+  )
+
+
+def _with_saved(tree: Any, saved: Mapping[paths.Path, Any]) -> Any:
+  if not saved:
+    return tree
+  return jax.tree_util.tree_map_with_path(lambda kp, leaf: saved.get(paths.normalize(kp), leaf), tree)
+
+
+def wrap(
+  apply_fn: Callable[..., Any], config: LoraConfig, *, strategy: Strategy = "auto"
+) -> Callable[..., Any]:
+  """Wraps a model's apply function so it runs with a LoRA adapter tree.
+
+  The result is called as ``apply(tree, lora, *args, **kwargs)`` where
+  ``apply_fn(tree, *args, **kwargs)`` is the model's own call (a Linen
+  ``model.apply``, ``lambda state, x: nnx.merge(graphdef, state)(x)`` for NNX,
+  or a plain function of a params dict). It computes exactly what
+  ``apply_fn(jlora.merge(tree, lora, config), *args, **kwargs)`` computes, but
+  without forming the merged kernels: each adapted kernel's contribution is
+  computed factorized, ``x @ W + scale * ((dropout(x) @ A) @ B)``, where the
+  kernel meets a ``dot_general``, a convolution or an embedding ``gather``,
+  through reshapes, transposes, casts, ``jit``, ``remat``, ``scan``, loops and
+  custom-derivative functions. A use it cannot factor materialises the merged
+  kernel for that use only and emits one `MaterializationWarning` naming the
+  parameter path.
+
+  Shapes: kernel ``(*stacked, *fan_in, *fan_out)``, ``lora_A``
+  ``(*stacked, *fan_in, r)``, ``lora_B`` ``(*stacked, r, *fan_out)``.
+
+  Args:
+    apply_fn: the model's apply function; its first argument is the tree.
+    config: the config the adapter tree was made with.
+    strategy: ``"factorized"`` always computes the LoRA branch factorized;
+      ``"merged"`` merges every kernel once up front (fastest for serving
+      many tokens; no dropout); ``"auto"`` (default) is factorized wherever
+      gradients flow into the adapter and otherwise picks, per kernel use,
+      whichever costs fewer FLOPs for the static shapes (merged when a
+      kernel sees more tokens than ``in*out/(in+out)``).
+
+  Returns:
+    ``apply(tree, lora, *args, lora_dropout_key=None, **kwargs)``. LoRA dropout
+    (``config.lora_dropout``) is applied only when ``lora_dropout_key`` is
+    given (training); without it (evaluation) there is none. The function is
+    pure and traces once under ``jax.jit``.
+
+  Raises:
+    ValueError: for an unknown ``strategy``; when called, if the adapter does
+      not fit the tree (naming the path).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
+    >>> model = nn.Dense(3, name="q_proj")
+    >>> x = jnp.ones((2, 4))
+    >>> variables = {"params": {"q_proj": model.init(jax.random.key(0), x)["params"]}}
+    >>> apply_fn = lambda v, x: model.apply({"params": v["params"]["q_proj"]}, x)
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), init_lora_weights=False)
+    >>> lora = jlora.init(variables, cfg, key=jax.random.key(1))
+    >>> apply = jlora.wrap(apply_fn, cfg)
+    >>> y = apply(variables, lora, x)
+    >>> bool(jnp.allclose(y, apply_fn(jlora.merge(variables, lora, cfg), x), atol=1e-6))
+    True
+  """
+  if strategy not in _STRATEGIES:
+    raise ValueError(f"`strategy` must be one of {_STRATEGIES}; got {strategy!r}.")
+  if not callable(apply_fn):
+    raise TypeError(f"`apply_fn` must be callable; got {type(apply_fn).__name__}.")
+  warned: set[str] = set()
+  cache: dict = {}
+
+  @functools.wraps(apply_fn)
+  def apply(
+    tree: Any, lora: Any, *args: Any, lora_dropout_key: jax.Array | None = None, **kwargs: Any
+  ) -> Any:
+    dropout = lora_dropout_key is not None and config.lora_dropout > 0.0
+    if strategy == "merged":
+      if dropout:
+        raise ValueError(
+          "LoRA dropout needs the factorized path: use strategy='auto' or 'factorized' "
+          "for training with `lora_dropout_key`."
+        )
+      return apply_fn(merge(tree, lora, config), *args, **kwargs)
+    bound, saved = adapters.bind(tree, lora, config)
+    traced = _trace(apply_fn, _with_saved(tree, saved), args, kwargs, cache)
+    vals = list(traced.dynamic)
+    for item in bound:
+      slot = traced.tree_slots.get(item.spec.path)
+      if slot is None:  # pragma: no cover - bind() checked the path exists
+        raise ValueError(f"Adapted kernel {item.spec.where!r} is not an array input of the model.")
+      vals[slot] = _lora_value(item)
+    ctx = interpreter.Context(
+      strategy=strategy,
+      differentiated=_differentiated(lora),
+      dropout_rate=config.lora_dropout,
+      key=lora_dropout_key if dropout else None,
+      warned=warned,
+    )
+    outs = interpreter.eval_jaxpr(traced.closed.jaxpr, traced.closed.consts, vals, ctx)
+    outs = interpreter._plain_outputs(outs, ctx, "the model's output")
+    return jax.tree_util.tree_unflatten(traced.out_tree, outs)
+
+  return apply
+
+
+def infer_layouts(
+  apply_fn: Callable[..., Any],
+  tree: Any,
+  *args: Any,
+  only: Sequence[paths.Path] | None = None,
+  **kwargs: Any,
+) -> dict[paths.Path, adapters.Layout]:
+  """Reads each N-D kernel's ``(stacked, fan_in)`` layout from how the model uses it.
+
+  Traces ``apply_fn(tree, *args, **kwargs)`` abstractly (no FLOPs are spent;
+  ``jax.ShapeDtypeStruct`` inputs work) and follows every kernel of three or
+  more dimensions to the ops that consume it: axes a ``dot_general``
+  contracts, or a convolution's input-channel and spatial axes, or the axes an
+  embedding ``gather`` indexes, are fan-in; the others are fan-out; an axis a
+  ``scan`` (``nn.scan``) iterates over, or a dot batches over, is stacked.
+
+  Args:
+    apply_fn: the model's apply function; its first argument is the tree.
+    tree: the base tree.
+    *args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
+    only: restrict to these leaf paths.
+    **kwargs: example keyword inputs.
+
+  Returns:
+    ``{path: Layout}`` for the kernels whose layout could be read.
+
+  Raises:
+    ValueError: if a kernel is used with contradicting layouts, or with axes
+      that are not ``(stacked..., fan_in..., fan_out...)`` in order (naming
+      the path and how to set ``layout_pattern``).
+  """
+  wanted = None if only is None else set(only)
+
+  probes = {
+    c.path: c for c in targets.candidates(tree) if len(c.shape) >= 3 and (wanted is None or c.path in wanted)
+  }
+  abstract = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
+    (tree, args, kwargs),
+  )
+  traced = _trace(apply_fn, abstract[0], abstract[1], abstract[2], None)
+  roles: dict[str, list[dict[int, str]]] = {}
+
+  def run(*dyn):
+    vals = list(dyn)
+    for path, cand in probes.items():
+      slot = traced.tree_slots[path]
+      vals[slot] = values.Probe(vals[slot], tuple((i,) for i in range(len(cand.shape))), paths.to_str(path))
+    ctx = interpreter.Context("factorized", False, 0.0, None, set(), roles=roles)
+    outs = interpreter.eval_jaxpr(traced.closed.jaxpr, traced.closed.consts, vals, ctx)
+    return interpreter._plain_outputs(outs, ctx, "")
+
+  jax.make_jaxpr(run)(*traced.dynamic)
+  out: dict[paths.Path, adapters.Layout] = {}
+  for path, cand in probes.items():
+    where = paths.to_str(path)
+    uses = roles.get(where)
+    if not uses:
+      continue
+    merged: dict[int, str] = {}
+    for use in uses:
+      for ax, role in use.items():
+        if merged.get(ax, role) != role:
+          raise ValueError(
+            f"Kernel {where!r} (shape {cand.shape}) is used with conflicting axis roles "
+            f"{uses}; set `layout_pattern={{{cand.module.split('/')[-1]!r}: (stacked, fan_in)}}`."
+          )
+        merged[ax] = role
+    layout = values.layout_from_roles(merged, len(cand.shape))
+    if layout is None:
+      raise ValueError(
+        f"Kernel {where!r} (shape {cand.shape}) is used with axis roles {merged}, which are "
+        "not (stacked..., fan_in..., fan_out...) in axis order, so it has no LoRA layout; "
+        "exclude it, or set `layout_pattern` to choose one."
+      )
+    out[path] = adapters.Layout(*layout)
+  return out
