@@ -1,0 +1,310 @@
+"""A zoo of small models built from configs with random weights (nothing downloaded).
+
+Each entry gives the model's apply function, its base tree, example inputs, a
+target config, and the adapter shapes PEFT would build for the equivalent
+PyTorch model, so tests can compare against independent expectations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import jlora
+
+VOCAB, D, HEADS, FF, LAYERS, SEQ, BATCH = 32, 16, 2, 24, 2, 6, 2
+
+
+# -- Llama-style decoder (Linen) ------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+
+
+def rotary(x: jax.Array) -> jax.Array:
+  """Rotary position embedding over (batch, seq, heads, head_dim)."""
+  seq, dim = x.shape[1], x.shape[-1]
+  freqs = 1.0 / (10000 ** (jnp.arange(0, dim, 2) / dim))
+  angles = jnp.arange(seq)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = x[..., ::2], x[..., 1::2]
+  return jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).reshape(x.shape)
+
+
+def causal_attention(q, k, v):
+  dh = q.shape[-1]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+  mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+  logits = jnp.where(mask, logits, -1e9)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+
+
+class LlamaBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _=None):
+    b, t, _d = x.shape
+    dh = D // HEADS
+    h = RMSNorm(name="input_layernorm")(x)
+    q = nn.Dense(D, use_bias=False, name="q_proj")(h).reshape(b, t, HEADS, dh)
+    k = nn.Dense(D, use_bias=False, name="k_proj")(h).reshape(b, t, HEADS, dh)
+    v = nn.Dense(D, use_bias=False, name="v_proj")(h).reshape(b, t, HEADS, dh)
+    att = causal_attention(rotary(q), rotary(k), v).reshape(b, t, D)
+    x = x + nn.Dense(D, use_bias=False, name="o_proj")(att)
+    h = RMSNorm(name="post_attention_layernorm")(x)
+    gate = nn.Dense(FF, use_bias=False, name="gate_proj")(h)
+    up = nn.Dense(FF, use_bias=False, name="up_proj")(h)
+    x = x + nn.Dense(D, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+    return x, None
+
+
+class Llama(nn.Module):
+  """Llama-style decoder; ``scan=True`` stacks the layers with ``nn.scan``."""
+
+  scan: bool = False
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D, name="embed_tokens")(tokens)
+    block = nn.remat(LlamaBlock) if self.remat else LlamaBlock
+    if self.scan:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS)
+      x, _ = stack(name="layers")(x, None)
+    else:
+      for i in range(LAYERS):
+        x, _ = block(name=f"layers_{i}")(x)
+    x = RMSNorm(name="norm")(x)
+    return nn.Dense(VOCAB, use_bias=False, name="lm_head")(x)
+
+
+# -- Flax MultiHeadDotProductAttention with a tied embedding head ---------------
+
+
+class MHAModel(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(VOCAB, D, name="embed")
+    x = embed(tokens)
+    mask = nn.make_causal_mask(tokens)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attn")(x, x, mask=mask)
+    x = nn.LayerNorm(name="ln")(x)
+    x = x + nn.Dense(D, name="mlp")(nn.gelu(x))
+    return embed.attend(x)
+
+
+# -- convnet ----------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, images):
+    x = nn.Conv(8, (3, 3), name="conv1")(images)
+    x = nn.relu(x)
+    x = nn.Conv(8, (3, 3), strides=(2, 2), name="conv2")(x)
+    x = nn.relu(x)
+    x = nn.Conv(8, (3,), name="conv1d")(x.reshape(x.shape[0], -1, x.shape[-1]))
+    x = x.mean(axis=1)
+    return nn.Dense(4, name="head")(x)
+
+
+# -- NNX transformer --------------------------------------------------------------
+
+
+class NNXBlock(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.q_proj = nnx.Linear(D, D, rngs=rngs)
+    self.k_proj = nnx.Linear(D, D, rngs=rngs)
+    self.v_proj = nnx.Linear(D, D, rngs=rngs)
+    self.o_proj = nnx.Linear(D, D, rngs=rngs)
+    self.norm = nnx.LayerNorm(D, rngs=rngs)
+    self.up_proj = nnx.Linear(D, FF, rngs=rngs)
+    self.down_proj = nnx.Linear(FF, D, rngs=rngs)
+
+  def __call__(self, x):
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, HEADS, D // HEADS)
+    att = causal_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+    x = x + self.o_proj(att.reshape(b, t, D))
+    return x + self.down_proj(nnx.gelu(self.up_proj(self.norm(x))))
+
+
+class NNXTransformer(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+    self.layers = nnx.List([NNXBlock(rngs) for _ in range(LAYERS)])
+    self.lm_head = nnx.Linear(D, VOCAB, rngs=rngs)
+
+  def __call__(self, tokens):
+    x = self.embed(tokens)
+    for layer in self.layers:
+      x = layer(x)
+    return self.lm_head(x)
+
+
+# -- plain function -----------------------------------------------------------------
+
+
+def plain_init(key: jax.Array) -> dict:
+  k1, k2, k3 = jax.random.split(key, 3)
+  return {
+    "encoder": {
+      "fc1": {"w": jax.random.normal(k1, (D, FF)) / math.sqrt(D), "b": jnp.zeros(FF)},
+      "fc2": {"w": jax.random.normal(k2, (FF, D)) / math.sqrt(FF), "b": jnp.zeros(D)},
+    },
+    "out": {"w": jax.random.normal(k3, (D, 4)) / math.sqrt(D)},
+  }
+
+
+def plain_apply(params: dict, x: jax.Array) -> jax.Array:
+  enc = params["encoder"]
+  h = jnp.tanh(x @ enc["fc1"]["w"] + enc["fc1"]["b"])
+  h = jax.checkpoint(lambda h: h @ enc["fc2"]["w"] + enc["fc2"]["b"])(h)
+  return jax.jit(lambda h, w: h @ w)(h, params["out"]["w"])
+
+
+# -- the zoo ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One zoo model: ``apply_fn(tree, inputs)`` and what its adapters must look like."""
+
+  name: str
+  apply_fn: Callable[..., Any]
+  tree: Any
+  inputs: jax.Array
+  config: jlora.LoraConfig
+  expected_shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # path -> (A, B)
+  peft_params: int  # trainable count PEFT builds for the equivalent PyTorch model
+  targets: jax.Array | None = None
+
+
+def _tokens(key):
+  return jax.random.randint(key, (BATCH, SEQ), 0, VOCAB)
+
+
+def _llama_case(scan: bool) -> Case:
+  model = Llama(scan=scan, remat=scan)
+  tokens = _tokens(jax.random.key(1))
+  variables = model.init(jax.random.key(0), tokens)
+  names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+  cfg = jlora.LoraConfig(r=4, lora_alpha=8, target_modules=names, init_lora_weights=False)
+  dims = {n: (D, D) for n in names[:4]} | {"gate_proj": (D, FF), "up_proj": (D, FF), "down_proj": (FF, D)}
+  shapes = {}
+  for n, (i, o) in dims.items():
+    if scan:
+      shapes[f"params/layers/{n}/kernel"] = ((LAYERS, i, 4), (LAYERS, 4, o))
+    else:
+      for layer in range(LAYERS):
+        shapes[f"params/layers_{layer}/{n}/kernel"] = ((i, 4), (4, o))
+  peft = LAYERS * sum(4 * (i + o) for i, o in dims.values())
+  return Case(
+    "llama_scan" if scan else "llama",
+    model.apply,
+    variables,
+    tokens,
+    cfg,
+    shapes,
+    peft,
+    targets=jnp.roll(tokens, -1, axis=1),
+  )
+
+
+def _mha_case() -> Case:
+  model = MHAModel()
+  tokens = _tokens(jax.random.key(2))
+  variables = model.init(jax.random.key(0), tokens)
+  dh = D // HEADS
+  cfg = jlora.LoraConfig(
+    r=2, lora_alpha=4, target_modules=("query", "value", "out", "embed"), init_lora_weights=False
+  )
+  shapes = {
+    "params/attn/query/kernel": ((D, 2), (2, HEADS, dh)),
+    "params/attn/value/kernel": ((D, 2), (2, HEADS, dh)),
+    "params/attn/out/kernel": ((HEADS, dh, 2), (2, D)),
+    "params/embed/embedding": ((VOCAB, 2), (2, D)),
+  }
+  peft = 2 * (D + D) * 3 + 2 * (VOCAB + D)
+  return Case("mha_tied", model.apply, variables, tokens, cfg, shapes, peft, targets=jnp.roll(tokens, -1, 1))
+
+
+def _conv_case() -> Case:
+  model = ConvNet()
+  images = jax.random.normal(jax.random.key(3), (BATCH, 8, 8, 3))
+  variables = model.init(jax.random.key(0), images)
+  cfg = jlora.LoraConfig(
+    r=2, lora_alpha=2, target_modules=("conv1", "conv2", "conv1d"), init_lora_weights=False
+  )
+  shapes = {
+    "params/conv1/kernel": ((3, 3, 3, 2), (2, 8)),
+    "params/conv2/kernel": ((3, 3, 8, 2), (2, 8)),
+    "params/conv1d/kernel": ((3, 8, 2), (2, 8)),
+  }
+  peft = 2 * (27 + 8) + 2 * (72 + 8) + 2 * (24 + 8)
+  return Case("convnet", model.apply, variables, images, cfg, shapes, peft, targets=jnp.ones((BATCH, 4)))
+
+
+def _nnx_case() -> Case:
+  model = NNXTransformer(nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  tokens = _tokens(jax.random.key(4))
+
+  def apply_fn(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+  cfg = jlora.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+  shapes = {}
+  for layer in range(LAYERS):
+    for n, (i, o) in {
+      "q_proj": (D, D),
+      "k_proj": (D, D),
+      "v_proj": (D, D),
+      "o_proj": (D, D),
+      "up_proj": (D, FF),
+      "down_proj": (FF, D),
+    }.items():
+      shapes[f"layers/{layer}/{n}/kernel"] = ((i, 4), (4, o))
+  peft = sum(math.prod(a) + math.prod(b) for a, b in shapes.values())
+  return Case("nnx", apply_fn, state, tokens, cfg, shapes, peft, targets=jnp.roll(tokens, -1, 1))
+
+
+def _plain_case() -> Case:
+  params = plain_init(jax.random.key(5))
+  x = jax.random.normal(jax.random.key(6), (BATCH, D))
+  cfg = jlora.LoraConfig(r=3, lora_alpha=6, target_modules=("fc1", "fc2", "out"), init_lora_weights=False)
+  shapes = {
+    "encoder/fc1/w": ((D, 3), (3, FF)),
+    "encoder/fc2/w": ((FF, 3), (3, D)),
+    "out/w": ((D, 3), (3, 4)),
+  }
+  peft = 3 * (D + FF) * 2 + 3 * (D + 4)
+  return Case("plain", plain_apply, params, x, cfg, shapes, peft, targets=jnp.ones((BATCH, 4)))
+
+
+BUILDERS: dict[str, Callable[[], Case]] = {
+  "llama": lambda: _llama_case(False),
+  "llama_scan": lambda: _llama_case(True),
+  "mha_tied": _mha_case,
+  "convnet": _conv_case,
+  "nnx": _nnx_case,
+  "plain": _plain_case,
+}
+
+
+def loss_fn(case: Case, outputs: jax.Array) -> jax.Array:
+  """Cross-entropy for token models, squared error otherwise."""
+  if outputs.ndim == 3:
+    logp = jax.nn.log_softmax(outputs, -1)
+    return -jnp.mean(jnp.take_along_axis(logp, case.targets[..., None], -1))
+  return jnp.mean((outputs - case.targets) ** 2)
