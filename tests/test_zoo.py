@@ -21,7 +21,7 @@ def setup(request):
     case.tree, case.config, key=jax.random.key(7), apply_fn=case.apply_fn, example_args=(case.inputs,)
   )
   apply = jax.jit(jlora.wrap(case.apply_fn, case.config, strategy="factorized"))
-  merged_apply = jax.jit(lambda t, l, x: case.apply_fn(jlora.merge(t, l, case.config), x))
+  merged_apply = jax.jit(lambda t, lo, x: case.apply_fn(jlora.merge(t, lo, case.config), x))
   return case, lora, apply, merged_apply
 
 
@@ -50,9 +50,11 @@ def test_forward_matches_merged(setup):
 def test_gradients_match_merged(setup):
   case, lora, _, _ = setup
   wrapped = jlora.wrap(case.apply_fn, case.config, strategy="factorized")
-  g = jax.jit(jax.grad(lambda l: zoo.loss_fn(case, wrapped(case.tree, l, case.inputs))))(lora)
+  g = jax.jit(jax.grad(lambda lo: zoo.loss_fn(case, wrapped(case.tree, lo, case.inputs))))(lora)
   g_ref = jax.jit(
-    jax.grad(lambda l: zoo.loss_fn(case, case.apply_fn(jlora.merge(case.tree, l, case.config), case.inputs)))
+    jax.grad(
+      lambda lo: zoo.loss_fn(case, case.apply_fn(jlora.merge(case.tree, lo, case.config), case.inputs))
+    )
   )(lora)
   for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves(g_ref)):
     scale = float(jnp.max(jnp.abs(b))) + 1e-12
@@ -75,7 +77,7 @@ def test_training_reduces_loss(setup):
 
   @jax.jit
   def step(lora, state):
-    loss, g = jax.value_and_grad(lambda l: zoo.loss_fn(case, wrapped(case.tree, l, case.inputs)))(lora)
+    loss, g = jax.value_and_grad(lambda lo: zoo.loss_fn(case, wrapped(case.tree, lo, case.inputs)))(lora)
     updates, state = opt.update(g, state, lora)
     return optax.apply_updates(lora, updates), state, loss
 
