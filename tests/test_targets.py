@@ -1,0 +1,103 @@
+"""Target matching on key paths: PEFT's suffix/regex rules, exclusions, layers, all-linear."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+import jlora
+from jlora._src import paths
+from tests import zoo
+
+
+@pytest.fixture(scope="module")
+def llama():
+  model = zoo.Llama()
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens)
+
+
+def _adapted(tree, **kw):
+  cfg = jlora.LoraConfig(r=2, **kw)
+  lora = jax.eval_shape(lambda: jlora.init(tree, cfg, key=jax.random.key(0)))
+  return sorted(paths.to_str(p) for p, _ in paths.adapter_items(lora))
+
+
+def test_suffix_rule(llama):
+  got = _adapted(llama, target_modules=("q_proj", "v_proj"))
+  assert got == [f"params/layers_{i}/{n}/kernel" for i in range(zoo.LAYERS) for n in ("q_proj", "v_proj")]
+  # A longer suffix works too.
+  assert _adapted(llama, target_modules=("layers_1/q_proj",)) == ["params/layers_1/q_proj/kernel"]
+
+
+def test_substring_is_not_a_suffix(llama):
+  with pytest.raises(ValueError, match=r"entry 'proj' matches no module.*Close module names: \[") as e:
+    _adapted(llama, target_modules=("proj",))
+  assert "layers_0/q_proj" in str(e.value)  # a sample of real module paths
+
+
+def test_close_matches_are_listed(llama):
+  with pytest.raises(ValueError, match=r"'q_prj'.*Close module names: \['q_proj'"):
+    _adapted(llama, target_modules=("q_prj",))
+
+
+def test_regex_full_match(llama):
+  assert _adapted(llama, target_modules=r"layers_0/(q|k)_proj") == [
+    "params/layers_0/k_proj/kernel",
+    "params/layers_0/q_proj/kernel",
+  ]
+  with pytest.raises(ValueError, match="matches no module"):
+    _adapted(llama, target_modules=r"q_proj")  # must match the whole path
+
+
+def test_exclude_modules(llama):
+  got = _adapted(llama, target_modules=("q_proj", "v_proj"), exclude_modules=("layers_0/v_proj",))
+  assert "params/layers_0/v_proj/kernel" not in got and "params/layers_1/v_proj/kernel" in got
+  with pytest.raises(ValueError, match="leaves nothing to adapt"):
+    _adapted(llama, target_modules=("q_proj",), exclude_modules=r".*")
+
+
+def test_layers_to_transform_linen_names(llama):
+  got = _adapted(llama, target_modules=("q_proj",), layers_to_transform=1)
+  assert got == ["params/layers_1/q_proj/kernel"]
+  got = _adapted(llama, target_modules=("q_proj",), layers_to_transform=[0], layers_pattern="layers")
+  assert got == ["params/layers_0/q_proj/kernel"]
+  with pytest.raises(ValueError, match="selects none of the matched modules"):
+    _adapted(llama, target_modules=("q_proj",), layers_to_transform=[0], layers_pattern="blocks")
+
+
+def test_layers_to_transform_nnx_lists():
+  state = nnx.state(zoo.NNXTransformer(nnx.Rngs(0)))
+  got = _adapted(state, target_modules=("q_proj",), layers_to_transform=[1])
+  assert got == ["layers/1/q_proj/kernel"]
+
+
+def test_all_linear_skips_head_embeddings_and_norms(llama):
+  got = _adapted(llama, target_modules="all-linear")
+  assert len(got) == 7 * zoo.LAYERS
+  assert not any("lm_head" in p or "embed" in p or "norm" in p for p in got)
+
+
+def test_norms_and_biases_never_adapted(llama):
+  with pytest.raises(ValueError, match="no adaptable kernel"):
+    _adapted(llama, target_modules=("input_layernorm",))
+  tree = {"fc": {"kernel": jnp.zeros((3, 4)), "bias": jnp.zeros((4,))}}
+  assert _adapted(tree, target_modules=("fc",)) == ["fc/kernel"]
+
+
+def test_plain_dict_and_integer_leaves():
+  tree = {"enc": {"w": jnp.zeros((3, 4)), "ids": jnp.zeros((3, 4), jnp.int32)}}
+  assert _adapted(tree, target_modules=("enc",)) == ["enc/w"]
+
+
+def test_modules_to_save_copies_leaves(llama):
+  cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), modules_to_save=("lm_head",))
+  params = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), llama)
+  lora = jlora.init(params, cfg, key=jax.random.key(0))
+  head = lora["params"]["lm_head"]["kernel"]
+  assert head.shape == params["params"]["lm_head"]["kernel"].shape
+  assert head is not params["params"]["lm_head"]["kernel"]
+  with pytest.raises(ValueError, match="`modules_to_save` entry 'head_x' matches no module"):
+    jlora.init(
+      params, jlora.LoraConfig(target_modules=("q_proj",), modules_to_save=("head_x",)), key=jax.random.key(0)
+    )
