@@ -1,7 +1,6 @@
 """optax freezing: the adapter trains, the base stays bit-identical."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
