@@ -139,28 +139,28 @@ def _plain_outputs(outs: Sequence[Any], ctx: Context, why: str) -> list[Any]:
 # -- view primitives -----------------------------------------------------------
 
 
-def _view(fn: Callable[[Special, Any, dict], Special | None]):
+def _view(fn: Callable[..., Special | None]):
   def rule(eqn, invals, ctx):
     if not _is_special(invals[0]) or any(_is_special(x) for x in invals[1:]):
       return None
     w = _bind(eqn, [invals[0].w, *invals[1:]])[0]
-    out = fn(invals[0], w, eqn.params, *invals[1:])
+    out = fn(invals[0], w, eqn.params, ctx, *invals[1:])
     return None if out is None else [out]
 
   return rule
 
 
-def _transpose(x, w, params):
+def _transpose(x, w, params, ctx):
   return x.transpose(params["permutation"], w)
 
 
-def _reshape(x, w, params, *dyn):
+def _reshape(x, w, params, ctx, *dyn):
   if params.get("dimensions") is not None or dyn:
     return None
   return x.reshape(tuple(w.shape), w)
 
 
-def _broadcast(x, w, params, *dyn):
+def _broadcast(x, w, params, ctx, *dyn):
   # Only broadcasts that add unit axes (expand_dims) are views.
   dims = params["broadcast_dimensions"]
   if dyn or list(dims) != sorted(dims) or any(w.shape[d] != s for d, s in zip(dims, x.shape)):
@@ -170,19 +170,27 @@ def _broadcast(x, w, params, *dyn):
   return x.reshape(tuple(w.shape), w)
 
 
-def _convert(x, w, params):
+def _convert(x, w, params, ctx):
   if isinstance(x, Probe):
     return dataclasses.replace(x, w=w)
   return x.cast(params["new_dtype"], w)
 
 
-def _same_view(x, w, params, *dyn):
+def _same_view(x, w, params, ctx, *dyn):
   return dataclasses.replace(x, w=w)
 
 
-def _slice(x, w, params):
+def _probe_index(x: Probe, w: Any, ctx: Context) -> Probe:
+  """Axes a slice cuts down to one entry (``w[i]``) are read as stacked layer axes."""
+  picked = {ax: "stacked" for ax in range(len(x.shape)) if w.shape[ax] == 1 < x.shape[ax]}
+  if picked:
+    _record(ctx, x, picked)
+  return dataclasses.replace(x, w=w)
+
+
+def _slice(x, w, params, ctx):
   if isinstance(x, Probe):
-    return dataclasses.replace(x, w=w)
+    return _probe_index(x, w, ctx)
   strides = params["strides"] or (1,) * w.ndim
   out = x
   for ax, (lo, hi, st) in enumerate(zip(params["start_indices"], params["limit_indices"], strides)):
@@ -191,9 +199,9 @@ def _slice(x, w, params):
   return dataclasses.replace(out, w=w)
 
 
-def _dynamic_slice(x, w, params, *starts):
+def _dynamic_slice(x, w, params, ctx, *starts):
   if isinstance(x, Probe):
-    return dataclasses.replace(x, w=w)
+    return _probe_index(x, w, ctx)
   out = x
   for ax, (start, size) in enumerate(zip(starts, params["slice_sizes"])):
     if size != x.shape[ax]:
@@ -201,7 +209,7 @@ def _dynamic_slice(x, w, params, *starts):
   return dataclasses.replace(out, w=w)
 
 
-def _rev(x, w, params):
+def _rev(x, w, params, ctx):
   if isinstance(x, Probe):
     return dataclasses.replace(x, w=w)
   out = x
@@ -210,7 +218,7 @@ def _rev(x, w, params):
   return dataclasses.replace(out, w=w)
 
 
-def _squeeze(x, w, params):
+def _squeeze(x, w, params, ctx):
   return x.reshape(tuple(w.shape), w)
 
 
@@ -275,6 +283,7 @@ def _dot_general(eqn, invals, ctx):
   if (
     ctx.strategy == "auto"
     and not ctx.differentiated
+    and ctx.key is None
     and V.flops_merged(m, n, kv.rank) < V.flops_factorized(tokens, m, n, kv.rank)
   ):
     return _bind(eqn, [kv.dense(), rhs] if k_is_lhs else [lhs, kv.dense()])

@@ -137,7 +137,10 @@ def wrap(
     strategy: ``"factorized"`` always computes the LoRA branch factorized;
       ``"merged"`` merges every kernel once up front (fastest for serving
       many tokens; no dropout); ``"auto"`` (default) is factorized wherever
-      gradients flow into the adapter and otherwise picks, per kernel use,
+      gradients flow into the adapter (detected at trace time: under
+      ``jax.grad``/``value_and_grad``/``vjp``, including inside ``jit``; for
+      ``grad`` of an already-``jit``-ted function pass ``"factorized"``) or
+      dropout is on, and otherwise picks, per kernel use,
       whichever costs fewer FLOPs for the static shapes (merged when a
       kernel sees more tokens than ``in*out/(in+out)``).
 

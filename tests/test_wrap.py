@@ -1,0 +1,372 @@
+"""The wrapped apply: factorized == merged for every supported op, forward and gradients.
+
+Every case is a plain function of a params dict, so each op is exercised directly;
+the zoo (test_zoo.py) covers the same ops through Flax Linen and NNX models.
+"""
+
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jlora
+from jlora._src import paths
+from tests import zoo
+
+K = jax.random.split(jax.random.key(0), 8)
+X = jax.random.normal(K[0], (3, 5, 8))  # (batch, seq, d)
+
+
+def _check(fn, params, targets, *args, rtol=1e-5, layout_pattern=None, infer=True):
+  """fn(params, *args) computed by jlora.wrap == on merged params, forward and gradient."""
+  cfg = jlora.LoraConfig(
+    r=3, lora_alpha=5, target_modules=targets, init_lora_weights=False, layout_pattern=layout_pattern
+  )
+  kw = dict(apply_fn=fn, example_args=args) if infer else {}
+  lora = jlora.init(params, cfg, key=K[1], **kw)
+  apply = jlora.wrap(fn, cfg, strategy="factorized")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", jlora.MaterializationWarning)
+    got = jax.jit(apply)(params, lora, *args)
+  want = fn(jlora.merge(params, lora, cfg), *args)
+  base = fn(params, *args)
+  assert float(jnp.max(jnp.abs(want - base))) > 1e-3
+  scale = float(jnp.max(jnp.abs(want)))
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+  def loss(lo, f):
+    return jnp.sum(jnp.sin(f(lo)))
+
+  g = jax.jit(jax.grad(loss), static_argnums=1)(lora, lambda lo: apply(params, lo, *args))
+  g_ref = jax.grad(loss)(lora, lambda lo: fn(jlora.merge(params, lo, cfg), *args))
+  for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves(g_ref)):
+    s = float(jnp.max(jnp.abs(b)))
+    np.testing.assert_allclose(a, b, rtol=10 * rtol, atol=10 * rtol * s, err_msg=jax.tree_util.keystr(p))
+  return cfg, lora
+
+
+def _w(*shape, key=K[2]):
+  return jax.random.normal(key, shape) / np.sqrt(shape[0])
+
+
+# -- dot_general ----------------------------------------------------------------
+
+
+def test_dense():
+  _check(lambda p, x: x @ p["fc"]["kernel"], {"fc": {"kernel": _w(8, 6)}}, ("fc",), X)
+
+
+def test_transposed_kernel_pytorch_layout():
+  # An (out, in) kernel used as x @ W.T: the contraction lands on B's side; (x @ B^T) @ A^T is used.
+  _check(lambda p, x: x @ p["fc"]["w"].T, {"fc": {"w": _w(6, 8)}}, ("fc",), X)
+
+
+def test_dense_general_and_out_projection():
+  def fn(p, x):
+    q = jnp.einsum("btd,dnh->btnh", x, p["q"]["kernel"])
+    return jnp.einsum("btnh,nhd->btd", q, p["o"]["kernel"])
+
+  cfg, lora = _check(
+    fn, {"q": {"kernel": _w(8, 2, 4)}, "o": {"kernel": _w(2, 4, 8, key=K[3])}}, ("q", "o"), X
+  )
+  assert lora["q"]["kernel"]["lora_A"].shape == (8, 3) and lora["o"]["kernel"]["lora_A"].shape == (2, 4, 3)
+
+
+def test_kernel_reshaped_before_use():
+  def fn(p, x):
+    w = p["qkv"]["kernel"].reshape(8, 2, 4)  # fan-out axis split into (heads, head_dim)
+    return jnp.einsum("btd,dnh->bnth", x, w)
+
+  _check(fn, {"qkv": {"kernel": _w(8, 8)}}, ("qkv",), X)
+
+
+def test_kernel_with_dot_batch_axis():
+  def fn(p, x):  # one kernel per batch row: the batch axis is a stacked axis
+    return jnp.einsum("bti,bio->bto", x, p["per"]["kernel"])
+
+  cfg, lora = _check(fn, {"per": {"kernel": _w(3, 8, 6)}}, ("per",), X)
+  assert lora["per"]["kernel"]["lora_A"].shape == (3, 8, 3)
+
+
+def test_sliced_kernel():
+  _check(lambda p, x: x @ p["fc"]["kernel"][:, 1:5], {"fc": {"kernel": _w(8, 6)}}, ("fc",), X)
+
+
+def test_cast_to_bf16():
+  def fn(p, x):
+    return (x.astype(jnp.bfloat16) @ p["fc"]["kernel"].astype(jnp.bfloat16)).astype(jnp.float32)
+
+  _check(fn, {"fc": {"kernel": _w(8, 6)}}, ("fc",), X, rtol=2e-2)
+
+
+def test_tied_embedding_attend():
+  def fn(p, x):
+    return x @ p["embed"]["embedding"].T
+
+  _check(fn, {"embed": {"embedding": _w(11, 8)}}, ("embed",), X)
+
+
+# -- conv and gather ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "strides, padding, dilation",
+  [((1, 1), "SAME", (1, 1)), ((2, 1), "VALID", (1, 2)), ((1, 2), ((1, 0), (2, 1)), (1, 1))],
+)
+def test_conv2d(strides, padding, dilation):
+  imgs = jax.random.normal(K[4], (2, 9, 9, 3))
+
+  def fn(p, x):
+    return lax.conv_general_dilated(
+      x,
+      p["conv"]["kernel"],
+      strides,
+      padding,
+      rhs_dilation=dilation,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+  cfg, lora = _check(fn, {"conv": {"kernel": _w(3, 3, 3, 5)}}, ("conv",), imgs)
+  assert lora["conv"]["kernel"]["lora_A"].shape == (3, 3, 3, 3)
+
+
+def test_conv_nchw_oihw_layout():
+  imgs = jax.random.normal(K[4], (2, 3, 7, 7))
+
+  def fn(p, x):  # kernel stored HWIO, transposed to OIHW for an NCHW conv
+    w = jnp.transpose(p["conv"]["kernel"], (3, 2, 0, 1))
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+
+  _check(fn, {"conv": {"kernel": _w(3, 3, 3, 4)}}, ("conv",), imgs)
+
+
+def test_conv1d():
+  seq = jax.random.normal(K[4], (2, 10, 4))
+
+  def fn(p, x):
+    return lax.conv_general_dilated(
+      x, p["c"]["kernel"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+    )
+
+  _check(fn, {"c": {"kernel": _w(3, 4, 6)}}, ("c",), seq)
+
+
+@pytest.mark.parametrize("lookup", ["index", "take"])
+def test_embedding_gather(lookup):
+  ids = jnp.array([[0, 3, 10], [2, 2, 7]])
+
+  def fn(p, ids):
+    table = p["embed"]["embedding"]
+    return table[ids] if lookup == "index" else jnp.take(table, ids, axis=0)
+
+  _check(fn, {"embed": {"embedding": _w(11, 8)}}, ("embed",), ids)
+
+
+# -- through transformations and control flow -------------------------------------
+
+
+def test_inner_jit_remat_and_vmap():
+  def fn(p, x):
+    h = jax.jit(lambda x, w: x @ w)(x, p["a"]["kernel"])
+    h = jax.checkpoint(lambda h: jnp.tanh(h @ p["b"]["kernel"]))(h)
+    return jax.vmap(lambda row: row @ p["c"]["kernel"])(h)
+
+  params = {
+    "a": {"kernel": _w(8, 8)},
+    "b": {"kernel": _w(8, 8, key=K[3])},
+    "c": {"kernel": _w(8, 4, key=K[4])},
+  }
+  _check(fn, params, ("a", "b", "c"), X)
+
+
+def test_custom_jvp_and_custom_vjp():
+  @jax.custom_jvp
+  def dense_jvp(x, w):
+    return x @ w
+
+  dense_jvp.defjvp(
+    lambda primals, tangents: (dense_jvp(*primals), tangents[0] @ primals[1] + primals[0] @ tangents[1])
+  )
+
+  @jax.custom_vjp
+  def dense_vjp(x, w):
+    return x @ w
+
+  dense_vjp.defvjp(
+    lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, jnp.einsum("...i,...o->io", res[0], g))
+  )
+
+  def fn(p, x):
+    return dense_vjp(jnp.tanh(dense_jvp(x, p["a"]["kernel"])), p["b"]["kernel"])
+
+  _check(fn, {"a": {"kernel": _w(8, 8)}, "b": {"kernel": _w(8, 4, key=K[3])}}, ("a", "b"), X)
+
+
+def test_scan_over_stacked_kernel():
+  def fn(p, x):
+    def body(h, w):
+      return jnp.tanh(h @ w), None
+
+    return lax.scan(body, x, p["layers"]["kernel"])[0]
+
+  cfg, lora = _check(fn, {"layers": {"kernel": _w(4, 8, 8)}}, ("layers",), X)
+  assert lora["layers"]["kernel"]["lora_A"].shape == (4, 8, 3)
+
+
+def test_fori_loop_and_cond():
+  def fn(p, x):
+    w = p["fc"]["kernel"]
+    stacked = p["st"]["kernel"]
+    h = lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ w + h @ stacked[i]), x)
+    return lax.cond(jnp.sum(x) > 0, lambda h: h @ w, lambda h: -(h @ w), h)
+
+  params = {"fc": {"kernel": _w(8, 8)}, "st": {"kernel": _w(3, 8, 8, key=K[3])}}
+  _check(fn, params, ("fc", "st"), X, layout_pattern={"st": (1, 1)})
+
+
+# -- materialisation, strategies, dropout, tracing ------------------------------------
+
+
+def test_unsupported_use_materialises_with_one_warning():
+  def fn(p, x):
+    w = p["fc"]["kernel"]
+    return x @ w + jnp.sum(w * w) + jnp.max(w)
+
+  params = {"fc": {"kernel": _w(8, 6)}}
+  cfg = jlora.LoraConfig(r=2, target_modules=("fc",), init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=K[1])
+  apply = jlora.wrap(fn, cfg)
+  with pytest.warns(jlora.MaterializationWarning, match=r"'fc/kernel' reaches primitive `mul`") as rec:
+    got = apply(params, lora, X)
+  assert len(rec) == 1
+  np.testing.assert_allclose(got, fn(jlora.merge(params, lora, cfg), X), rtol=1e-5, atol=1e-5)
+
+
+def _dots(jaxpr):
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(eqn.outvars[0].aval.shape))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _dots(sub)
+  return out
+
+
+def test_strategies():
+  params = {"fc": {"kernel": _w(8, 6)}}
+  fn = lambda p, x: x @ p["fc"]["kernel"]
+  cfg = jlora.LoraConfig(r=2, target_modules=("fc",), init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=K[1])
+  want = fn(jlora.merge(params, lora, cfg), X)
+  for strategy in ("auto", "factorized", "merged"):
+    np.testing.assert_allclose(
+      jlora.wrap(fn, cfg, strategy=strategy)(params, lora, X), want, rtol=1e-5, atol=1e-6
+    )
+  many = jnp.ones((64, 8))  # 64 tokens > 8*6/(8+6): merged costs fewer FLOPs for inference
+  auto = jlora.wrap(fn, cfg, strategy="auto")
+  assert (8, 6) in _dots(jax.make_jaxpr(auto)(params, lora, many).jaxpr)  # A @ B formed once
+  few = jnp.ones((1, 8))
+  assert (8, 6) not in _dots(jax.make_jaxpr(auto)(params, lora, few).jaxpr)
+  # With gradients flowing into the adapter, auto is factorized whatever the token count.
+  grad_jaxpr = jax.make_jaxpr(jax.grad(lambda lo: jnp.sum(auto(params, lo, many))))(lora).jaxpr
+  assert (8, 6) not in _dots(grad_jaxpr)
+  with pytest.raises(ValueError, match="`strategy` must be one of"):
+    jlora.wrap(fn, cfg, strategy="fused")
+
+
+def test_no_base_sized_gradient_in_train_step():
+  case = zoo.BUILDERS["llama"]()
+  cfg = jlora.LoraConfig(r=4, target_modules="all-linear")
+  lora = jlora.init(case.tree, cfg, key=K[1])
+  kernel_shapes = {
+    tuple(n["lora_A"].shape[:-1] + n["lora_B"].shape[1:]) for _, n in paths.adapter_items(lora)
+  }
+  apply = jlora.wrap(case.apply_fn, cfg)
+  step = jax.grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, case.inputs)))
+  shapes = set(_dots(jax.make_jaxpr(step)(lora).jaxpr))
+  assert not shapes & kernel_shapes, shapes & kernel_shapes
+  # The same check on a merge-then-apply step finds them: the test can fail.
+  merged_step = jax.grad(
+    lambda lo: zoo.loss_fn(case, case.apply_fn(jlora.merge(case.tree, lo, cfg), case.inputs))
+  )
+  assert set(_dots(jax.make_jaxpr(merged_step)(lora).jaxpr)) & kernel_shapes
+  # And in the compiled HLO: no dot of a base kernel's shape in the backward pass.
+  hlo = jax.jit(step).lower(lora).compile().as_text()
+  for s in kernel_shapes:
+    assert f"f32[{','.join(map(str, s))}]{{1,0}} dot(" not in hlo
+
+
+def test_dropout():
+  params = {"fc": {"kernel": _w(8, 6)}}
+  fn = lambda p, x: x @ p["fc"]["kernel"]
+  cfg = jlora.LoraConfig(r=4, target_modules=("fc",), init_lora_weights=False, lora_dropout=0.5)
+  lora = jlora.init(params, cfg, key=K[1])
+  apply = jax.jit(jlora.wrap(fn, cfg))
+  evaluation = apply(params, lora, X)
+  np.testing.assert_allclose(evaluation, fn(jlora.merge(params, lora, cfg), X), rtol=1e-5, atol=1e-6)
+  a = apply(params, lora, X, lora_dropout_key=K[5])
+  b = apply(params, lora, X, lora_dropout_key=K[5])
+  c = apply(params, lora, X, lora_dropout_key=K[6])
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c) and not np.allclose(a, evaluation)
+  # Inverted dropout: the mean over keys is the evaluation output.
+  keys = jax.random.split(K[7], 400)
+  mean = jax.vmap(lambda k: apply(params, lora, X, lora_dropout_key=k))(keys).mean(0)
+  lora_part = evaluation - fn(params, X)
+  np.testing.assert_allclose(mean - fn(params, X), lora_part, atol=0.15 * float(jnp.max(jnp.abs(lora_part))))
+  # Dropout touches only the LoRA branch: with B = 0 the output is the base model's.
+  zero_b = jax.tree_util.tree_map(lambda x: x, lora)
+  zero_b["fc"]["kernel"]["lora_B"] = jnp.zeros_like(lora["fc"]["kernel"]["lora_B"])
+  np.testing.assert_array_equal(apply(params, zero_b, X, lora_dropout_key=K[5]), fn(params, X))
+  with pytest.raises(ValueError, match="LoRA dropout needs the factorized path"):
+    jlora.wrap(fn, cfg, strategy="merged")(params, lora, X, lora_dropout_key=K[5])
+
+
+def test_dropout_inside_scan_differs_per_layer():
+  def fn(p, x):
+    return lax.scan(lambda h, w: (h @ w, None), x, p["layers"]["kernel"])[0]
+
+  params = {"layers": {"kernel": _w(2, 8, 8)}}
+  cfg = jlora.LoraConfig(
+    r=4,
+    target_modules=("layers",),
+    lora_dropout=0.3,
+    init_lora_weights=False,
+    layout_pattern={"layers": (1, 1)},
+  )
+  lora = jlora.init(params, cfg, key=K[1])
+  apply = jlora.wrap(fn, cfg)
+  out = apply(params, lora, X, lora_dropout_key=K[5])
+  assert out.shape == X.shape and bool(jnp.all(jnp.isfinite(out)))
+  assert not np.allclose(out, apply(params, lora, X))
+
+
+def test_init_is_exactly_the_base_model():
+  case = zoo.BUILDERS["llama"]()
+  cfg = jlora.LoraConfig(r=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+  lora = jlora.init(case.tree, cfg, key=K[1])
+  got = jax.jit(jlora.wrap(case.apply_fn, cfg))(case.tree, lora, case.inputs)
+  np.testing.assert_array_equal(got, jax.jit(case.apply_fn)(case.tree, case.inputs))
+
+
+def test_no_retrace_across_steps():
+  case = zoo.BUILDERS["llama"]()
+  cfg = jlora.LoraConfig(r=4, target_modules=("q_proj", "v_proj"))
+  lora = jlora.init(case.tree, cfg, key=K[1])
+  apply = jlora.wrap(case.apply_fn, cfg)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step(lo):
+    g = jax.grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, case.inputs)))(lo)
+    return jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, lo, g)
+
+  for _ in range(4):
+    lora = step(lora)
+  # Eager calls reuse the traced jaxpr too.
+  apply(case.tree, lora, case.inputs)
+  apply(case.tree, lora, case.inputs)
