@@ -88,7 +88,7 @@ class Llama(nn.Module):
     return nn.Dense(VOCAB, use_bias=False, name="lm_head")(x)
 
 
-# -- Flax MultiHeadDotProductAttention with a tied embedding head ---------------
+# -- Flax MultiHeadDotProductAttention, an nn.jit module, a tied embedding head --
 
 
 class MHAModel(nn.Module):
@@ -99,7 +99,7 @@ class MHAModel(nn.Module):
     mask = nn.make_causal_mask(tokens)
     x = x + nn.MultiHeadDotProductAttention(num_heads=HEADS, name="attn")(x, x, mask=mask)
     x = nn.LayerNorm(name="ln")(x)
-    x = x + nn.Dense(D, name="mlp")(nn.gelu(x))
+    x = x + nn.jit(nn.Dense)(D, name="mlp")(nn.gelu(x))
     return embed.attend(x)
 
 
@@ -227,15 +227,16 @@ def _mha_case() -> Case:
   variables = model.init(jax.random.key(0), tokens)
   dh = D // HEADS
   cfg = jlora.LoraConfig(
-    r=2, lora_alpha=4, target_modules=("query", "value", "out", "embed"), init_lora_weights=False
+    r=2, lora_alpha=4, target_modules=("query", "value", "out", "embed", "mlp"), init_lora_weights=False
   )
   shapes = {
     "params/attn/query/kernel": ((D, 2), (2, HEADS, dh)),
     "params/attn/value/kernel": ((D, 2), (2, HEADS, dh)),
     "params/attn/out/kernel": ((HEADS, dh, 2), (2, D)),
     "params/embed/embedding": ((VOCAB, 2), (2, D)),
+    "params/mlp/kernel": ((D, 2), (2, D)),
   }
-  peft = 2 * (D + D) * 3 + 2 * (VOCAB + D)
+  peft = 2 * (D + D) * 4 + 2 * (VOCAB + D)
   return Case("mha_tied", model.apply, variables, tokens, cfg, shapes, peft, targets=jnp.roll(tokens, -1, 1))
 
 
