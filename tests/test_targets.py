@@ -101,3 +101,10 @@ def test_modules_to_save_copies_leaves(llama):
     jlora.init(
       params, jlora.LoraConfig(target_modules=("q_proj",), modules_to_save=("head_x",)), key=jax.random.key(0)
     )
+
+
+def test_module_paths_lists_targetable_modules(llama):
+  mods = jlora.module_paths(llama)
+  assert mods["layers_0/q_proj"] == {"kernel": (zoo.D, zoo.D)}
+  assert mods["embed_tokens"] == {"embedding": (zoo.VOCAB, zoo.D)}
+  assert "norm" not in mods and "layers_0/input_layernorm" not in mods

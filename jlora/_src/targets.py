@@ -65,6 +65,27 @@ def candidates(tree: Any) -> list[Candidate]:
   return out
 
 
+def module_paths(tree: Any) -> dict[str, dict[str, tuple[int, ...]]]:
+  """The modules of ``tree`` that `target_modules` can name, with their kernels' shapes.
+
+  Args:
+    tree: a Linen variables dict, an NNX state or a nested dict of arrays.
+
+  Returns:
+    ``{module_path: {leaf_name: shape}}`` for every module holding an
+    adaptable (floating, two or more dimensions) leaf, in tree order.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> jlora.module_paths({"layers_0": {"q_proj": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}}})
+    {'layers_0/q_proj': {'kernel': (4, 8)}}
+  """
+  out: dict[str, dict[str, tuple[int, ...]]] = {}
+  for c in candidates(tree):
+    out.setdefault(c.module, {})[c.leaf_name] = c.shape
+  return out
+
+
 def all_module_paths(tree: Any) -> list[str]:
   collections = paths.is_collections(tree)
   seen: dict[str, None] = {}
