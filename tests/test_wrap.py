@@ -370,3 +370,34 @@ def test_no_retrace_across_steps():
   # Eager calls reuse the traced jaxpr too.
   apply(case.tree, lora, case.inputs)
   apply(case.tree, lora, case.inputs)
+
+
+def _out_shapes(jaxpr):
+  out = []
+  for eqn in jaxpr.eqns:
+    out += [tuple(v.aval.shape) for v in eqn.outvars]
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      out += _out_shapes(sub)
+  return out
+
+
+def test_embedding_update_is_never_materialised():
+  table = {"embed": {"embedding": _w(50, 8)}}
+  fn = lambda p, ids: p["embed"]["embedding"][ids]
+  cfg = jlora.LoraConfig(r=2, target_modules=("embed",), init_lora_weights=False)
+  lora = jlora.init(table, cfg, key=K[1])
+  apply = jlora.wrap(fn, cfg, strategy="factorized")
+  ids = jnp.array([[1, 2, 3]])
+  step = jax.grad(lambda lo: jnp.sum(apply(table, lo, ids) ** 2))
+  for jaxpr in (jax.make_jaxpr(apply)(table, lora, ids).jaxpr, jax.make_jaxpr(step)(lora).jaxpr):
+    assert (50, 8) not in _out_shapes(jaxpr)
+
+
+def test_scanned_base_is_not_copied_or_restacked():
+  case = zoo.BUILDERS["llama_scan"]()
+  cfg = jlora.LoraConfig(r=4, target_modules="all-linear")
+  lora = jlora.init(case.tree, cfg, key=K[1], apply_fn=case.apply_fn, example_args=(case.inputs,))
+  apply = jlora.wrap(case.apply_fn, cfg)
+  stacked = {tuple(x.shape) for x in jax.tree_util.tree_leaves(case.tree["params"]["layers"]) if x.ndim == 3}
+  step = jax.grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, case.inputs)))
+  assert not stacked & set(_out_shapes(jax.make_jaxpr(step)(lora).jaxpr))
