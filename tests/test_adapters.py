@@ -169,3 +169,25 @@ def test_bind_errors_name_the_path():
     jlora.merge(tree, missing, cfg)
   with pytest.raises(ValueError, match="has rank 4 but the config gives rank 8"):
     jlora.merge(tree, lora, jlora.LoraConfig(r=8, target_modules=("q_proj",)))
+
+
+class ConvThenDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Conv(4, (3, 3), name="conv")(x)
+    return nn.Dense(2, name="fc")(x.mean((1, 2)))
+
+
+def test_all_linear_skips_convolutions_when_the_model_is_known():
+  model = ConvThenDense()
+  x = jnp.ones((1, 6, 6, 3))
+  params = model.init(jax.random.key(0), x)
+  cfg = jlora.LoraConfig(r=2, target_modules="all-linear")
+  lora = jlora.init(params, cfg, key=jax.random.key(0), apply_fn=model.apply, example_args=(x,))
+  assert list(lora["params"]) == ["fc"]  # PEFT's all-linear: Linear layers only, not Conv
+  layouts = jlora.infer_layouts(model.apply, params, x)
+  assert layouts[("params", "conv", "kernel")] == jlora.Layout(0, 3)
+  assert "conv_general_dilated" in layouts[("params", "conv", "kernel")].ops
+  case = zoo.BUILDERS["convnet"]()  # its only Dense is the output head
+  with pytest.raises(ValueError, match="matched only convolution kernels"):
+    jlora.init(case.tree, cfg, key=jax.random.key(0), apply_fn=case.apply_fn, example_args=(case.inputs,))

@@ -23,16 +23,20 @@ import jax
 import jax.numpy as jnp
 
 from jlora._src import paths, targets
-from jlora._src.config import LoraConfig
+from jlora._src.config import ALL_LINEAR, LoraConfig
+
+_CONV = "conv_general_dilated"
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """How a kernel's axes split: ``stacked`` leading layer axes, then ``fan_in``
-  contracted axes, then the fan-out axes."""
+  contracted axes, then the fan-out axes. ``ops`` names the primitives that
+  use the kernel, when the layout was read off a model (`infer_layouts`)."""
 
   stacked: int
   fan_in: int
+  ops: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +123,11 @@ def plan(
   """
   specs = []
   ltt = config.layers_to_transform
+  layouts = layouts or {}
   for cand in targets.match_targets(tree, config):
-    layout = _layout_for(cand, config, layouts or {})
+    if config.target_modules == ALL_LINEAR and _CONV in getattr(layouts.get(cand.path), "ops", ()):
+      continue  # "all-linear" means linear layers, as in PEFT: convolutions are not adapted
+    layout = _layout_for(cand, config, layouts)
     layers = None
     if ltt is not None:
       if layout.stacked:
@@ -142,6 +149,11 @@ def plan(
         scale=config.scale_for(cand.module),
         layers=layers,
       )
+    )
+  if not specs and ltt is None:
+    raise ValueError(
+      "`target_modules='all-linear'` matched only convolution kernels, which PEFT's all-linear does "
+      "not adapt; name them in `target_modules` to adapt them."
     )
   if not specs:
     raise ValueError(

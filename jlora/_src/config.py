@@ -83,7 +83,8 @@ class LoraConfig:
       rule; ``"proj"`` does not match ``q_proj``). A single string: a regex
       that must fully match the module path. ``"all-linear"``: every ``kernel``
       of two or more dimensions except the output head (``lm_head``, ``head``,
-      ``classifier``, ``score``).
+      ``classifier``, ``score``) and, when `jlora.init` is given the model,
+      except convolution kernels (PEFT adapts only linear layers here).
     exclude_modules: modules never adapted, with the same matching rules.
     layers_to_transform: layer indices to adapt (an int or a sequence). A
       layer's index is read from a path entry ``<layers_pattern>_<i>`` (Linen

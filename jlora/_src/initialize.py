@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from jlora._src import adapters, targets
+from jlora._src import adapters, paths, sharding, targets
 from jlora._src.config import LoraConfig
 from jlora._src.wrap import infer_layouts
 
@@ -20,6 +20,7 @@ def init(
   apply_fn: Callable[..., Any] | None = None,
   example_args: Sequence[Any] = (),
   example_kwargs: Mapping[str, Any] | None = None,
+  shardings: Any = None,
 ) -> dict:
   """Creates the trainable LoRA adapter tree for ``tree``.
 
@@ -45,13 +46,26 @@ def init(
       **example_kwargs)``; needed only to read N-D kernel layouts.
     example_args: example positional inputs for ``apply_fn``.
     example_kwargs: example keyword inputs for ``apply_fn``.
+    shardings: where to create the adapter. ``None`` (default): by eager
+      computation, on the default device. A tree of ``jax.sharding.Sharding``
+      mirroring the adapter tree (from `jlora.adapter_specs`), or one
+      ``Sharding`` for every leaf: the adapter is created under
+      ``jax.jit(..., out_shardings=shardings)``, so each device computes only
+      its own shard and no device ever holds the whole adapter. A
+      ``jax.sharding.Mesh``: the same, with the shardings derived from the
+      placement ``tree`` carries (sharded arrays, ``jax.ShapeDtypeStruct``
+      with ``sharding=``, or Flax ``nn.Partitioned`` boxes under the current
+      ``nn.logical_axis_rules``) by `jlora.adapter_specs`. With a sharding,
+      the base ``tree`` may be abstract (``jax.ShapeDtypeStruct`` leaves)
+      unless it has `modules_to_save` leaves to copy.
 
   Returns:
     The adapter tree.
 
   Raises:
     ValueError: if a target matches nothing (listing close names and real
-      module paths), or an N-D kernel's layout is unknown or ambiguous.
+      module paths), an N-D kernel's layout is unknown or ambiguous, or
+      ``shardings`` does not have the adapter tree's structure.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -64,7 +78,62 @@ def init(
   """
   layouts = None
   if apply_fn is not None:
-    wanted = [c.path for c in targets.match_targets(tree, config) if len(c.shape) >= 3]
+    wanted = [
+      c.path
+      for c in targets.match_targets(tree, config)
+      if len(c.shape) >= 3 and config.layout_for(c.module) is None
+    ]
     if wanted:
       layouts = infer_layouts(apply_fn, tree, *example_args, only=wanted, **(example_kwargs or {}))
-  return adapters.init_adapters(tree, config, key=key, layouts=layouts)
+  if shardings is None:
+    return adapters.init_adapters(tree, config, key=key, layouts=layouts)
+  return _init_sharded(tree, config, key, layouts, shardings)
+
+
+def _abstract(x: Any) -> Any:
+  return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x
+
+
+def _init_sharded(
+  tree: Any,
+  config: LoraConfig,
+  key: jax.Array,
+  layouts: Mapping[paths.Path, adapters.Layout] | None,
+  shardings: Any,
+) -> dict:
+  """`init_adapters` under ``jit`` with ``out_shardings``: every device makes only its shards."""
+  # Only the `modules_to_save` leaves are read as values; the rest of the base
+  # tree enters the computation by shape and dtype alone.
+  leaves = dict(paths.leaves_with_paths(tree))
+  saved = {paths.to_str(p): leaves[p] for p in targets.saved_module_paths(tree, config)}
+  abstract = jax.tree_util.tree_map(_abstract, tree)
+
+  def fn(saved_values: dict, k: jax.Array) -> dict:
+    t = jax.tree_util.tree_map_with_path(
+      lambda kp, leaf: saved_values.get(paths.to_str(paths.normalize(kp)), leaf), abstract
+    )
+    return adapters.init_adapters(t, config, key=k, layouts=layouts)
+
+  shapes = jax.eval_shape(fn, jax.tree_util.tree_map(_abstract, saved), key)
+  if isinstance(shardings, jax.sharding.Mesh):
+    shardings = sharding.adapter_specs(tree, shapes, config, mesh=shardings)
+  elif not isinstance(shardings, jax.sharding.Sharding):
+    want = jax.tree_util.tree_structure(shapes)
+    got = jax.tree_util.tree_structure(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if want != got:
+      raise ValueError(
+        "`shardings` must mirror the adapter tree (build it with `jlora.adapter_specs(tree, "
+        f"lora_shapes, config, mesh=mesh)`), or be a Mesh or one Sharding; the adapter tree is {want} "
+        f"but `shardings` is {got}."
+      )
+    bad = [
+      paths.to_str(paths.normalize(kp))
+      for kp, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
+      if not isinstance(s, jax.sharding.Sharding)
+    ]
+    if bad:
+      raise TypeError(
+        f"`shardings` holds non-Sharding leaves at {bad[:5]}; PartitionSpecs need a mesh: "
+        "`jlora.adapter_specs(..., mesh=mesh)` returns NamedShardings."
+      )
+  return jax.jit(fn, out_shardings=shardings)(saved, key)

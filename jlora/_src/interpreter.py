@@ -58,7 +58,7 @@ class Context:
   dropout_rate: float
   key: jax.Array | None
   warned: set[str]
-  roles: dict[str, list[dict[int, str]]] | None = None  # probe mode
+  roles: dict[str, list[tuple[str, dict[int, str]]]] | None = None  # probe mode
   counter: int = 0
 
   def child(self, key: jax.Array | None) -> Context:
@@ -184,7 +184,7 @@ def _probe_index(x: Probe, w: Any, ctx: Context) -> Probe:
   """Axes a slice cuts down to one entry (``w[i]``) are read as stacked layer axes."""
   picked = {ax: "stacked" for ax in range(len(x.shape)) if w.shape[ax] == 1 < x.shape[ax]}
   if picked:
-    _record(ctx, x, picked)
+    _record(ctx, x, picked, "index")
   return dataclasses.replace(x, w=w)
 
 
@@ -225,9 +225,10 @@ def _squeeze(x, w, params, ctx):
 # -- consumers -----------------------------------------------------------------
 
 
-def _record(ctx: Context, probe: Probe, view_roles: dict[int, str]) -> None:
+def _record(ctx: Context, probe: Probe, view_roles: dict[int, str], op: str) -> None:
+  """Probe mode: notes that primitive ``op`` gives the kernel's axes these roles."""
   assert ctx.roles is not None
-  ctx.roles.setdefault(probe.site, []).append(V.axis_roles(probe.origin, view_roles))
+  ctx.roles.setdefault(probe.site, []).append((op, V.axis_roles(probe.origin, view_roles)))
 
 
 def _dropout(x: jax.Array, ctx: Context) -> jax.Array:
@@ -252,7 +253,7 @@ def _dot_general(eqn, invals, ctx):
     roles = {i: "out" for i in range(len(kv.shape))}
     roles.update({i: "in" for i in kc})
     roles.update({i: "stacked" for i in kb})
-    _record(ctx, kv, roles)
+    _record(ctx, kv, roles, "dot_general")
     return [base]
 
   nk = len(kv.shape)
@@ -323,7 +324,7 @@ def _conv(eqn, invals, ctx):
   if isinstance(kv, Probe):
     roles = {ax: "in" for ax in (i_axis, *spatial)}
     roles[o_axis] = "out" if p["feature_group_count"] == 1 else "grouped"
-    _record(ctx, kv, roles)
+    _record(ctx, kv, roles, "conv_general_dilated")
     return [base]
   if (
     p["feature_group_count"] != 1
@@ -353,7 +354,7 @@ def _gather(eqn, invals, ctx):
   if isinstance(kv, Probe):
     roles = {ax: "out" for ax in full}
     roles.update({ax: "in" for ax in range(len(kv.shape)) if ax not in full})
-    _record(ctx, kv, roles)
+    _record(ctx, kv, roles, "gather")
     return [base]
   b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
   if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in full:
@@ -444,7 +445,7 @@ def _scan(eqn, invals, ctx):
       xs, inv, rebuild = _split_scanned(x)
       if isinstance(x, Probe):
         roles = {0: "stacked"}
-        _record(ctx, x, roles)
+        _record(ctx, x, roles, "scan")
     else:
       xs, inv, rebuild = x, None, None
     packed.append(xs)

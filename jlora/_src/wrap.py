@@ -249,7 +249,7 @@ def infer_layouts(
     (tree, args, kwargs),
   )
   traced = _trace(apply_fn, abstract[0], abstract[1], abstract[2], None)
-  roles: dict[str, list[dict[int, str]]] = {}
+  roles: dict[str, list[tuple[str, dict[int, str]]]] = {}
 
   def run(*dyn):
     vals = list(dyn)
@@ -268,12 +268,12 @@ def infer_layouts(
     if not uses:
       continue
     merged: dict[int, str] = {}
-    for use in uses:
+    for _, use in uses:
       for ax, role in use.items():
         if merged.get(ax, role) != role:
           raise ValueError(
             f"Kernel {where!r} (shape {cand.shape}) is used with conflicting axis roles "
-            f"{uses}; set `layout_pattern={{{cand.module.split('/')[-1]!r}: (stacked, fan_in)}}`."
+            f"{[use for _, use in uses]}; set `layout_pattern={{{cand.module.split('/')[-1]!r}: (stacked, fan_in)}}`."
           )
         merged[ax] = role
     layout = values.layout_from_roles(merged, len(cand.shape))
@@ -283,5 +283,5 @@ def infer_layouts(
         "not (stacked..., fan_in..., fan_out...) in axis order, so it has no LoRA layout; "
         "exclude it, or set `layout_pattern` to choose one."
       )
-    out[path] = adapters.Layout(*layout)
+    out[path] = adapters.Layout(*layout, ops=frozenset(op for op, _ in uses))
   return out

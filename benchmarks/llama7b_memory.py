@@ -1,0 +1,262 @@
+"""Per-device memory of a LoRA train step vs. full fine-tuning, Llama-2-7B shapes, 8 devices.
+
+Nothing is allocated: the steps are lowered from ``jax.ShapeDtypeStruct`` inputs carrying their
+shardings and compiled for 8 simulated CPU devices; the figures are XLA's
+``compiled.memory_analysis()`` for one device.
+
+Model: 32 layers (``nn.scan``), d=4096, 32 heads of 128, MLP 11008 (SwiGLU), vocab 32000, bf16
+weights and activations, untied ``lm_head``. Batch 8 x 2048 tokens. Mesh: 8-way FSDP: every base
+weight is sharded over its ``embed`` axis, the batch over the same 8 devices. LoRA: r=16 on
+q, k, v, o; fp32 adapters placed by `jlora.adapter_specs`; AdamW. Full fine-tuning: AdamW on all
+bf16 weights, first moment in fp32.
+
+Run: ``python benchmarks/llama7b_memory.py`` (add ``--no-remat-full`` to skip the slowest
+compile). Writes ``benchmarks/results/llama7b_memory.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jlora  # noqa: E402
+
+GiB = 1024**3
+RULES = (("batch", "fsdp"), ("embed", "fsdp"))  # every other logical axis replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  vocab: int = 32000
+  dim: int = 4096
+  heads: int = 32
+  mlp: int = 11008
+  layers: int = 32
+  remat: bool = True
+
+
+def _init(names: tuple[str, ...], init: Any = None) -> Any:
+  return nn.with_logical_partitioning(init or nn.initializers.lecun_normal(), names)
+
+
+class RMSNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],), jnp.bfloat16)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
+    return (y * scale).astype(jnp.bfloat16)
+
+
+class Block(nn.Module):
+  cfg: Shape
+  act: Any  # NamedSharding of the (batch, seq, dim) hidden state
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
+    cfg, hd = self.cfg, self.cfg.dim // self.cfg.heads
+    x = jax.lax.with_sharding_constraint(x, self.act)
+    kw = dict(use_bias=False, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    qkv = functools.partial(
+      nn.DenseGeneral, features=(cfg.heads, hd), kernel_init=_init(("embed", "heads", "head_dim")), **kw
+    )
+    h = RMSNorm(name="input_layernorm")(x)
+    q, k, v = (qkv(name=n)(h) for n in ("q_proj", "k_proj", "v_proj"))
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    n = x.shape[1]
+    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e30)
+    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16), v)
+    x = x + nn.DenseGeneral(
+      cfg.dim, axis=(-2, -1), kernel_init=_init(("heads", "head_dim", "embed")), name="o_proj", **kw
+    )(o)
+    h = RMSNorm(name="post_attention_layernorm")(x)
+    gate = nn.Dense(cfg.mlp, kernel_init=_init(("embed", "mlp")), name="gate_proj", **kw)(h)
+    up = nn.Dense(cfg.mlp, kernel_init=_init(("embed", "mlp")), name="up_proj", **kw)(h)
+    x = x + nn.Dense(cfg.dim, kernel_init=_init(("mlp", "embed")), name="down_proj", **kw)(nn.silu(gate) * up)
+    return jax.lax.with_sharding_constraint(x, self.act), None
+
+
+class Llama(nn.Module):
+  cfg: Shape
+  act: Any
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    emb = _init(("vocab", "embed"), nn.initializers.normal(1.0))
+    x = nn.Embed(
+      cfg.vocab,
+      cfg.dim,
+      embedding_init=emb,
+      dtype=jnp.bfloat16,
+      param_dtype=jnp.bfloat16,
+      name="embed_tokens",
+    )(tokens)
+    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+    stack = nn.scan(
+      block,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      length=cfg.layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = stack(cfg, self.act, name="layers")(x, None)
+    x = RMSNorm(name="norm")(x)
+    return nn.Dense(
+      cfg.vocab,
+      use_bias=False,
+      kernel_init=_init(("embed", "vocab")),
+      dtype=jnp.bfloat16,
+      param_dtype=jnp.bfloat16,
+      name="lm_head",
+    )(x)
+
+
+def loss_fn(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def _with(sds: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=sharding)
+
+
+def _state(opt: optax.GradientTransformation, params: Any, shardings: Any, replicated: Any) -> Any:
+  """Abstract optimizer state placed like the params it mirrors (counters replicated)."""
+  state = jax.eval_shape(opt.init, params)
+  return optax.tree_utils.tree_map_params(
+    opt, _with, state, shardings, transform_non_params=lambda s: _with(s, replicated)
+  )
+
+
+def _stats(compiled: Any) -> dict[str, float]:
+  m = compiled.memory_analysis()
+  out = {
+    "argument": m.argument_size_in_bytes,
+    "output": m.output_size_in_bytes,
+    "alias": m.alias_size_in_bytes,
+    "temp": m.temp_size_in_bytes,
+  }
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return {k: v / GiB for k, v in out.items()}
+
+
+def compile_steps(shape: Shape, batch: int, seq: int, *, full: bool) -> dict[str, Any]:
+  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+  replicated = NamedSharding(mesh, P())
+  act = NamedSharding(mesh, P("fsdp", None, None))
+  model = Llama(shape, act)
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=NamedSharding(mesh, P("fsdp", None)))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
+  param_sh = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, RULES)
+  params = jax.tree_util.tree_map(_with, nn.unbox(boxed), param_sh)
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  results: dict[str, Any] = {"base_params": n_params}
+
+  cfg = jlora.LoraConfig(
+    r=16, lora_alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), dtype="float32"
+  )
+  lora_shapes = jax.eval_shape(
+    lambda k: jlora.init(params, cfg, key=k, apply_fn=model.apply, example_args=(tokens,)), jax.random.key(1)
+  )
+  lora_sh = jlora.adapter_specs(boxed, lora_shapes, cfg, rules=RULES, mesh=mesh)
+  lora = jax.tree_util.tree_map(_with, lora_shapes, lora_sh)
+  results["lora_params"] = sum(x.size for x in jax.tree_util.tree_leaves(lora))
+  opt = optax.adamw(1e-4)
+  apply = jlora.wrap(model.apply, cfg)
+
+  def lora_step(lora, opt_state, params, tokens):
+    loss, grads = jax.value_and_grad(lambda a: loss_fn(apply(params, a, tokens), tokens))(lora)
+    updates, opt_state = opt.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  state = _state(opt, lora, lora_sh, replicated)
+  state_sh = jax.tree_util.tree_map(lambda s: s.sharding, state)
+  t0 = time.perf_counter()
+  compiled = (
+    jax.jit(lora_step, out_shardings=(lora_sh, state_sh, replicated), donate_argnums=(0, 1))
+    .lower(lora, state, params, tokens)
+    .compile()
+  )
+  results["lora"] = {**_stats(compiled), "compile_s": time.perf_counter() - t0}
+
+  if full:
+    ft_opt = optax.adamw(1e-5, mu_dtype=jnp.float32)
+
+    def full_step(params, opt_state, tokens):
+      loss, grads = jax.value_and_grad(lambda p: loss_fn(model.apply(p, tokens), tokens))(params)
+      updates, opt_state = ft_opt.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, loss
+
+    ft_state = _state(ft_opt, params, param_sh, replicated)
+    ft_state_sh = jax.tree_util.tree_map(lambda s: s.sharding, ft_state)
+    t0 = time.perf_counter()
+    compiled = (
+      jax.jit(full_step, out_shardings=(param_sh, ft_state_sh, replicated), donate_argnums=(0, 1))
+      .lower(params, ft_state, tokens)
+      .compile()
+    )
+    results["full"] = {**_stats(compiled), "compile_s": time.perf_counter() - t0}
+  return results
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=2048)
+  parser.add_argument("--no-remat-full", action="store_true", help="skip full fine-tuning without remat")
+  parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "llama7b_memory.json"))
+  args = parser.parse_args()
+  runs = {}
+  for remat in (True, False):
+    print(f"compiling remat={remat} ...", flush=True)
+    runs["remat" if remat else "no_remat"] = compile_steps(
+      Shape(remat=remat), args.batch, args.seq, full=remat or not args.no_remat_full
+    )
+  print(f"\nLlama-2-7B shapes, batch {args.batch} x seq {args.seq}, 8-way FSDP, per-device GiB")
+  print(f"{'step':<26}{'argument':>10}{'output':>9}{'alias':>9}{'temp':>9}{'total':>9}{'compile s':>11}")
+  for name, run in runs.items():
+    for kind in ("lora", "full"):
+      if kind in run:
+        r = run[kind]
+        label = f"{'LoRA r=16 q,k,v,o' if kind == 'lora' else 'full fine-tuning'} ({name.replace('_', '-')})"
+        print(
+          f"{label:<26}{r['argument']:>10.2f}{r['output']:>9.2f}{r['alias']:>9.2f}{r['temp']:>9.2f}"
+          f"{r['total']:>9.2f}{r['compile_s']:>11.1f}"
+        )
+  meta = {
+    "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "devices": jax.device_count(),
+    "batch": args.batch,
+    "seq": args.seq,
+    "mesh": {"fsdp": 8},
+    "units": "GiB per device (total = argument + output - alias + temp)",
+  }
+  path = pathlib.Path(args.out)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"meta": meta, **runs}, indent=2) + "\n")
+  print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+  main()
