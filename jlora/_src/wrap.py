@@ -273,7 +273,8 @@ def infer_layouts(
         if merged.get(ax, role) != role:
           raise ValueError(
             f"Kernel {where!r} (shape {cand.shape}) is used with conflicting axis roles "
-            f"{[use for _, use in uses]}; set `layout_pattern={{{cand.module.split('/')[-1]!r}: (stacked, fan_in)}}`."
+            f"{[use for _, use in uses]}; set "
+            f"`layout_pattern={{{cand.module.split('/')[-1]!r}: (stacked, fan_in)}}`."
           )
         merged[ax] = role
     layout = values.layout_from_roles(merged, len(cand.shape))
