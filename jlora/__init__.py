@@ -9,12 +9,22 @@ kernel ``(in, out)``); its adapter is ``lora_A`` ``(*stacked, *fan_in, r)`` and
 from importlib import metadata as _metadata
 
 from jlora._src.adapters import Layout
+from jlora._src.checkpoint import (
+  AdapterCheckpointManager,
+  RestoredAdapter,
+  load_adapter,
+  save_adapter,
+  save_merged,
+)
 from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
 from jlora._src.interpreter import MaterializationWarning
 from jlora._src.merge import merge, unmerge
 from jlora._src.optim import combine, freeze_base, split, trainable_mask
+from jlora._src.peft_io import export_peft, import_peft, peft_module_name
+from jlora._src.sharding import adapter_specs
 from jlora._src.summary import count_params, summary
+from jlora._src.targets import module_paths
 from jlora._src.wrap import infer_layouts, wrap
 
 try:
@@ -23,15 +33,25 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout wit
   __version__ = "0.0.0"
 
 __all__ = [
+  "AdapterCheckpointManager",
   "Layout",
   "LoraConfig",
   "MaterializationWarning",
+  "RestoredAdapter",
+  "adapter_specs",
   "combine",
   "count_params",
+  "export_peft",
   "freeze_base",
+  "import_peft",
   "infer_layouts",
   "init",
+  "load_adapter",
   "merge",
+  "module_paths",
+  "peft_module_name",
+  "save_adapter",
+  "save_merged",
   "split",
   "summary",
   "trainable_mask",

@@ -1,0 +1,314 @@
+"""Tests for adapter checkpoints: `save_adapter`/`load_adapter`, `AdapterCheckpointManager`, `save_merged`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import jlora
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nnx_like_tree(dtype=jnp.float32):
+  """A plain tree with int keys (as NNX lists give) and a Linen-style one."""
+  k = jax.random.split(jax.random.key(0), 4)
+  return {
+    "layers": {i: {"q_proj": {"kernel": jax.random.normal(k[i], (16, 32), dtype)}} for i in range(2)},
+    "head": {"kernel": jax.random.normal(k[3], (32, 8), dtype)},
+  }
+
+
+def _cfg(**kw):
+  return jlora.LoraConfig(r=4, target_modules=("q_proj",), init_lora_weights=False, **kw)
+
+
+def _key_types(tree):
+  return [tuple(type(k).__name__ for k in p) for p, _ in jlora._src.paths.leaves_with_paths(tree)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_load_round_trip_without_template(tmp_path, dtype):
+  tree = _nnx_like_tree(dtype)
+  cfg = _cfg(modules_to_save=("head",), rank_pattern={"layers/1/q_proj": 2})
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  jlora.save_adapter(tmp_path, lora, cfg, base=tree)
+  lora2, cfg2 = jlora.load_adapter(tmp_path)
+  assert cfg2 == cfg
+  chex.assert_trees_all_equal(lora2, lora)  # same structure (int keys kept), values and dtypes
+  chex.assert_trees_all_equal_dtypes(lora2, lora)
+  assert _key_types(lora2) == _key_types(lora)
+  # Saving again replaces it; the directory keeps exactly one step.
+  lora3 = jax.tree_util.tree_map(lambda x: x + 1, lora)
+  jlora.save_adapter(tmp_path, lora3, cfg, base=tree)
+  chex.assert_trees_all_equal(jlora.load_adapter(tmp_path, base=tree)[0], lora3)
+  assert jlora.AdapterCheckpointManager(tmp_path, read_only=True).all_steps() == [1]
+
+
+def test_base_mismatch_names_first_path(tmp_path):
+  tree = _nnx_like_tree()
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  jlora.save_adapter(tmp_path, lora, cfg, base=tree)
+  wrong_shape = jax.tree_util.tree_map(lambda x: x, tree)
+  wrong_shape["layers"][1]["q_proj"]["kernel"] = jnp.zeros((16, 33))
+  with pytest.raises(ValueError, match=r"at 'layers/1/q_proj/kernel'.*shape \(16, 32\).*\(16, 33\)"):
+    jlora.load_adapter(tmp_path, base=wrong_shape)
+  wrong_dtype = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tree)
+  with pytest.raises(ValueError, match=r"at 'layers/0/q_proj/kernel'.*float32.*bfloat16"):
+    jlora.load_adapter(tmp_path, base=wrong_dtype)
+  with pytest.raises(ValueError, match=r"leaf at 'layers/0/q_proj/kernel'.*no leaf there"):
+    jlora.load_adapter(tmp_path, base={"params": tree})
+  # Saving checks the adapter fits the base, too.
+  with pytest.raises(ValueError, match="layers/1/q_proj"):
+    jlora.save_adapter(tmp_path / "other", lora, cfg, base=wrong_shape)
+
+
+def test_restore_onto_shardings(tmp_path):
+  tree = _nnx_like_tree()
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  jlora.save_adapter(tmp_path, lora, cfg)
+  mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "model"))
+  row = NamedSharding(mesh, PartitionSpec("data", None))
+  col = NamedSharding(mesh, PartitionSpec(None, "model"))
+  shardings = jax.tree_util.tree_map(lambda _: row, lora)
+  for i in range(2):
+    shardings["layers"][i]["q_proj"]["kernel"]["lora_B"] = col
+  lora2, _ = jlora.load_adapter(tmp_path, shardings=shardings)
+  chex.assert_trees_all_equal(lora2, lora)
+  assert lora2["layers"][0]["q_proj"]["kernel"]["lora_A"].sharding == row
+  assert lora2["layers"][1]["q_proj"]["kernel"]["lora_B"].sharding == col
+  replicated = NamedSharding(mesh, PartitionSpec())
+  lora3, _ = jlora.load_adapter(tmp_path, shardings=replicated)
+  assert all(x.sharding == replicated for x in jax.tree_util.tree_leaves(lora3))
+
+
+def _train(lora, opt, opt_state, tree, cfg, *, steps, start):
+  apply = jlora.wrap(lambda t, x: x @ t["layers"][0]["q_proj"]["kernel"] @ t["head"]["kernel"], cfg)
+
+  @jax.jit
+  def step(lora, opt_state, x):
+    loss = lambda lo: jnp.mean(apply(tree, lo, x) ** 2)  # noqa: E731
+    grads = jax.grad(loss)(lora)
+    updates, opt_state = opt.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state
+
+  for i in range(start, start + steps):
+    lora, opt_state = step(lora, opt_state, jax.random.normal(jax.random.key(100 + i), (4, 16)))
+  return lora, opt_state
+
+
+def test_manager_resume_is_bit_identical(tmp_path):
+  tree = _nnx_like_tree()
+  cfg = _cfg()
+  lora0 = jlora.init(tree, cfg, key=jax.random.key(1))
+  opt = optax.adamw(1e-2)
+  full, _ = _train(lora0, opt, opt.init(lora0), tree, cfg, steps=6, start=0)
+
+  half, state = _train(lora0, opt, opt.init(lora0), tree, cfg, steps=3, start=0)
+  with jlora.AdapterCheckpointManager(tmp_path, cfg, base=tree) as mngr:
+    assert mngr.save(3, half, opt_state=state)
+  with jlora.AdapterCheckpointManager(tmp_path) as mngr:  # a fresh process would do this
+    restored = mngr.restore(base=tree, opt_state=jax.eval_shape(opt.init, lora0))
+  assert restored.step == 3 and restored.config == cfg
+  chex.assert_trees_all_equal(restored.opt_state, state)
+  resumed, _ = _train(restored.lora, opt, restored.opt_state, tree, cfg, steps=3, start=3)
+  chex.assert_trees_all_equal(resumed, full)  # bit-identical to the uninterrupted run
+  with jlora.AdapterCheckpointManager(tmp_path, read_only=True) as mngr:
+    with pytest.raises(
+      ValueError, match="template has 4 array leaves but the optimizer state saved in step 3"
+    ):
+      mngr.restore(opt_state=jax.eval_shape(optax.sgd(0.1, momentum=0.9).init, lora0))
+
+
+def test_manager_retention_interval_and_async(tmp_path):
+  tree = _nnx_like_tree()
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  with jlora.AdapterCheckpointManager(tmp_path, cfg, max_to_keep=2, save_interval_steps=2) as mngr:
+    saved = [mngr.save(s, jax.tree_util.tree_map(lambda x, s=s: x * s, lora)) for s in range(7)]
+    mngr.wait_until_finished()
+    assert saved == [True, False, True, False, True, False, True]
+    assert mngr.all_steps() == [4, 6] and mngr.latest_step() == 6
+    chex.assert_trees_all_close(mngr.restore().lora, jax.tree_util.tree_map(lambda x: x * 6, lora))
+    chex.assert_trees_all_close(mngr.restore(4).lora, jax.tree_util.tree_map(lambda x: x * 4, lora))
+    with pytest.raises(ValueError, match=r"Step 2 is not in .*complete steps: \[4, 6\]"):
+      mngr.restore(2)
+    with pytest.raises(ValueError, match="Step 6 already exists"):
+      mngr.save(6, lora, force=True)
+  with pytest.raises(ValueError, match="has no `config`"):
+    jlora.AdapterCheckpointManager(tmp_path).save(8, lora)
+  with pytest.raises(FileNotFoundError, match="No complete adapter checkpoint"):
+    jlora.AdapterCheckpointManager(tmp_path / "empty").restore()
+
+
+# -- bad files ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved(tmp_path):
+  # Arrays above orbax's 1 KiB inline limit, so their data is in separate files.
+  tree = {
+    "layers": {i: {"q_proj": {"kernel": jax.random.normal(jax.random.key(i), (128, 256))}} for i in range(2)}
+  }
+  cfg = jlora.LoraConfig(r=8, target_modules=("q_proj",), init_lora_weights=False)
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  jlora.save_adapter(tmp_path, lora, cfg, base=tree)
+  step_dir = tmp_path / "0"
+  return tmp_path, step_dir, tree
+
+
+def _meta_file(step_dir):
+  return step_dir / "jlora_meta" / "metadata"  # orbax's JsonCheckpointHandler file
+
+
+def _edit_meta(step_dir, fn):
+  path = _meta_file(step_dir)
+  meta = json.loads(path.read_text())
+  fn(meta)
+  path.write_text(json.dumps(meta))
+
+
+def test_unknown_and_invalid_metadata_fields(saved):
+  root, step_dir, _ = saved
+  original = _meta_file(step_dir).read_text()
+  _edit_meta(step_dir, lambda m: m.update(extra=1))
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['extra'\]"):
+    jlora.load_adapter(root)
+  _meta_file(step_dir).write_text(original)
+  _edit_meta(step_dir, lambda m: m["config"].update(rank=4))
+  with pytest.raises(ValueError, match=r"not a valid LoraConfig: Unknown LoraConfig field\(s\) \['rank'\]"):
+    jlora.load_adapter(root)
+  _meta_file(step_dir).write_text(original)
+  _edit_meta(step_dir, lambda m: m["config"].update(r=-1))
+  with pytest.raises(ValueError, match="`r` must be a positive integer"):
+    jlora.load_adapter(root)
+  _meta_file(step_dir).write_text(original)
+  _edit_meta(step_dir, lambda m: m.update(format_version=99))
+  with pytest.raises(ValueError, match="format_version"):
+    jlora.load_adapter(root)
+  _meta_file(step_dir).write_text(original)
+  _edit_meta(step_dir, lambda m: m["leaves"][0].update(shape=[16, 5]))
+  with pytest.raises(ValueError, match=r"inconsistent at adapter leaf 'layers/0/q_proj/kernel/lora_A'"):
+    jlora.load_adapter(root)
+  _meta_file(step_dir).write_text("{truncated")
+  with pytest.raises(ValueError, match="Cannot read the jlora metadata"):
+    jlora.load_adapter(root)
+
+
+# When tensorstore fails a read, orbax's async reader later posts to its closed
+# event loop ("Event loop is closed", an unraisable exception in a background
+# thread). jlora has already raised its ValueError by then; the noise is orbax's.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_truncated_or_corrupted_arrays(saved):
+  root, step_dir, _ = saved
+  data_dir = step_dir / "adapter" / "ocdbt.process_0" / "d"
+  big = max(data_dir.iterdir(), key=lambda p: p.stat().st_size)  # holds array data
+  original = big.read_bytes()
+  blob = bytearray(original)
+  blob[len(blob) // 2] ^= 0xFF  # one flipped bit pattern in the array data
+  big.write_bytes(bytes(blob))
+  with pytest.raises(ValueError, match=r"data of 'layers/\d/q_proj/kernel/lora_[AB]' fails its checksum"):
+    jlora.load_adapter(root)
+  big.write_bytes(original)
+  manifest = step_dir / "adapter" / "manifest.ocdbt"
+  manifest.write_bytes(manifest.read_bytes()[:40])
+  with pytest.raises(ValueError, match="truncated or corrupted"):
+    jlora.load_adapter(root)
+
+
+# -- crash safety -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["manager", "save_adapter"])
+def test_sigkill_while_saving_keeps_latest_complete_step(tmp_path, mode):
+  delays = [0.0, 0.03, 0.07, 0.15] if mode == "manager" else [0.01, 0.05, 0.1]
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  leftovers = 0
+  for i, delay in enumerate(delays):
+    directory = tmp_path / f"run{i}"
+    proc = subprocess.Popen(
+      [sys.executable, os.path.join(HERE, "_crash_saver.py"), str(directory), mode],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      env=env,
+      text=True,
+    )
+    done = []
+    try:
+      for line in proc.stdout:  # wait for two complete steps, then kill mid-save
+        done.append(int(line.split()[1]))
+        if len(done) == 2 + i:
+          break
+      time.sleep(delay)
+      os.kill(proc.pid, signal.SIGKILL)
+      rest = proc.stdout.read()
+    finally:
+      proc.kill()
+      proc.wait()
+      proc.stdout.close()
+    done += [int(line.split()[1]) for line in rest.splitlines() if line.startswith("done")]
+    leftovers += any("tmp" in name for name in os.listdir(directory))
+    lora, cfg = jlora.load_adapter(directory)
+    steps = {
+      float(x)
+      for x in np.unique(np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(lora)]))
+    }
+    assert len(steps) == 1, f"restored a mix of steps {steps}"
+    (step,) = steps
+    # The latest step reported complete (or one more, finished between report and kill).
+    assert step in (done[-1], done[-1] + 1), (step, done[-1])
+    assert cfg.r == 8 and len(jax.tree_util.tree_leaves(lora)) == 16
+  # Half-written steps did occur and were ignored.
+  print(f"{mode}: {leftovers}/{len(delays)} runs killed with a half-written step on disk")
+
+
+# -- merged export ----------------------------------------------------------------------------
+
+
+def test_save_merged_orbax_and_safetensors(tmp_path):
+  import safetensors.numpy  # noqa: PLC0415
+
+  tree = {"params": _nnx_like_tree()}
+  tree["params"]["layers"] = {f"layers_{i}": v for i, v in tree["params"]["layers"].items()}
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  expected = jlora.merge(tree, lora, cfg)
+  out = jlora.save_merged(tmp_path / "merged", tree, lora, cfg)
+  with ocp.StandardCheckpointer() as ckptr:  # plain orbax, no jlora
+    restored = ckptr.restore(out, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, expected))
+  chex.assert_trees_all_equal(restored, expected)
+  st = jlora.save_merged(tmp_path / "st", tree, lora, cfg, format="safetensors")
+  flat = safetensors.numpy.load_file(st)
+  np.testing.assert_array_equal(
+    flat["params/layers/layers_1/q_proj/kernel"],
+    np.asarray(expected["params"]["layers"]["layers_1"]["q_proj"]["kernel"]),
+  )
+  with pytest.raises(FileExistsError, match="already exists"):
+    jlora.save_merged(tmp_path / "merged", tree, lora, cfg)
+
+
+def test_checkpoint_is_small_relative_to_base(tmp_path):
+  size = lambda d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file())  # noqa: E731
+  k = jax.random.split(jax.random.key(0), 8)
+  tree = {f"layers_{i}": {"q_proj": {"kernel": jax.random.normal(k[i], (256, 256))}} for i in range(8)}
+  cfg = jlora.LoraConfig(r=8, target_modules=("q_proj",))
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  jlora.save_adapter(tmp_path / "adapter", lora, cfg, base=tree)
+  jlora.save_merged(tmp_path / "merged", tree, lora, cfg)
+  a, b = size(tmp_path / "adapter"), size(tmp_path / "merged")
+  print(f"adapter checkpoint {a} bytes vs merged base {b} bytes ({a / b:.3f})")
+  assert a < 0.15 * b  # 2*256*8 / 256**2 = 6.25% of the parameters, plus metadata

@@ -1,0 +1,390 @@
+"""Tests for `jlora.export_peft` / `jlora.import_peft` (PEFT adapter directories).
+
+Shapes: Flax kernel ``(in, out)``; jlora ``lora_A`` ``(in, r)``, ``lora_B``
+``(r, out)``; PEFT ``lora_A.weight`` ``(r, in)``, ``lora_B.weight`` ``(out, r)``.
+The PyTorch comparisons run where ``torch``, ``transformers`` and ``peft`` are
+installed (CPU, float32, atol 1e-4 on logits).
+"""
+
+import json
+import os
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import jlora
+
+PREFIX = "base_model.model."
+
+
+def _linen_tree(key=0):
+  k = jax.random.split(jax.random.key(key), 6)
+  layer = lambda i: {  # noqa: E731
+    "self_attn": {
+      "q_proj": {"kernel": jax.random.normal(k[i], (8, 6))},
+      "v_proj": {"kernel": jax.random.normal(k[i + 2], (8, 4))},
+    },
+  }
+  return {
+    "params": {
+      "model": {
+        "embed_tokens": {"embedding": jax.random.normal(k[4], (11, 8))},
+        "layers_0": layer(0),
+        "layers_1": layer(1),
+      },
+      "lm_head": {"kernel": jax.random.normal(k[5], (8, 11))},
+    }
+  }
+
+
+def _cfg(**kw):
+  base = dict(r=3, lora_alpha=6, target_modules=("q_proj", "v_proj", "embed_tokens"), init_lora_weights=False)
+  base.update(kw)
+  return jlora.LoraConfig(**base)
+
+
+def _read(directory):
+  with open(os.path.join(directory, "adapter_config.json")) as f:
+    cfg = json.load(f)
+  return cfg, safetensors.numpy.load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def test_default_name_map():
+  assert jlora.peft_module_name(("params", "model", "layers_0", "self_attn", "q_proj", "kernel")) == (
+    "model.layers.0.self_attn.q_proj"
+  )
+  assert (
+    jlora.peft_module_name(("model", "layers", 2, "mlp", "up_proj", "kernel")) == "model.layers.2.mlp.up_proj"
+  )
+  assert jlora.peft_module_name(("params", "model", "layers", "mlp", "up_proj", "kernel"), 5) == (
+    "model.layers.5.mlp.up_proj"
+  )
+  assert jlora.peft_module_name(("params", "Dense_0", "kernel")) == "Dense_0"
+  with pytest.raises(ValueError, match="no layer container"):
+    jlora.peft_module_name(("params", "q_proj", "kernel"), 0)
+
+
+def test_export_keys_shapes_and_values(tmp_path):
+  tree = _linen_tree()
+  cfg = _cfg(rank_pattern={"v_proj": 2}, alpha_pattern={"embed_tokens": 5.0}, modules_to_save=("lm_head",))
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  pcfg = jlora.export_peft(tmp_path, lora, cfg)
+  disk_cfg, tensors = _read(tmp_path)
+  assert disk_cfg == json.loads(json.dumps(pcfg))
+  lp = lora["params"]["model"]
+  q = f"{PREFIX}model.layers.1.self_attn.q_proj"
+  # Independent expectation: PEFT's weights are the transposes of jlora's factors.
+  np.testing.assert_array_equal(
+    tensors[f"{q}.lora_A.weight"], np.asarray(lp["layers_1"]["self_attn"]["q_proj"]["kernel"]["lora_A"]).T
+  )
+  np.testing.assert_array_equal(
+    tensors[f"{q}.lora_B.weight"], np.asarray(lp["layers_1"]["self_attn"]["q_proj"]["kernel"]["lora_B"]).T
+  )
+  assert tensors[f"{q}.lora_A.weight"].shape == (3, 8) and tensors[f"{q}.lora_B.weight"].shape == (6, 3)
+  v = f"{PREFIX}model.layers.0.self_attn.v_proj"
+  assert tensors[f"{v}.lora_A.weight"].shape == (2, 8) and tensors[f"{v}.lora_B.weight"].shape == (4, 2)
+  e = f"{PREFIX}model.embed_tokens"
+  assert tensors[f"{e}.lora_embedding_A"].shape == (3, 11) and tensors[f"{e}.lora_embedding_B"].shape == (
+    8,
+    3,
+  )
+  np.testing.assert_array_equal(
+    tensors[f"{PREFIX}lm_head.weight"], np.asarray(lora["params"]["lm_head"]["kernel"]).T
+  )
+  assert len(tensors) == 2 * 5 + 1
+  assert pcfg["r"] == 3 and pcfg["lora_alpha"] == 6 and pcfg["peft_type"] == "LORA"
+  assert "model.layers.0.self_attn.q_proj" in pcfg["target_modules"]
+  assert pcfg["rank_pattern"] == {
+    "model\\.layers\\.0\\.self_attn\\.v_proj": 2,
+    "model\\.layers\\.1\\.self_attn\\.v_proj": 2,
+  }
+  assert pcfg["alpha_pattern"] == {"model\\.embed_tokens": 5.0}
+  assert pcfg["modules_to_save"] == ["lm_head"]
+  with pytest.raises(FileExistsError, match="overwrite=True"):
+    jlora.export_peft(tmp_path, lora, cfg)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_round_trip(tmp_path, dtype):
+  tree = jax.tree_util.tree_map(lambda x: x.astype(dtype), _linen_tree())
+  cfg = _cfg(rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 4.0}, modules_to_save=("lm_head",))
+  lora = jlora.init(tree, cfg, key=jax.random.key(2))
+  jlora.export_peft(tmp_path, lora, cfg, base=tree)
+  lora2, cfg2 = jlora.import_peft(tmp_path, tree)
+  chex.assert_trees_all_equal(lora2, lora)
+  chex.assert_trees_all_equal_dtypes(lora2, lora)
+  # The imported config computes the same model: compare merged trees (exact ops).
+  chex.assert_trees_all_close(jlora.merge(tree, lora2, cfg2), jlora.merge(tree, lora, cfg), atol=0, rtol=0)
+
+
+def _dense_general_model(layers):
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.DenseGeneral((2, 3), name="q_proj")(x)  # kernel (d, H, Dh)
+      return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o_proj")(h)  # kernel (H, Dh, d)
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(layers):
+        x = Block(name=f"layers_{i}")(x)
+      return x
+
+  return Net()
+
+
+def test_nd_kernels_flatten_row_major(tmp_path):
+  model = _dense_general_model(2)
+  x = jax.random.normal(jax.random.key(0), (2, 5))
+  variables = model.init(jax.random.key(1), x)
+  cfg = _cfg(target_modules=("q_proj", "o_proj"), r=2)
+  lora = jlora.init(variables, cfg, key=jax.random.key(2), apply_fn=model.apply, example_args=(x,))
+  jlora.export_peft(tmp_path, lora, cfg)
+  _, tensors = _read(tmp_path)
+  q = lora["params"]["layers_0"]["q_proj"]["kernel"]
+  o = lora["params"]["layers_0"]["o_proj"]["kernel"]
+  assert q["lora_B"].shape == (2, 2, 3) and o["lora_A"].shape == (2, 3, 2)
+  # PEFT's Linear equivalent of the kernel reshaped (d, H*Dh) / (H*Dh, d).
+  np.testing.assert_array_equal(
+    tensors[f"{PREFIX}layers.0.q_proj.lora_B.weight"], np.asarray(q["lora_B"]).reshape(2, 6).T
+  )
+  np.testing.assert_array_equal(
+    tensors[f"{PREFIX}layers.0.o_proj.lora_A.weight"], np.asarray(o["lora_A"]).reshape(6, 2).T
+  )
+  # Independent check of the flattening: a Linear with the reshaped merged kernel gives the model's output.
+  kq = np.asarray(jlora.merge(variables, lora, cfg)["params"]["layers_0"]["q_proj"]["kernel"]).reshape(5, 6)
+  dq = (
+    tensors[f"{PREFIX}layers.0.q_proj.lora_B.weight"] @ tensors[f"{PREFIX}layers.0.q_proj.lora_A.weight"]
+  ).T
+  w0 = np.asarray(variables["params"]["layers_0"]["q_proj"]["kernel"]).reshape(5, 6)
+  np.testing.assert_allclose(w0 + cfg.scale_for("layers_0/q_proj") * dq, kq, atol=1e-5)
+  with pytest.raises(ValueError, match="apply_fn"):
+    jlora.import_peft(tmp_path, variables)
+  lora2, cfg2 = jlora.import_peft(tmp_path, variables, apply_fn=model.apply, example_args=(x,))
+  chex.assert_trees_all_equal(lora2, lora)
+  y = jlora.wrap(model.apply, cfg2)(variables, lora2, x)
+  chex.assert_trees_all_close(y, model.apply(jlora.merge(variables, lora, cfg), x), atol=1e-5)
+
+
+def test_stacked_kernels_export_per_layer(tmp_path):
+  tree = {
+    "params": {
+      "model": {"layers": {"mlp": {"up_proj": {"kernel": jax.random.normal(jax.random.key(0), (4, 6, 5))}}}}
+    }
+  }
+  cfg = _cfg(target_modules=("up_proj",), layout_pattern={"up_proj": (1, 1)}, layers_to_transform=(1, 3))
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  a = lora["params"]["model"]["layers"]["mlp"]["up_proj"]["kernel"]["lora_A"]
+  assert a.shape == (2, 6, 3)
+  jlora.export_peft(tmp_path, lora, cfg)
+  _, tensors = _read(tmp_path)
+  assert sorted(tensors) == sorted(
+    f"{PREFIX}model.layers.{i}.mlp.up_proj.lora_{x}.weight" for i in (1, 3) for x in "AB"
+  )
+  np.testing.assert_array_equal(
+    tensors[f"{PREFIX}model.layers.3.mlp.up_proj.lora_A.weight"], np.asarray(a[1]).T
+  )
+  lora2, cfg2 = jlora.import_peft(tmp_path, tree, layout_pattern={"up_proj": (1, 1)})
+  assert cfg2.layers_to_transform == (1, 3)
+  chex.assert_trees_all_equal(lora2, lora)
+
+
+def test_custom_name_map(tmp_path):
+  tree = _linen_tree()
+  cfg = _cfg(target_modules=("q_proj",))
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  name_map = lambda path, layer: "transformer." + ".".join(str(p) for p in path[1:-1])  # noqa: E731
+  jlora.export_peft(tmp_path, lora, cfg, name_map=name_map)
+  _, tensors = _read(tmp_path)
+  assert f"{PREFIX}transformer.model.layers_0.self_attn.q_proj.lora_A.weight" in tensors
+  with pytest.raises(ValueError, match="no leaf of the given tree maps to tensor"):
+    jlora.import_peft(tmp_path, tree)
+  lora2, _ = jlora.import_peft(tmp_path, tree, name_map=name_map)
+  chex.assert_trees_all_equal(lora2, lora)
+
+
+# -- bad files: each a clear error -------------------------------------------------------
+
+
+@pytest.fixture
+def exported(tmp_path):
+  tree = _linen_tree()
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  jlora.export_peft(tmp_path, lora, cfg)
+  return tmp_path, tree
+
+
+def _rewrite(directory, tensors=None, config=None):
+  if tensors is not None:
+    safetensors.numpy.save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+  if config is not None:
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+      json.dump(config, f)
+
+
+def test_bad_shape_names_key(exported):
+  d, tree = exported
+  cfg, tensors = _read(d)
+  key = f"{PREFIX}model.layers.1.self_attn.v_proj.lora_B.weight"
+  tensors[key] = np.zeros((5, 3), np.float32)
+  _rewrite(d, tensors)
+  with pytest.raises(ValueError, match=r"v_proj\.lora_B\.weight.*shape \(5, 3\).*needs \(4, 3\)"):
+    jlora.import_peft(d, tree)
+
+
+def test_bad_dtype_and_unknown_and_missing_keys(exported):
+  d, tree = exported
+  cfg, tensors = _read(d)
+  good = dict(tensors)
+  key = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_A.weight"
+  tensors[key] = tensors[key].astype(np.int32)
+  _rewrite(d, tensors)
+  with pytest.raises(ValueError, match=r"q_proj\.lora_A\.weight.*dtype I32"):
+    jlora.import_peft(d, tree)
+  _rewrite(
+    d, {**good, f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight": np.zeros((3, 8), np.float32)}
+  )
+  with pytest.raises(ValueError, match=r"no leaf of the given tree maps to tensor .*k_proj"):
+    jlora.import_peft(d, tree)
+  missing = dict(good)
+  del missing[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"]
+  _rewrite(d, missing)
+  with pytest.raises(ValueError, match=r"not '.*q_proj\.lora_B\.weight'"):
+    jlora.import_peft(d, tree)
+
+
+def test_bad_config_fields(exported):
+  d, tree = exported
+  cfg, _ = _read(d)
+  _rewrite(d, config={**cfg, "frobnicate": 1})
+  with pytest.raises(ValueError, match=r"field\(s\) \['frobnicate'\]"):
+    jlora.import_peft(d, tree)
+  _rewrite(d, config={**cfg, "use_dora": True})
+  with pytest.raises(ValueError, match="`use_dora` must be False"):
+    jlora.import_peft(d, tree)
+  _rewrite(d, config={**cfg, "init_lora_weights": "pissa"})
+  with pytest.raises(ValueError, match="PiSSA"):
+    jlora.import_peft(d, tree)
+  _rewrite(d, config={**cfg, "lora_dropout": 2.0})
+  with pytest.raises(ValueError, match="lora_dropout"):
+    jlora.import_peft(d, tree)
+  _rewrite(d, config={**cfg, "r": 5})
+  with pytest.raises(ValueError, match="has rank 3, but adapter_config.json gives rank 5"):
+    jlora.import_peft(d, tree)
+  with open(os.path.join(d, "adapter_config.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(ValueError, match="not valid JSON"):
+    jlora.import_peft(d, tree)
+
+
+def test_truncated_and_pickled_files(exported):
+  d, tree = exported
+  path = os.path.join(d, "adapter_model.safetensors")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 7)
+  with pytest.raises(ValueError, match="truncated or corrupted"):
+    jlora.import_peft(d, tree)
+  os.remove(path)
+  with open(os.path.join(d, "adapter_model.bin"), "wb") as f:
+    f.write(b"not unpickled")
+  with pytest.raises(ValueError, match="never unpickles"):
+    jlora.import_peft(d, tree)
+
+
+# -- against PEFT on PyTorch ----------------------------------------------------------------
+
+
+def _torch_llama(seed=0):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("peft")
+  torch.manual_seed(seed)
+  hf = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+  )
+  model = transformers.LlamaForCausalLM(hf).float().eval()
+  from tests import _llama  # noqa: PLC0415
+
+  flax_model, variables = _llama.from_torch(model)
+  ids = np.random.default_rng(seed).integers(0, 64, size=(2, 7))
+  return torch, model, flax_model, variables, ids
+
+
+def _torch_logits(torch, model, ids):
+  with torch.no_grad():
+    return model(torch.as_tensor(ids)).logits.numpy()
+
+
+# peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` alias; harmless to these tests.
+_PEFT_WARNINGS = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+@pytest.mark.slow
+@_PEFT_WARNINGS
+def test_exported_adapter_loads_in_peft(tmp_path):
+  torch, model, flax_model, variables, ids = _torch_llama()
+  import peft  # noqa: PLC0415
+
+  # The Flax copy computes the PyTorch model (base check, before any LoRA).
+  np.testing.assert_allclose(flax_model.apply(variables, ids), _torch_logits(torch, model, ids), atol=1e-4)
+  cfg = jlora.LoraConfig(
+    r=4,
+    lora_alpha=8,
+    target_modules=("q_proj", "v_proj", "down_proj", "embed_tokens"),
+    rank_pattern={"down_proj": 2},
+    alpha_pattern={"v_proj": 3.0},
+    modules_to_save=("lm_head",),
+    init_lora_weights=False,
+  )
+  lora = jlora.init(variables, cfg, key=jax.random.key(3))
+  lora["params"]["lm_head"]["kernel"] = lora["params"]["lm_head"]["kernel"] * 1.5
+  jlora.export_peft(tmp_path, lora, cfg, base=variables)
+  ours = np.asarray(jlora.wrap(flax_model.apply, cfg)(variables, lora, ids))
+  peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path)).eval()
+  theirs = _torch_logits(torch, peft_model, ids)
+  base = flax_model.apply(variables, ids)
+  assert np.abs(ours - base).max() > 1e-2  # the adapter changes the logits
+  print(f"jlora -> PEFT logits max abs diff {np.abs(ours - theirs).max():.2e}")
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.slow
+@_PEFT_WARNINGS
+def test_peft_saved_adapter_imports(tmp_path):
+  torch, model, flax_model, variables, ids = _torch_llama(seed=1)
+  import peft  # noqa: PLC0415
+
+  pcfg = peft.LoraConfig(
+    r=4,
+    lora_alpha=8,
+    target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+    rank_pattern={"o_proj": 2},
+    alpha_pattern={"k_proj": 5},
+    init_lora_weights=False,
+    task_type="CAUSAL_LM",
+  )
+  peft_model = peft.get_peft_model(model, pcfg).eval()
+  theirs = _torch_logits(torch, peft_model, ids)
+  peft_model.save_pretrained(str(tmp_path))
+  lora, cfg = jlora.import_peft(tmp_path, variables)
+  assert cfg.rank_for("model/layers_1/self_attn/o_proj") == 2
+  assert cfg.scale_for("model/layers_0/self_attn/k_proj") == 5 / 4
+  ours = np.asarray(jlora.wrap(flax_model.apply, cfg)(variables, lora, ids))
+  assert np.abs(ours - flax_model.apply(variables, ids)).max() > 1e-2
+  print(f"PEFT -> jlora logits max abs diff {np.abs(ours - theirs).max():.2e}")
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
