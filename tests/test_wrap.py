@@ -7,6 +7,7 @@ the zoo (test_zoo.py) covers the same ops through Flax Linen and NNX models.
 import warnings
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -401,3 +402,25 @@ def test_scanned_base_is_not_copied_or_restacked():
   stacked = {tuple(x.shape) for x in jax.tree_util.tree_leaves(case.tree["params"]["layers"]) if x.ndim == 3}
   step = jax.grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, case.inputs)))
   assert not stacked & set(_out_shapes(jax.make_jaxpr(step)(lora).jaxpr))
+
+
+def test_bias_joins_the_base_product_before_the_lora_branch():
+  # (x @ W + b) + lora, as a hand-written LoRA layer associates it: XLA then keeps one
+  # pre-activation residual instead of two (benchmarks/lora_step.py measures the temp bytes).
+  model = nn.Dense(6)
+  params = model.init(K[2], X)
+  cfg = jlora.LoraConfig(r=2, target_modules=r".*", init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=K[1])
+  jaxpr = jax.make_jaxpr(jlora.wrap(model.apply, cfg, strategy="factorized"))(params, lora, X).jaxpr
+  producer = {v: e for e in jaxpr.eqns for v in e.outvars}
+  last = producer[jaxpr.outvars[0]]
+  assert last.primitive.name == "add"
+  first, second = (producer.get(v) for v in last.invars)
+  assert first.primitive.name == "add" and second.primitive.name == "dot_general"  # (base + b) + lora
+  assert producer[first.invars[0]].primitive.name == "dot_general"
+  np.testing.assert_allclose(
+    jlora.wrap(model.apply, cfg)(params, lora, X),
+    model.apply(jlora.merge(params, lora, cfg), X),
+    rtol=1e-5,
+    atol=1e-5,
+  )
