@@ -1,0 +1,243 @@
+"""A GPT-style decoder and the three train steps the benchmarks compare.
+
+* ``full``: full fine-tuning, AdamW on every parameter.
+* ``jlora``: the plain model run through ``jlora.wrap`` with an ``"all-linear"``
+  adapter tree; AdamW on the adapter tree only, the base passed as a
+  non-differentiated argument.
+* ``hand``: the same model with factorized LoRA written into every linear
+  layer of the blocks (``x @ W + s * (x @ A) @ B``, ``A``/``B`` separate
+  params): the overhead-free ideal jlora is measured against. AdamW on the
+  ``lora_A``/``lora_B`` leaves only, the base passed as a non-differentiated
+  argument.
+
+Shapes: a Dense kernel is ``(in, out)``; ``lora_A`` is ``(in, r)`` and
+``lora_B`` is ``(r, out)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+import jlora
+
+LORA_LEAVES = ("lora_A", "lora_B")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GPTConfig:
+  """Sizes of the decoder and of its LoRA adapters."""
+
+  vocab: int = 4096
+  d_model: int = 256
+  n_layers: int = 4
+  n_heads: int = 4
+  mlp_ratio: int = 4
+  seq_len: int = 128
+  batch: int = 8
+  rank: int = 16
+  alpha: float = 32.0
+
+
+class Linear(nn.Module):
+  """``nn.Dense`` (kernel ``(in, out)``, bias), optionally with hand-written LoRA.
+
+  With ``lora_rank > 0`` it computes ``x @ W + b + s * (x @ A) @ B`` with
+  ``A`` ``(in, r)`` (Kaiming-uniform, as PEFT) and ``B`` ``(r, out)`` (zeros).
+  """
+
+  features: int
+  lora_rank: int = 0
+  lora_alpha: float = 32.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d_in = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    if self.lora_rank:
+      bound = 1.0 / math.sqrt(d_in)
+      a_init = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound)
+      a = self.param("lora_A", a_init, (d_in, self.lora_rank))
+      b = self.param("lora_B", nn.initializers.zeros_init(), (self.lora_rank, self.features))
+      s = self.lora_alpha / self.lora_rank
+      y = y + s * (x @ a) @ b
+    return y
+
+
+class Block(nn.Module):
+  """A pre-LN transformer block: causal self-attention, then a GELU MLP."""
+
+  cfg: GPTConfig
+  lora_rank: int = 0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dense = lambda n, name: Linear(n, self.lora_rank, cfg.alpha, name=name)
+    bsz, t, d = x.shape
+    h, dh = cfg.n_heads, d // cfg.n_heads
+    y = nn.LayerNorm(name="ln_1")(x)
+    q = dense(d, "q_proj")(y).reshape(bsz, t, h, dh)
+    k = dense(d, "k_proj")(y).reshape(bsz, t, h, dh)
+    v = dense(d, "v_proj")(y).reshape(bsz, t, h, dh)
+    att = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(dh)
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    att = jax.nn.softmax(jnp.where(causal, att, jnp.finfo(att.dtype).min), axis=-1)
+    o = jnp.einsum("bhts,bshd->bthd", att, v).reshape(bsz, t, d)
+    x = x + dense(d, "o_proj")(o)
+    y = nn.LayerNorm(name="ln_2")(x)
+    y = dense(cfg.mlp_ratio * d, "up_proj")(y)
+    y = dense(d, "down_proj")(nn.gelu(y))
+    return x + y
+
+
+class GPT(nn.Module):
+  """Token + position embedding, ``n_layers`` blocks, final LN, ``lm_head``.
+
+  ``lora_rank > 0`` bakes hand-written LoRA into every linear layer of the
+  blocks (not the embeddings or ``lm_head``, as ``"all-linear"``).
+  """
+
+  cfg: GPTConfig
+  lora_rank: int = 0
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    t = tokens.shape[1]
+    x = nn.Embed(cfg.vocab, cfg.d_model, name="wte")(tokens)
+    x = x + nn.Embed(cfg.seq_len, cfg.d_model, name="wpe")(jnp.arange(t))[None]
+    for i in range(cfg.n_layers):
+      x = Block(cfg, self.lora_rank, name=f"layers_{i}")(x)
+    x = nn.LayerNorm(name="ln_f")(x)
+    return nn.Dense(cfg.vocab, use_bias=False, name="lm_head")(x)
+
+
+def lora_config(cfg: GPTConfig) -> jlora.LoraConfig:
+  """The jlora config matching the hand-written model: all-linear, rank ``cfg.rank``."""
+  return jlora.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules="all-linear")
+
+
+def split_hand(params: Any) -> tuple[dict, dict]:
+  """Splits the hand-written model's params into (base, lora) flat-path dicts."""
+  flat = traverse_util.flatten_dict(params)
+  base = {k: v for k, v in flat.items() if k[-1] not in LORA_LEAVES}
+  lora = {k: v for k, v in flat.items() if k[-1] in LORA_LEAVES}
+  return base, lora
+
+
+def _xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
+
+@dataclasses.dataclass
+class Variant:
+  """One train step: ``state = step(*state, *static)`` returns ``(*state, loss)``."""
+
+  name: str
+  step: Callable[..., Any]  # jitted; donates the state
+  state: tuple[Any, ...]
+  static: tuple[Any, ...]
+  n_trainable: int
+
+  def run(self) -> jax.Array:
+    *self.state, loss = self.step(*self.state, *self.static)
+    return loss
+
+
+def _count(tree: Any) -> int:
+  return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[str, Variant]:
+  """The ``full``, ``jlora``, ``hand`` (and ``frozen``) train steps on one batch.
+
+  ``frozen`` trains only the LayerNorm parameters: every activation gradient
+  is computed but no kernel gradient and no LoRA branch (the matmul-only
+  limit of LoRA, used to split the step time into its parts).
+  """
+  k_init, k_lora, k_tok = jax.random.split(key, 3)
+  tokens = jax.random.randint(k_tok, (cfg.batch, cfg.seq_len), 0, cfg.vocab)
+  model = GPT(cfg)
+  hand_model = GPT(cfg, lora_rank=cfg.rank)
+  variables = model.init(k_init, tokens)
+  opt = optax.adamw(lr)
+
+  # Full fine-tuning.
+  def full_step(params, opt_state, tokens):
+    loss, g = jax.value_and_grad(lambda p: _xent(model.apply({"params": p}, tokens), tokens))(params)
+    updates, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params = jax.tree_util.tree_map(jnp.copy, variables["params"])
+  full = Variant("full", jax.jit(full_step, donate_argnums=(0, 1)), (params, opt.init(params)), (tokens,), 0)
+  full.n_trainable = _count(params)
+
+  # jlora.
+  lcfg = lora_config(cfg)
+  lora = jlora.init(variables, lcfg, key=k_lora)
+  apply = jlora.wrap(model.apply, lcfg)
+
+  def jlora_step(lora, opt_state, variables, tokens):
+    loss, g = jax.value_and_grad(lambda lo: _xent(apply(variables, lo, tokens), tokens))(lora)
+    updates, opt_state = opt.update(g, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  jl = Variant(
+    "jlora",
+    jax.jit(jlora_step, donate_argnums=(0, 1)),
+    (lora, opt.init(lora)),
+    (variables, tokens),
+    _count(lora),
+  )
+
+  # Hand-written factorized LoRA: same base values, its own A/B.
+  hand_params = hand_model.init(k_init, tokens)["params"]
+  _, hand_lora = split_hand(hand_params)
+  base_flat = traverse_util.flatten_dict(variables["params"])
+
+  def hand_step(lora, opt_state, base, tokens):
+    def loss_fn(lo):
+      p = traverse_util.unflatten_dict({**base, **lo})
+      return _xent(hand_model.apply({"params": p}, tokens), tokens)
+
+    loss, g = jax.value_and_grad(loss_fn)(lora)
+    updates, opt_state = opt.update(g, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  hand = Variant(
+    "hand",
+    jax.jit(hand_step, donate_argnums=(0, 1)),
+    (hand_lora, opt.init(hand_lora)),
+    (base_flat, tokens),
+    _count(hand_lora),
+  )
+
+  # Frozen kernels, trained LayerNorms: no dW, no LoRA branch.
+  ln = {k: v for k, v in base_flat.items() if any(p.startswith("ln_") for p in k)}
+  rest = {k: v for k, v in base_flat.items() if k not in ln}
+
+  def frozen_step(ln, opt_state, rest, tokens):
+    def loss_fn(ln):
+      p = traverse_util.unflatten_dict({**rest, **ln})
+      return _xent(model.apply({"params": p}, tokens), tokens)
+
+    loss, g = jax.value_and_grad(loss_fn)(ln)
+    updates, opt_state = opt.update(g, opt_state, ln)
+    return optax.apply_updates(ln, updates), opt_state, loss
+
+  ln = jax.tree_util.tree_map(jnp.copy, ln)
+  frozen = Variant(
+    "frozen", jax.jit(frozen_step, donate_argnums=(0, 1)), (ln, opt.init(ln)), (rest, tokens), _count(ln)
+  )
+  return {"full": full, "jlora": jl, "hand": hand, "frozen": frozen}
