@@ -156,7 +156,7 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Cont
   return [_settle(read(v)) for v in jaxpr.outvars]
 
 
-def _plain_outputs(outs: Sequence[Any], ctx: Context, why: str) -> list[Any]:
+def plain_outputs(outs: Sequence[Any], ctx: Context, why: str) -> list[Any]:
   return [materialize(o, ctx, why) for o in outs]
 
 
@@ -281,7 +281,7 @@ def _dot_general(eqn, invals, ctx):
     return [base]
 
   nk = len(kv.shape)
-  lab = V._letters(nk + x.ndim + 1)
+  lab = V.letters(nk + x.ndim + 1)
   k_lab = lab[:nk]
   x_lab = lab[nk : nk + x.ndim]
   r = lab[-1]
@@ -416,7 +416,7 @@ def _remat(eqn, invals, ctx):
 
   def body(vals):
     outs = eval_jaxpr(jaxpr, (), vals, ctx)
-    return _plain_outputs(outs, ctx, "the output of a `remat` block")
+    return plain_outputs(outs, ctx, "the output of a `remat` block")
 
   fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
   return fn(list(invals))
@@ -461,7 +461,7 @@ def _scan(eqn, invals, ctx):
   nc, nk = p["num_consts"], p["num_carry"]
   closed = p["jaxpr"]
   consts = invals[:nc]
-  init = _plain_outputs(invals[nc : nc + nk], ctx, "a `scan` carry")
+  init = plain_outputs(invals[nc : nc + nk], ctx, "a `scan` carry")
   xs_in = invals[nc + nk :]
   packed, invariant, rebuilds = [], [], []
   for x in xs_in:
@@ -482,7 +482,7 @@ def _scan(eqn, invals, ctx):
     xs, k = step
     vals = [rb(s, inv) if rb else s for s, inv, rb in zip(xs, invariant, rebuilds)]
     outs = eval_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *vals], ctx.child(k))
-    outs = _plain_outputs(outs, ctx, "a `scan` output")
+    outs = plain_outputs(outs, ctx, "a `scan` output")
     return outs[:nk], outs[nk:]
 
   carry, ys = lax.scan(
@@ -494,9 +494,9 @@ def _scan(eqn, invals, ctx):
 def _while(eqn, invals, ctx):
   p = eqn.params
   cn, bn = p["cond_nconsts"], p["body_nconsts"]
-  cconsts = _plain_outputs(invals[:cn], ctx, "a `while` condition")
+  cconsts = plain_outputs(invals[:cn], ctx, "a `while` condition")
   bconsts = invals[cn : cn + bn]
-  init = _plain_outputs(invals[cn + bn :], ctx, "a `while` carry")
+  init = plain_outputs(invals[cn + bn :], ctx, "a `while` carry")
   key = ctx.next_key()
 
   def cond(state):
@@ -509,7 +509,7 @@ def _while(eqn, invals, ctx):
     if k is not None:
       k, step_key = jax.random.split(k)
     outs = eval_jaxpr(p["body_jaxpr"].jaxpr, p["body_jaxpr"].consts, [*bconsts, *carry], ctx.child(step_key))
-    return _plain_outputs(outs, ctx, "a `while` carry"), k
+    return plain_outputs(outs, ctx, "a `while` carry"), k
 
   carry, _ = lax.while_loop(cond, body, (init, key))
   return list(carry)
@@ -522,7 +522,7 @@ def _cond(eqn, invals, ctx):
   def branch(closed):
     def fn(k):
       outs = eval_jaxpr(closed.jaxpr, closed.consts, ops, ctx.child(k))
-      return _plain_outputs(outs, ctx, "a `cond` output")
+      return plain_outputs(outs, ctx, "a `cond` output")
 
     return fn
 

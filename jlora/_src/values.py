@@ -55,7 +55,7 @@ def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[in
   return groups if i == len(oi) and j == len(ni) else None
 
 
-def _letters(n: int) -> list[str]:
+def letters(n: int) -> list[str]:
   alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
   if n > len(alphabet):
     raise ValueError(f"jlora cannot contract arrays with more than {len(alphabet)} axes.")
@@ -90,7 +90,7 @@ class LoraValue:
 
   def delta(self, dtype: Any = jnp.float32) -> jax.Array:
     """``scale * einsum(a, b)`` laid out as the view."""
-    lab = _letters(len(self.shape) + 1)
+    lab = letters(len(self.shape) + 1)
     r = lab[-1]
     spec = (
       "".join(lab[i] for i in self.a_axes)

@@ -202,7 +202,7 @@ def wrap(
       warned=warned,
     )
     outs = interpreter.eval_jaxpr(traced.closed.jaxpr, traced.closed.consts, vals, ctx)
-    outs = interpreter._plain_outputs(outs, ctx, "the model's output")
+    outs = interpreter.plain_outputs(outs, ctx, "the model's output")
     return jax.tree_util.tree_unflatten(traced.out_tree, outs)
 
   return apply
@@ -258,7 +258,7 @@ def infer_layouts(
       vals[slot] = values.Probe(vals[slot], tuple((i,) for i in range(len(cand.shape))), paths.to_str(path))
     ctx = interpreter.Context("factorized", False, 0.0, None, set(), roles=roles)
     outs = interpreter.eval_jaxpr(traced.closed.jaxpr, traced.closed.consts, vals, ctx)
-    return interpreter._plain_outputs(outs, ctx, "")
+    return interpreter.plain_outputs(outs, ctx, "")
 
   jax.make_jaxpr(run)(*traced.dynamic)
   out: dict[paths.Path, adapters.Layout] = {}
