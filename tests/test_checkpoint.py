@@ -211,7 +211,6 @@ def test_unknown_and_invalid_metadata_fields(saved):
 # When tensorstore fails a read, orbax's async reader later posts to its closed
 # event loop ("Event loop is closed", an unraisable exception in a background
 # thread). jlora has already raised its ValueError by then; the noise is orbax's.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_or_corrupted_arrays(saved):
   root, step_dir, _ = saved
   data_dir = step_dir / "adapter" / "ocdbt.process_0" / "d"
