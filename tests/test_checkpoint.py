@@ -210,7 +210,8 @@ def test_unknown_and_invalid_metadata_fields(saved):
 
 # When tensorstore fails a read, orbax's async reader later posts to its closed
 # event loop ("Event loop is closed", an unraisable exception in a background
-# thread). jlora has already raised its ValueError by then; the noise is orbax's.
+# thread). jlora has already raised its ValueError by then; the noise is orbax's and
+# is ignored in pyproject.toml's filterwarnings, since it surfaces in later tests too.
 def test_truncated_or_corrupted_arrays(saved):
   root, step_dir, _ = saved
   data_dir = step_dir / "adapter" / "ocdbt.process_0" / "d"
