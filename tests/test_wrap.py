@@ -424,3 +424,13 @@ def test_bias_joins_the_base_product_before_the_lora_branch():
     rtol=1e-5,
     atol=1e-5,
   )
+
+
+def test_hlo_keeps_the_model_module_names():
+  # Profiles of a wrapped model read like the model's own: ops, the LoRA branch included, keep their
+  # Flax module scope in the HLO metadata.
+  case = zoo.BUILDERS["llama"]()
+  cfg = jlora.LoraConfig(r=4, target_modules=("q_proj",))
+  lora = jlora.init(case.tree, cfg, key=K[1])
+  text = jax.jit(jlora.wrap(case.apply_fn, cfg)).lower(case.tree, lora, case.inputs).as_text(debug_info=True)
+  assert "Llama/layers_0/q_proj/" in text and "Llama/layers_1/q_proj/" in text

@@ -27,6 +27,7 @@ The same walk, run on `Probe` values, reads how a model contracts each kernel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,6 +37,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
+
+try:
+  from jax._src import source_info_util  # HLO op names; internal, so optional
+except ImportError:  # pragma: no cover
+  source_info_util = None
 
 from jlora._src import values as V
 from jlora._src.values import LoraValue, Probe
@@ -123,6 +129,30 @@ def materialize(x: Any, ctx: Context, why: str) -> Any:
   return x.dense()
 
 
+def _eval_eqn(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
+  pending = [x for x in invals if isinstance(x, _PendingSum)]
+  if eqn.primitive is P.add_p and len(pending) == 1 and not any(_is_special(x) for x in invals):
+    p = pending[0]  # (x @ W) + b + lora: the bias joins the base product first
+    return [_bind(eqn, [p.base if x is p else x for x in invals])[0] + p.lora]
+  invals = [_settle(x) for x in invals]
+  if not any(_is_special(x) for x in invals):
+    return _bind(eqn, invals)
+  rule = _RULES.get(eqn.primitive)
+  outs = rule(eqn, invals, ctx) if rule is not None else None
+  if outs is None:
+    why = f"primitive `{eqn.primitive.name}`"
+    outs = _bind(eqn, [materialize(x, ctx, why) for x in invals])
+  return outs
+
+
+def _source_context(eqn: Any) -> Any:
+  """Re-enters ``eqn``'s name stack, so HLO metadata and profiles keep the model's module names."""
+  if source_info_util is None:  # pragma: no cover - a jax without this module
+    return contextlib.nullcontext()
+  name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+  return source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack)
+
+
 def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
   """Evaluates ``jaxpr`` with `LoraValue`/`Probe` inputs, returning outputs as found."""
   env: dict[Any, Any] = {}
@@ -135,21 +165,8 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Cont
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
   for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    pending = [x for x in invals if isinstance(x, _PendingSum)]
-    if eqn.primitive is P.add_p and len(pending) == 1 and not any(_is_special(x) for x in invals):
-      p = pending[0]  # (x @ W) + b + lora: the bias joins the base product first
-      outs = [_bind(eqn, [p.base if x is p else x for x in invals])[0] + p.lora]
-    else:
-      invals = [_settle(x) for x in invals]
-      if any(_is_special(x) for x in invals):
-        rule = _RULES.get(eqn.primitive)
-        outs = rule(eqn, invals, ctx) if rule is not None else None
-        if outs is None:
-          why = f"primitive `{eqn.primitive.name}`"
-          outs = _bind(eqn, [materialize(x, ctx, why) for x in invals])
-      else:
-        outs = _bind(eqn, invals)
+    with _source_context(eqn):
+      outs = _eval_eqn(eqn, [read(v) for v in eqn.invars], ctx)
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, jex.DropVar):
         env[v] = x
