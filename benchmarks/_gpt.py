@@ -159,6 +159,25 @@ def _count(tree: Any) -> int:
   return sum(x.size for x in jax.tree_util.tree_leaves(tree))
 
 
+def _variant(
+  name: str,
+  opt: optax.GradientTransformation,
+  loss_fn: Callable[..., jax.Array],
+  trainable: Any,
+  *static: Any,
+) -> Variant:
+  """An AdamW step on ``trainable`` minimising ``loss_fn(trainable, *static)``; donates its state."""
+
+  def step(trainable, opt_state, *static):
+    loss, g = jax.value_and_grad(loss_fn)(trainable, *static)
+    updates, opt_state = opt.update(g, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return Variant(
+    name, jax.jit(step, donate_argnums=(0, 1)), (trainable, opt.init(trainable)), static, _count(trainable)
+  )
+
+
 def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[str, Variant]:
   """The ``full``, ``jlora``, ``hand`` (and ``frozen``) train steps on one batch.
 
@@ -173,71 +192,35 @@ def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[s
   variables = model.init(k_init, tokens)
   opt = optax.adamw(lr)
 
-  # Full fine-tuning.
-  def full_step(params, opt_state, tokens):
-    loss, g = jax.value_and_grad(lambda p: _xent(model.apply({"params": p}, tokens), tokens))(params)
-    updates, opt_state = opt.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+  def with_base(base_flat: dict, trained_flat: dict) -> dict:
+    return {"params": traverse_util.unflatten_dict({**base_flat, **trained_flat})}
 
+  # Full fine-tuning.
   params = jax.tree_util.tree_map(jnp.copy, variables["params"])
-  full = Variant("full", jax.jit(full_step, donate_argnums=(0, 1)), (params, opt.init(params)), (tokens,), 0)
-  full.n_trainable = _count(params)
+  full = _variant("full", opt, lambda p, t: _xent(model.apply({"params": p}, t), t), params, tokens)
 
   # jlora.
   lcfg = lora_config(cfg)
-  lora = jlora.init(variables, lcfg, key=k_lora)
   apply = jlora.wrap(model.apply, lcfg)
-
-  def jlora_step(lora, opt_state, variables, tokens):
-    loss, g = jax.value_and_grad(lambda lo: _xent(apply(variables, lo, tokens), tokens))(lora)
-    updates, opt_state = opt.update(g, opt_state, lora)
-    return optax.apply_updates(lora, updates), opt_state, loss
-
-  jl = Variant(
-    "jlora",
-    jax.jit(jlora_step, donate_argnums=(0, 1)),
-    (lora, opt.init(lora)),
-    (variables, tokens),
-    _count(lora),
-  )
+  lora = jlora.init(variables, lcfg, key=k_lora)
+  jl = _variant("jlora", opt, lambda lo, v, t: _xent(apply(v, lo, t), t), lora, variables, tokens)
 
   # Hand-written factorized LoRA: same base values, its own A/B.
-  hand_params = hand_model.init(k_init, tokens)["params"]
-  _, hand_lora = split_hand(hand_params)
+  _, hand_lora = split_hand(hand_model.init(k_init, tokens)["params"])
   base_flat = traverse_util.flatten_dict(variables["params"])
-
-  def hand_step(lora, opt_state, base, tokens):
-    def loss_fn(lo):
-      p = traverse_util.unflatten_dict({**base, **lo})
-      return _xent(hand_model.apply({"params": p}, tokens), tokens)
-
-    loss, g = jax.value_and_grad(loss_fn)(lora)
-    updates, opt_state = opt.update(g, opt_state, lora)
-    return optax.apply_updates(lora, updates), opt_state, loss
-
-  hand = Variant(
+  hand = _variant(
     "hand",
-    jax.jit(hand_step, donate_argnums=(0, 1)),
-    (hand_lora, opt.init(hand_lora)),
-    (base_flat, tokens),
-    _count(hand_lora),
+    opt,
+    lambda lo, b, t: _xent(hand_model.apply(with_base(b, lo), t), t),
+    hand_lora,
+    base_flat,
+    tokens,
   )
 
   # Frozen kernels, trained LayerNorms: no dW, no LoRA branch.
-  ln = {k: v for k, v in base_flat.items() if any(p.startswith("ln_") for p in k)}
+  ln = {k: jnp.copy(v) for k, v in base_flat.items() if any(p.startswith("ln_") for p in k)}
   rest = {k: v for k, v in base_flat.items() if k not in ln}
-
-  def frozen_step(ln, opt_state, rest, tokens):
-    def loss_fn(ln):
-      p = traverse_util.unflatten_dict({**rest, **ln})
-      return _xent(model.apply({"params": p}, tokens), tokens)
-
-    loss, g = jax.value_and_grad(loss_fn)(ln)
-    updates, opt_state = opt.update(g, opt_state, ln)
-    return optax.apply_updates(ln, updates), opt_state, loss
-
-  ln = jax.tree_util.tree_map(jnp.copy, ln)
-  frozen = Variant(
-    "frozen", jax.jit(frozen_step, donate_argnums=(0, 1)), (ln, opt.init(ln)), (rest, tokens), _count(ln)
+  frozen = _variant(
+    "frozen", opt, lambda n, r, t: _xent(model.apply(with_base(r, n), t), t), ln, rest, tokens
   )
   return {"full": full, "jlora": jl, "hand": hand, "frozen": frozen}
