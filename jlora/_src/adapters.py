@@ -233,7 +233,7 @@ def bind(tree: Any, lora: Any, config: LoraConfig) -> tuple[list[Bound], dict[pa
   for path, node in paths.adapter_items(lora):
     where = paths.to_str(path)
     if path not in leaves:
-      close = [paths.to_str(p) for p in leaves if p[-len(path[-2:]) :] == path[-2:]][:3]
+      close = [paths.to_str(p) for p in leaves if p[-2:] == path[-2:]][:3]
       raise ValueError(
         f"The adapter tree has an entry at {where!r} but the base tree has no leaf there"
         + (f" (similar paths: {close})" if close else "")

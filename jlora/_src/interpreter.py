@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -319,9 +320,9 @@ def _dot_general(eqn, invals, ctx):
   else:
     return None  # contraction spans both factors: materialise
 
-  m = V.prod(kv.shape[i] for i in kc)
-  n = V.prod(kv.shape) // max(m, 1)
-  tokens = V.prod(x.shape) // max(m, 1)
+  m = math.prod(kv.shape[i] for i in kc)
+  n = math.prod(kv.shape) // max(m, 1)
+  tokens = math.prod(x.shape) // max(m, 1)
   if (
     ctx.strategy == "auto"
     and not ctx.differentiated

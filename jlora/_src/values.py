@@ -19,7 +19,6 @@ materialise the kernel (with a warning).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -170,9 +169,9 @@ class LoraValue:
       b = fn(b, self.b_axes.index(axis))
     return self._with(a=a, b=b)
 
-  def cast(self, dtype: Any, w: jax.Array) -> LoraValue:
+  def cast(self, dtype: Any, w: jax.Array) -> LoraValue | None:
     if not jnp.issubdtype(dtype, jnp.floating):
-      return None  # type: ignore[return-value]
+      return None  # a cast to integers is not a view of the kernel
     return self._with(w=w, a=self.a.astype(dtype), b=self.b.astype(dtype))
 
   def factor_in_view(self, side: str, axis: int) -> jax.Array:
@@ -245,7 +244,3 @@ def flops_factorized(tokens: int, m: int, n: int, r: int) -> int:
 def flops_merged(m: int, n: int, r: int) -> int:
   """Extra multiply-adds of materialising ``W + A @ B`` once."""
   return m * n * (r + 1)
-
-
-def prod(xs) -> int:
-  return math.prod(int(x) for x in xs)

@@ -45,7 +45,8 @@ def _trace(
 
   cache_key = None
   if cache is not None and not any(isinstance(x, jax.core.Tracer) for x in dynamic):
-    static = tuple((i, leaves[i]) for i in range(len(leaves)) if i not in set(dyn_idx))
+    dynamic_set = set(dyn_idx)
+    static = tuple((i, leaf) for i, leaf in enumerate(leaves) if i not in dynamic_set)
     try:
       cache_key = (treedef, static, tuple(jax.typeof(x) for x in dynamic))
       hash(cache_key)
