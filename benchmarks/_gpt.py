@@ -128,6 +128,18 @@ def lora_config(cfg: GPTConfig) -> jlora.LoraConfig:
   return jlora.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules="all-linear")
 
 
+def hand_params(variables: Any, lora: Any) -> dict:
+  """The hand-written model's variables holding ``variables``' base and ``lora``'s adapters.
+
+  ``lora`` is a jlora adapter tree for ``lora_config``: its ``.../kernel/lora_A``
+  leaves become the hand-written layers' ``.../lora_A`` params.
+  """
+  flat = traverse_util.flatten_dict(variables["params"])
+  for path, leaf in traverse_util.flatten_dict(lora["params"]).items():
+    flat[(*path[:-2], path[-1])] = leaf
+  return {"params": traverse_util.unflatten_dict(flat)}
+
+
 def split_hand(params: Any) -> tuple[dict, dict]:
   """Splits the hand-written model's params into (base, lora) flat-path dicts."""
   flat = traverse_util.flatten_dict(params)

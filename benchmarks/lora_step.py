@@ -9,17 +9,22 @@ overhead-free ideal). It reports, side by side:
 * step temp bytes (``compiled.memory_analysis().temp_size_in_bytes``);
 * compile time (``lower`` + ``compile`` wall time, median of repeats, caches
   cleared before each);
-* step time (median over rounds in which the variants are interleaved, so
-  that load from other processes hits them alike);
-* a batch-1, one-token decode step: the wrapped apply with unmerged adapters
-  (strategies ``"auto"`` and ``"factorized"``) and the base model run on
-  ``jlora.merge``-d params, each against the base model.
+* step time: median of one step per round over rounds in which the variants
+  are interleaved; ratios are the median of the ratios measured within a
+  round, so that slow phases of a shared machine hit the variants alike;
+* a batch-1, one-token decode step (greedy, in a jitted scan) at two widths:
+  ``d=256``, whose weights fit in the CPU's last-level cache, so that the step
+  is bound by per-op dispatch, and ``d=512``, whose weights stream from memory
+  each step, as real decoding does. At each, the base model, the base model on
+  ``jlora.merge``-d params, the hand-written model with the adapters unmerged,
+  and the wrapped apply with unmerged adapters (``"auto"`` and
+  ``"factorized"``), against the base model and against hand-written.
 
 A ``frozen`` step (kernels frozen, only LayerNorms trained: every activation
 gradient, no kernel gradient, no LoRA branch) is measured too: it is LoRA's
 matmul-only limit and splits the step time into its parts.
 
-Prints one table with each threshold of the issue as PASS/FAIL and writes
+Prints the tables and each threshold of the issue as PASS/FAIL and writes
 ``benchmarks/results/lora_step.json``.
 
 Usage::
@@ -38,7 +43,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +59,7 @@ import jlora  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = ("full", "hand", "jlora", "frozen")
+DECODE = ("base", "merged", "hand", "auto", "factorized")
 
 
 def _cost(compiled: Any) -> dict[str, float]:
@@ -74,45 +80,59 @@ def _compile(fn: Callable, args: tuple, reps: int) -> tuple[Any, float]:
   return compiled, statistics.median(times)
 
 
-def _time_interleaved(
-  fns: dict[str, Callable[[], Any]], rounds: int, per_round: int
-) -> dict[str, list[float]]:
-  """Seconds per call of each ``fn`` (each blocks), variants interleaved round by round."""
+def _time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+  """Seconds of one call of each ``fn`` (each blocks) per round, the variants interleaved.
+
+  Each round runs every variant once, in alternating order, so that slow phases
+  of a shared machine hit all of them alike; `_paired` compares them round by round.
+  """
   out: dict[str, list[float]] = {k: [] for k in fns}
   for fn in fns.values():  # warm up
     jax.block_until_ready(fn())
   for r in range(rounds):
-    order = list(fns) if r % 2 == 0 else list(reversed(fns))
-    for k in order:
-      for _ in range(per_round):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fns[k]())
-        out[k].append(time.perf_counter() - t0)
+    for k in list(fns) if r % 2 == 0 else list(reversed(fns)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fns[k]())
+      out[k].append(time.perf_counter() - t0)
   return out
 
 
-def _decode(cfg: _gpt.GPTConfig, variables: Any, lora: Any, args: argparse.Namespace) -> dict[str, Any]:
-  """A batch-1 one-token forward: wrapped apply (unmerged) and merged params vs the base model."""
-  model = _gpt.GPT(cfg)
+def _paired(times: dict[str, list[float]], a: str, b: str) -> float:
+  """Median over rounds of ``time(a) / time(b)`` measured in the same round."""
+  return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def _decode(cfg: _gpt.GPTConfig, args: argparse.Namespace, key: jax.Array) -> dict[str, Any]:
+  """Batch-1 one-token decode steps at ``cfg``'s width, each against the base model.
+
+  Variants: the base model; the base model on ``jlora.merge``-d params; the
+  hand-written model with the same adapters baked into its layers (unmerged,
+  the overhead-free ideal); ``jlora.wrap`` with unmerged adapters under the
+  ``"auto"`` and ``"factorized"`` strategies. The adapters are random (B is not
+  zero), so the outputs are checked against the merged model too.
+  """
+  model, hand_model = _gpt.GPT(cfg), _gpt.GPT(cfg, lora_rank=cfg.rank)
   lcfg = _gpt.lora_config(cfg)
   tok = jnp.zeros((1, 1), jnp.int32)
+  k_init, k_lora = jax.random.split(key)
+  variables = model.init(k_init, tok)
+  lora = jlora.init(variables, dataclasses.replace(lcfg, init_lora_weights=False), key=k_lora)
   merged = jax.block_until_ready(jlora.merge(variables, lora, lcfg))
   base_fn = jax.jit(model.apply)
   calls = {
     "base": (base_fn, (variables, tok)),
     "merged": (base_fn, (merged, tok)),
+    "hand": (jax.jit(hand_model.apply), (_gpt.hand_params(variables, lora), tok)),
     "auto": (jax.jit(jlora.wrap(model.apply, lcfg, strategy="auto")), (variables, lora, tok)),
     "factorized": (jax.jit(jlora.wrap(model.apply, lcfg, strategy="factorized")), (variables, lora, tok)),
   }
-  res: dict[str, Any] = {}
-  for name, (fn, a) in calls.items():
-    res[name] = _cost(fn.lower(*a).compile())
+  res: dict[str, Any] = {name: _cost(fn.lower(*a).compile()) for name, (fn, a) in calls.items()}
   # Merged params run the base model's own program: the same HLO, so the same cost.
   res["merged"]["same_program_as_base"] = (
     base_fn.lower(merged, tok).as_text() == base_fn.lower(variables, tok).as_text()
   )
   ref = np.asarray(base_fn(merged, tok))
-  for name in ("auto", "factorized"):
+  for name in ("hand", "auto", "factorized"):
     got = np.asarray(calls[name][0](*calls[name][1]))
     res[name]["max_abs_err_vs_merged"] = float(np.max(np.abs(got - ref)))
 
@@ -129,14 +149,24 @@ def _decode(cfg: _gpt.GPTConfig, variables: Any, lora: Any, args: argparse.Names
       return jax.lax.scan(body, a[-1], None, length=n)[0]
 
     gen = jax.jit(generate)
-    jax.block_until_ready(gen(*a))
-    return lambda: jax.block_until_ready(gen(*a))
+    return lambda: gen(*a)
 
-  times = _time_interleaved({k: loop(*v) for k, v in calls.items()}, args.decode_rounds, 1)
+  times = _time_interleaved({k: loop(*v) for k, v in calls.items()}, args.decode_rounds)
   for name, ts in times.items():
     res[name]["time_s"] = statistics.median(ts) / n
     res[name]["time_min_s"] = min(ts) / n
+    res[name]["time_vs_base"] = _paired(times, name, "base")
+  res["auto"]["time_vs_hand"] = _paired(times, "auto", "hand")
+  res["factorized"]["time_vs_hand"] = _paired(times, "factorized", "hand")
   return res
+
+
+def _table(title: str, cols: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> None:
+  head = f"{title:<20}" + "".join(f"{c:>13}" for c in cols)
+  print(head)
+  print("-" * len(head))
+  for label, cells in rows:
+    print(f"{label:<20}" + "".join(f"{c:>13}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -148,16 +178,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--vocab", type=int, default=4096)
-  p.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
-  p.add_argument("--steps-per-round", type=int, default=2)
+  p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (one step each)")
   p.add_argument("--compile-reps", type=int, default=3)
+  p.add_argument(
+    "--decode-widths", default="256,512", help="d_model of the decode models; the last is the checked one"
+  )
   p.add_argument("--decode-iters", type=int, default=32, help="greedy decode steps per timed sample")
-  p.add_argument("--decode-rounds", type=int, default=25, help="interleaved decode timing rounds")
+  p.add_argument("--decode-rounds", type=int, default=30, help="interleaved decode timing rounds")
   p.add_argument("--out", type=Path, default=RESULTS / "lora_step.json")
   args = p.parse_args(argv)
   if args.quick:
     args.d_model, args.layers, args.seq, args.batch, args.rank, args.vocab = 64, 2, 32, 2, 4, 512
-    args.rounds, args.steps_per_round, args.compile_reps = 2, 2, 1
+    args.rounds, args.compile_reps, args.decode_widths = 3, 1, "64,128"
     args.decode_iters, args.decode_rounds = 5, 3
   cfg = _gpt.GPTConfig(
     vocab=args.vocab,
@@ -171,7 +203,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   )
 
   variants = _gpt.make_variants(cfg, key=jax.random.key(0))
-  variables = variants["jlora"].static[0]
   adapted = sorted(
     jax.tree_util.keystr(kp[:-1])
     for kp, _ in jax.tree_util.tree_leaves_with_path(variants["jlora"].state[0])
@@ -186,76 +217,87 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compiled, secs = _compile(v.step, (*v.state, *v.static), args.compile_reps)
     v.step = compiled
     steps[name] = {**_cost(compiled), "compile_s": secs, "trainable_params": v.n_trainable}
-  times = _time_interleaved(
-    {k: variants[k].run for k in STEPS}, rounds=args.rounds, per_round=args.steps_per_round
-  )
+  times = _time_interleaved({k: variants[k].run for k in STEPS}, rounds=args.rounds)
   for name, ts in times.items():
     steps[name]["time_s"] = statistics.median(ts)
     steps[name]["time_min_s"] = min(ts)
     steps[name]["n_timed"] = len(ts)
-  decode = _decode(cfg, variables, variants["jlora"].state[0], args)
-
-  r = lambda a, b, k: steps[a][k] / steps[b][k]
-  d = lambda a, k: decode[a][k] / decode["base"][k]
-  ratios = {
-    f"{k}.{a}/{b}": r(a, b, k)
-    for k in ("flops", "temp_bytes", "time_s", "compile_s")
-    for a, b in (("jlora", "hand"), ("jlora", "full"), ("hand", "full"), ("frozen", "full"))
+  widths = [int(w) for w in args.decode_widths.split(",")]
+  decode = {
+    w: _decode(dataclasses.replace(cfg, d_model=w, n_heads=max(1, w // 64)), args, jax.random.key(w))
+    for w in widths
   }
-  ratios.update(
-    {f"decode.{k}.{a}/base": d(a, k) for a in ("auto", "factorized", "merged") for k in ("flops", "time_s")}
-  )
+
+  pairs = (("jlora", "hand"), ("jlora", "full"), ("hand", "full"), ("frozen", "full"))
+  ratios = {
+    f"{k}.{a}/{b}": steps[a][k] / steps[b][k] for k in ("flops", "temp_bytes", "compile_s") for a, b in pairs
+  }
+  ratios.update({f"time_s.{a}/{b}": _paired(times, a, b) for a, b in pairs})
+  for w, dec in decode.items():
+    for name in DECODE[1:]:
+      ratios[f"decode_d{w}.flops.{name}/base"] = dec[name]["flops"] / dec["base"]["flops"]
+      ratios[f"decode_d{w}.time_s.{name}/base"] = dec[name]["time_vs_base"]
+    for name in ("auto", "factorized"):
+      ratios[f"decode_d{w}.time_s.{name}/hand"] = dec[name]["time_vs_hand"]
+  top = widths[-1]
   checks = {
     "flops jlora/hand <= 1.02": ratios["flops.jlora/hand"] <= 1.02,
     "time jlora/hand <= 1.05": ratios["time_s.jlora/hand"] <= 1.05,
     "temp jlora/hand <= 1.05": ratios["temp_bytes.jlora/hand"] <= 1.05,
-    "decode unmerged (auto)/base <= 1.10": ratios["decode.time_s.auto/base"] <= 1.10,
-    "decode merged/base = 1.00 (same program)": bool(decode["merged"]["same_program_as_base"]),
+    f"decode d={top} unmerged (auto)/base <= 1.10": ratios[f"decode_d{top}.time_s.auto/base"] <= 1.10,
+    **{
+      f"decode d={w} unmerged (auto)/hand-written <= 1.05": ratios[f"decode_d{w}.time_s.auto/hand"] <= 1.05
+      for w in widths
+    },
+    **{
+      f"decode d={w} merged/base = 1.00 (same program)": bool(decode[w]["merged"]["same_program_as_base"])
+      for w in widths
+    },
     "compile jlora/full <= 1.5": ratios["compile_s.jlora/full"] <= 1.5,
   }
 
-  # -- table -------------------------------------------------------------------
-  gf = lambda x: f"{x / 1e9:.2f} G"
-  mib = lambda x: f"{x / 2**20:.1f} MiB"
-  ms = lambda x: f"{x * 1e3:.1f} ms"
-  sec = lambda x: f"{x:.2f} s"
+  # -- tables ------------------------------------------------------------------
+  fmts = {
+    "flops": lambda x: f"{x / 1e9:.2f} G",
+    "time_s": lambda x: f"{x * 1e3:.1f} ms",
+    "time_min_s": lambda x: f"{x * 1e3:.1f} ms",
+    "temp_bytes": lambda x: f"{x / 2**20:.1f} MiB",
+    "compile_s": lambda x: f"{x:.2f} s",
+  }
+  labels = {
+    "flops": "FLOPs",
+    "time_s": "time (median)",
+    "time_min_s": "time (min)",
+    "temp_bytes": "temp bytes",
+    "compile_s": "compile",
+  }
   print(
     f"\nGPT decoder d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads} seq={cfg.seq_len} "
     f"batch={cfg.batch} vocab={cfg.vocab}; all-linear LoRA r={cfg.rank}; AdamW; "
     f"{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs"
   )
-  head = f"{'train step':<16}{'full':>12}{'hand':>12}{'jlora':>12}{'frozen':>12}"
-  head += f"{'jlora/hand':>12}{'jlora/full':>12}{'hand/full':>11}"
-  print(head)
-  print("-" * len(head))
-  for key, label, fmt in (
-    ("flops", "FLOPs", gf),
-    ("time_s", "time (median)", ms),
-    ("time_min_s", "time (min)", ms),
-    ("temp_bytes", "temp bytes", mib),
-    ("compile_s", "compile", sec),
-  ):
-    row = f"{label:<16}" + "".join(f"{fmt(steps[n][key]):>12}" for n in ("full", "hand", "jlora", "frozen"))
-    row += f"{r('jlora', 'hand', key):>12.3f}{r('jlora', 'full', key):>12.3f}{r('hand', 'full', key):>11.3f}"
-    print(row)
-  print(
-    f"{'trainable':<16}"
-    + "".join(f"{steps[n]['trainable_params']:>12,}" for n in ("full", "hand", "jlora", "frozen"))
-  )
-  head = f"\n{'decode (b=1,t=1)':<16}{'base':>12}{'merged':>12}{'auto':>12}{'factorized':>12}"
-  head += f"{'merged/base':>12}{'auto/base':>12}{'fact/base':>11}"
-  print(head)
-  print("-" * (len(head) - 1))
-  for key, label, fmt in (
-    ("flops", "FLOPs", lambda x: f"{x / 1e6:.2f} M"),
-    ("time_s", "time (median)", lambda x: f"{x * 1e6:.0f} us"),
-    ("time_min_s", "time (min)", lambda x: f"{x * 1e6:.0f} us"),
-  ):
-    row = f"{label:<16}" + "".join(
-      f"{fmt(decode[n][key]):>12}" for n in ("base", "merged", "auto", "factorized")
-    )
-    row += f"{d('merged', key):>12.3f}{d('auto', key):>12.3f}{d('factorized', key):>11.3f}"
-    print(row)
+  rows = []
+  for key, fmt in fmts.items():
+    cells = [fmt(steps[n][key]) for n in STEPS]
+    if f"{key}.jlora/hand" in ratios:
+      cells += [f"{ratios[f'{key}.{a}/{b}']:.3f}" for a, b in pairs[:3]]
+    rows.append((labels[key], cells))
+  rows.append(("trainable", [f"{steps[n]['trainable_params']:,}" for n in STEPS]))
+  _table("train step", [*STEPS, "jlora/hand", "jlora/full", "hand/full"], rows)
+  print("(time ratios: median over rounds of the ratio measured within a round)")
+
+  for w, dec in decode.items():
+    print(f"\nbatch-1 decode, d={w} (one token; greedy, {args.decode_iters} steps in a jitted scan)")
+    rows = [
+      ("FLOPs", [f"{dec[n]['flops'] / 1e6:.2f} M" for n in DECODE]),
+      ("time (median)", [f"{dec[n]['time_s'] * 1e6:.0f} us" for n in DECODE]),
+      ("time (min)", [f"{dec[n]['time_min_s'] * 1e6:.0f} us" for n in DECODE]),
+      ("FLOPs / base", [f"{dec[n]['flops'] / dec['base']['flops']:.3f}" for n in DECODE]),
+      ("time / base", [f"{dec[n]['time_vs_base']:.3f}" for n in DECODE]),
+      ("time / hand", ["", "", "", *(f"{dec[n]['time_vs_hand']:.3f}" for n in DECODE[3:])]),
+      ("max |err| vs merged", ["", "", *(f"{dec[n]['max_abs_err_vs_merged']:.1e}" for n in DECODE[2:])]),
+    ]
+    _table(f"decode d={w}", DECODE, rows)
   print()
   for name, ok in checks.items():
     print(f"{'PASS' if ok else 'FAIL'}  {name}")
@@ -272,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     },
     "adapted_modules": len(adapted),
     "steps": steps,
-    "decode": decode,
+    "decode": {str(w): dec for w, dec in decode.items()},
     "ratios": ratios,
     "checks": checks,
   }

@@ -1,0 +1,39 @@
+"""The benchmark scripts run, and their deterministic figures hold.
+
+Timings are noisy and are only printed by the scripts; FLOPs, temp bytes and
+program identity come from XLA's compiled-program analyses and are asserted here.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_lora_step_quick(tmp_path):
+  out = tmp_path / "lora_step.json"
+  subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "lora_step.py"), "--quick", "--out", str(out)],
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  result = json.loads(out.read_text())
+  ratios, checks = result["ratios"], result["checks"]
+  # The wrapped train step is the hand-written one: same FLOPs, same temporaries.
+  assert ratios["flops.jlora/hand"] == pytest.approx(1.0, abs=0.02)
+  assert ratios["temp_bytes.jlora/hand"] <= 1.05
+  # ... and cheaper than full fine-tuning in FLOPs (the matmul-only limit is 2/3).
+  assert 2 / 3 < ratios["flops.jlora/full"] < 0.8
+  for width, dec in result["decode"].items():
+    assert checks[f"decode d={width} merged/base = 1.00 (same program)"]
+    # Unmerged decoding does the hand-written model's FLOPs, and every variant computes the
+    # merged model's logits.
+    assert dec["auto"]["flops"] == pytest.approx(dec["hand"]["flops"], rel=0.02)
+    for name in ("hand", "auto", "factorized"):
+      assert dec[name]["max_abs_err_vs_merged"] < 1e-4, (width, name)
