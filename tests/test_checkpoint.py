@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
+from jlora._src.checkpoint_format import metadata_checksum
+from jlora._src.checkpoint_lock import CheckpointBusyError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -174,10 +177,13 @@ def _meta_file(step_dir):
   return step_dir / "jlora_meta" / "metadata"  # orbax's JsonCheckpointHandler file
 
 
-def _edit_meta(step_dir, fn):
+def _edit_meta(step_dir, fn, *, rechecksum=True):
+  """Edits the metadata JSON; by default as a buggy writer would, with a matching checksum."""
   path = _meta_file(step_dir)
   meta = json.loads(path.read_text())
   fn(meta)
+  if rechecksum and "meta_crc32" in meta:
+    meta["meta_crc32"] = metadata_checksum(meta)
   path.write_text(json.dumps(meta))
 
 
@@ -229,6 +235,192 @@ def test_truncated_or_corrupted_arrays(saved):
     jlora.load_adapter(root)
 
 
+def test_flipped_bit_in_metadata_is_an_error_naming_the_step(tmp_path):
+  tree = _nnx_like_tree()
+  cfg = jlora.LoraConfig(r=4, lora_alpha=16, target_modules=("q_proj",))
+  jlora.save_adapter(tmp_path, jlora.init(tree, cfg, key=jax.random.key(1)), cfg)
+  path = _meta_file(tmp_path / "0")
+  original = path.read_bytes()
+  # One flipped bit each, the JSON still valid: lora_alpha 16 -> 96, target q_proj -> q_pro*.
+  for prefix, bit, field, changed in [
+    (b'"lora_alpha": ', 0x08, "lora_alpha", 96.0),
+    (b'"target_modules": ["q_pro', 0x40, "target_modules", ["q_pro*"]),
+  ]:
+    blob = bytearray(original)
+    blob[original.index(prefix) + len(prefix)] ^= bit
+    assert json.loads(bytes(blob))["config"][field] == changed
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=rf"metadata of step 0 of '{tmp_path}' fails its checksum"):
+      jlora.load_adapter(tmp_path)
+  path.write_bytes(original)
+  assert jlora.load_adapter(tmp_path)[1] == cfg
+
+
+def test_format_version_1_without_checksum_still_loads(saved):
+  root, step_dir, _ = saved
+
+  def to_v1(m):
+    del m["meta_crc32"]
+    m["format_version"] = 1
+    m["config"]["lora_alpha"] = 96  # unprotected in version 1: read as written
+
+  _edit_meta(step_dir, to_v1)
+  assert jlora.load_adapter(root)[1].lora_alpha == 96
+  _edit_meta(step_dir, lambda m: m.update(meta_crc32=1), rechecksum=False)
+  msg = r"unknown field\(s\) \['meta_crc32'\]; known fields \(format version 1\)"
+  with pytest.raises(ValueError, match=msg):
+    jlora.load_adapter(root)
+
+
+def test_bad_shardings_are_argument_errors_not_corruption(saved):
+  root, _, _ = saved
+  mesh = Mesh(np.array(jax.devices()[:3]), ("x",))
+  uneven = NamedSharding(mesh, PartitionSpec("x", None))  # 3 does not divide 128 or 8
+  msg = r"`shardings` entry for 'layers/0/q_proj/kernel/lora_A' does not fit the saved array of shape"
+  with pytest.raises(ValueError, match=msg) as e:
+    jlora.load_adapter(root, shardings=uneven)
+  assert "corrupt" not in str(e.value)
+  lora = jlora.load_adapter(root)[0]
+  tree = jax.tree_util.tree_map(lambda _: "cpu", lora)
+  with pytest.raises(TypeError, match=r"entry for 'layers/0/q_proj/kernel/lora_A' is a str, not a jax"):
+    jlora.load_adapter(root, shardings=tree)
+
+
+def test_config_must_be_a_lora_config(tmp_path):
+  tree = _nnx_like_tree()
+  lora = jlora.init(tree, _cfg(), key=jax.random.key(1))
+  for bad, name in [({"r": 4}, "dict"), (None, "NoneType")]:
+    with pytest.raises(TypeError, match=rf"`config` must be a jlora.LoraConfig; got {name}"):
+      jlora.save_adapter(tmp_path, lora, bad)
+  with pytest.raises(TypeError, match=r"`config` must be a jlora.LoraConfig or None; got dict"):
+    jlora.AdapterCheckpointManager(tmp_path, {"r": 4})
+  with pytest.raises(TypeError, match=r"`config` must be a jlora.LoraConfig; got dict"):
+    jlora.save_merged(tmp_path / "m", tree, lora, {"r": 4})
+
+
+# -- step order and overwriting ----------------------------------------------------------------
+
+
+def _filled(lora, value):
+  return jax.tree_util.tree_map(lambda x: jnp.full_like(x, value), lora)
+
+
+def test_save_of_existing_or_older_step_is_an_error(tmp_path):
+  tree = _nnx_like_tree()
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  with jlora.AdapterCheckpointManager(tmp_path, cfg, max_to_keep=3, save_interval_steps=2) as mngr:
+    for s in (4, 6):
+      assert mngr.save(s, _filled(lora, s))
+  # A restarted run whose step counter was reset: every save used to return False silently.
+  with jlora.AdapterCheckpointManager(tmp_path, cfg, save_interval_steps=2) as mngr:
+    with pytest.raises(ValueError, match=r"Step 3 is older than the latest step 6 .*restored.step \+ 1"):
+      mngr.save(3, lora)  # not on the interval either: the order is checked first
+    with pytest.raises(ValueError, match=r"Step 6 already exists .*latest step: 6.*`overwrite=True`"):
+      mngr.save(6, lora, force=True)
+    assert not mngr.save(7, lora)  # the interval still applies to new steps
+    assert mngr.all_steps() == [4, 6]
+    assert mngr.save(4, _filled(lora, 40), overwrite=True)
+    assert mngr.save(2, _filled(lora, 20), overwrite=True)
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [2, 4, 6]
+  for s, v in [(2, 20), (4, 40), (6, 6)]:
+    chex.assert_trees_all_equal(jlora.load_adapter(tmp_path, step=s)[0], _filled(lora, v))
+  assert os.listdir(tmp_path / ".jlora-deleted") == []  # replaced steps are deleted, not kept
+
+
+# -- one writer per directory ------------------------------------------------------------------
+
+
+def test_second_writer_in_process_is_refused_naming_the_first(tmp_path):
+  tree = _nnx_like_tree()
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  busy = rf"being written by .*pid {os.getpid()} on host '{socket.gethostname()}'"
+  with jlora.AdapterCheckpointManager(tmp_path, cfg) as mngr:
+    mngr.save(0, lora)
+    with pytest.raises(CheckpointBusyError, match=busy):
+      jlora.AdapterCheckpointManager(tmp_path, cfg)
+    with pytest.raises(RuntimeError, match=busy):
+      jlora.save_adapter(tmp_path, lora, cfg)
+    mngr.wait_until_finished()
+    with jlora.AdapterCheckpointManager(tmp_path, read_only=True) as reader:  # readers take no lock
+      chex.assert_trees_all_equal(reader.restore().lora, lora)
+    assert mngr.all_steps() == [0]  # the refused writers changed nothing
+  jlora.save_adapter(tmp_path, _filled(lora, 1), cfg)  # free again once closed
+  assert jlora.AdapterCheckpointManager(tmp_path, read_only=True).all_steps() == [1]  # it keeps one
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _saver(directory, mode, *args):
+  return subprocess.Popen(
+    [sys.executable, os.path.join(HERE, "_crash_saver.py"), str(directory), mode, *map(str, args)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env=_env(),
+    text=True,
+  )
+
+
+def _stop(proc):
+  proc.kill()
+  proc.communicate()
+
+
+def _uniform_value(lora):
+  values = np.unique(np.concatenate([np.asarray(v).ravel() for v in jax.tree_util.tree_leaves(lora)]))
+  assert len(values) == 1, f"restored a mix of steps {values}"
+  return int(values[0])
+
+
+def test_two_processes_one_directory(tmp_path):
+  first = _saver(tmp_path, "manager", 12, 0, 5)  # pauses after step 5 until told to go on
+  second = None
+  try:
+    assert first.stdout.readline() == "open\n"
+    assert [first.stdout.readline() for _ in range(6)][-1] == "done 5\n"
+    second = _saver(tmp_path, "manager", 12, 100)
+    out, err = second.communicate(timeout=60)  # never hangs
+    assert second.returncode == 1 and "done" not in out
+    assert f"CheckpointBusyError: The checkpoint directory '{tmp_path}' is being written" in err
+    assert f"pid {first.pid} on host '{socket.gethostname()}'" in err
+    out, err = first.communicate("go\n", timeout=60)
+    assert first.returncode == 0, err
+  finally:
+    for proc in (first, second):
+      if proc is not None and proc.returncode is None:
+        _stop(proc)
+  assert [int(line.split()[1]) for line in out.splitlines()] == list(range(6, 12))
+  with jlora.AdapterCheckpointManager(tmp_path, read_only=True) as mngr:
+    assert mngr.all_steps() == [9, 10, 11]  # max_to_keep=3: none lost, none extra
+    assert [_uniform_value(mngr.restore(s).lora) for s in mngr.all_steps()] == [9, 10, 11]
+
+
+def test_load_while_another_process_rewrites(tmp_path):
+  writer = _saver(tmp_path, "save_adapter", 10**6)
+  loads, busy = [], []
+  try:
+    assert writer.stdout.readline() == "done 0\n"
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+      try:
+        lora, cfg = jlora.load_adapter(tmp_path)
+      except CheckpointBusyError as e:  # allowed: says a writer is at work; never "corrupted"
+        assert "was removed or replaced" in str(e) or "possibly being replaced" in str(e)
+        busy.append(str(e))
+        continue
+      assert cfg.r == 8 and len(jax.tree_util.tree_leaves(lora)) == 16
+      loads.append(_uniform_value(lora))  # one whole step, old or new
+  finally:
+    _stop(writer)
+  print(f"{len(loads)} loads of steps {loads[0]}..{loads[-1]}, {len(busy)} busy errors {busy[:1]}")
+  assert len(loads) >= 5 and loads == sorted(loads) and len(set(loads)) > 1
+
+
 # -- crash safety -----------------------------------------------------------------------------
 
 
@@ -250,6 +442,8 @@ def test_sigkill_while_saving_keeps_latest_complete_step(tmp_path, mode):
     done = []
     try:
       for line in proc.stdout:  # wait for two complete steps, then kill mid-save
+        if not line.startswith("done"):
+          continue
         done.append(int(line.split()[1]))
         if len(done) == 2 + i:
           break

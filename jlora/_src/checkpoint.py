@@ -1,21 +1,27 @@
-"""Adapter checkpoints with orbax: `save_adapter`, `load_adapter`, `AdapterCheckpointManager`, `save_merged`.
+"""Adapter checkpoints with orbax: `AdapterCheckpointManager`, `save_adapter`, `load_adapter`.
 
 On disk an adapter checkpoint is an orbax `CheckpointManager` directory: one
 sub-directory per step, each holding three orbax items written together
 
 * ``adapter``: the adapter tree's arrays (``StandardSave``);
-* ``jlora_meta``: JSON with the `LoraConfig`, the adapter tree's leaf paths
-  (with their key types: NNX lists have int keys), shapes, dtypes and CRC32
-  checksums, and the *fingerprint* of the base tree the adapter was saved
-  for: path, shape and dtype of every adapted kernel (and `modules_to_save`
-  leaf);
+* ``jlora_meta``: JSON with the `LoraConfig`, the adapter's leaf records
+  (paths, shapes, dtypes, CRC32s), the base fingerprint and a checksum of
+  the metadata itself (see `jlora._src.checkpoint_format`);
 * ``opt_state`` (optional): the optimizer state, to resume training.
 
 Orbax writes a step into a temporary directory and renames it into place
 only when every item is written, so a process killed while saving leaves the
 previous steps intact and a temporary directory that is ignored (and removed
-the next time a manager opens the directory). Restoring needs no template:
+the next time a writer opens the directory). Restoring needs no template:
 the abstract tree is rebuilt from the metadata.
+
+One writer per directory: a writing manager holds an advisory lock on the
+directory while it is open (`jlora._src.checkpoint_lock`); a second writer
+is refused with an error naming the first one's pid and host. Steps removed
+by retention or replaced are first moved aside (``.jlora-deleted/``), then
+deleted, so a reader sees a step whole or not at all; a read that fails
+because a step was removed or replaced meanwhile is retried or reported as
+such, never as corruption.
 
 Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
 ``(*stacked, *fan_in, r)`` and ``lora_B`` ``(*stacked, r, *fan_out)``.
@@ -23,39 +29,62 @@ Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
-import zlib
-from collections.abc import Mapping
-from importlib import metadata as _metadata
-from typing import Any, Literal, NamedTuple
+import shutil
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from jlora._src import adapters, paths
+from jlora._src.checkpoint_format import (
+  CorruptCheckpointError,
+  Metadata,
+  build_metadata,
+  check_base,
+  parse_metadata,
+)
+from jlora._src.checkpoint_lock import CheckpointBusyError, WriterInfo, WriterLock, active_writer
+from jlora._src.checkpoint_restore import (
+  abstract_lora,
+  abstract_opt,
+  check_stored_arrays,
+  verify_crc,
+)
 from jlora._src.config import LoraConfig
-from jlora._src.merge import merge
+from jlora._src.merged_export import save_merged  # noqa: F401 - until jlora/__init__.py imports it there
 
-FORMAT = "jlora.adapter"
-FORMAT_VERSION = 1
 ADAPTER_ITEM = "adapter"
 META_ITEM = "jlora_meta"
 OPT_ITEM = "opt_state"
-_META_FIELDS = frozenset(
-  {"format", "format_version", "jlora_version", "config", "leaves", "base", "opt_state"}
-)
-_LEAF_FIELDS = frozenset({"path", "shape", "dtype", "crc32"})
-_BASE_FIELDS = frozenset({"path", "kind", "shape", "dtype"})
+DELETED_DIR = ".jlora-deleted"  # where removed steps wait to be deleted (orbax's `todelete_subdir`)
+# What a failed read of checkpoint files raises: OSError, tensorstore's and json's ValueError, KeyError
+# for a missing entry, and orbax's bare `Exception` around a failed array read. Arguments are checked
+# before anything is read, so that a bad one is never reported as a damaged checkpoint.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError)
+_READ_ATTEMPTS = 6
 
 
-def _jlora_version() -> str:
-  try:
-    return _metadata.version("jlora")
-  except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
-    return "0.0.0"
+def _is_read_error(e: BaseException) -> bool:
+  return isinstance(e, _READ_ERRORS) or type(e) is Exception
+
+
+def _retrying(fn: Any, attempts: int = _READ_ATTEMPTS) -> Any:
+  """Calls ``fn()``, again after an OSError: listing a directory whose steps a writer is removing."""
+  for attempt in range(attempts):
+    try:
+      return fn()
+    except OSError:
+      if attempt == attempts - 1:
+        raise
+      time.sleep(0.01 * (attempt + 1))
+  raise AssertionError("unreachable")  # pragma: no cover
 
 
 class RestoredAdapter(NamedTuple):
@@ -67,337 +96,13 @@ class RestoredAdapter(NamedTuple):
   step: int
 
 
-# -- metadata ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _ReadPlan:
+  """What to read from a step: orbax restore arguments built from its metadata and the caller's templates."""
 
-
-def _crc32(x: Any) -> int | None:
-  """CRC32 of an array's bytes; ``None`` for arrays this process cannot read whole."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return None
-  return zlib.crc32(np.ascontiguousarray(np.asarray(x)).tobytes())
-
-
-def _check_lora_tree(lora: Any, prefix: paths.Path = ()) -> None:
-  if not isinstance(lora, Mapping):
-    where = paths.to_str(prefix) or "<root>"
-    raise TypeError(
-      f"The adapter tree must be a nested dict (from `jlora.init`); found a "
-      f"{type(lora).__name__} at {where!r}."
-    )
-  for k, v in lora.items():
-    if isinstance(k, bool) or not isinstance(k, (str, int)):
-      raise TypeError(f"Adapter tree keys must be str or int; got {k!r} under {paths.to_str(prefix)!r}.")
-    if isinstance(v, Mapping):
-      _check_lora_tree(v, prefix + (k,))
-    elif not hasattr(v, "shape") or not hasattr(v, "dtype"):
-      raise TypeError(
-        f"Adapter tree leaf {paths.to_str(prefix + (k,))!r} is a {type(v).__name__}, not an array."
-      )
-
-
-def _leaf_records(lora: Any) -> list[dict[str, Any]]:
-  _check_lora_tree(lora)
-  records, names = [], {}
-  for path, leaf in paths.leaves_with_paths(lora):
-    name = ".".join(str(k) for k in path)  # how orbax names the array on disk
-    if name in names:
-      raise ValueError(
-        f"Adapter tree paths {paths.to_str(names[name])!r} and {paths.to_str(path)!r} would be stored "
-        f"under the same orbax name {name!r}; rename the dict keys that contain '.'."
-      )
-    names[name] = path
-    records.append(
-      {
-        "path": list(path),
-        "shape": list(leaf.shape),
-        "dtype": jnp.dtype(leaf.dtype).name,
-        "crc32": _crc32(leaf),
-      }
-    )
-  if not records:
-    raise ValueError("The adapter tree has no arrays; nothing to save.")
-  return records
-
-
-def _fingerprint(base: Any, lora: Any, config: LoraConfig) -> list[dict[str, Any]]:
-  """Path, shape and dtype of each base leaf the adapter touches (checks the adapter fits)."""
-  bound, saved = adapters.bind(base, lora, config)
-  leaves = dict(paths.leaves_with_paths(base))
-  out = [
-    {
-      "path": list(b.spec.path),
-      "kind": "lora",
-      "shape": list(b.kernel.shape),
-      "dtype": jnp.dtype(b.kernel.dtype).name,
-    }
-    for b in bound
-  ]
-  for path in saved:
-    leaf = leaves[path]
-    out.append(
-      {"path": list(path), "kind": "saved", "shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name}
-    )
-  return sorted(out, key=lambda r: paths.to_str(tuple(r["path"])))
-
-
-def _opt_records(opt_state: Any) -> list[dict[str, Any]]:
-  out = []
-  for kp, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-    if not hasattr(leaf, "shape"):
-      raise TypeError(
-        f"Optimizer state leaf {jax.tree_util.keystr(kp)} is a {type(leaf).__name__}, not an array; "
-        "only array leaves can be checkpointed."
-      )
-    out.append(
-      {
-        "path": jax.tree_util.keystr(kp),
-        "shape": list(leaf.shape),
-        "dtype": jnp.dtype(leaf.dtype).name,
-        "crc32": _crc32(leaf),
-      }
-    )
-  return out
-
-
-def build_metadata(lora: Any, config: LoraConfig, base: Any = None, opt_state: Any = None) -> dict[str, Any]:
-  """The JSON saved beside the adapter arrays (see the module docstring)."""
-  if not isinstance(config, LoraConfig):
-    raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
-  return {
-    "format": FORMAT,
-    "format_version": FORMAT_VERSION,
-    "jlora_version": _jlora_version(),
-    "config": config.to_dict(),
-    "leaves": _leaf_records(lora),
-    "base": None if base is None else _fingerprint(base, lora, config),
-    "opt_state": None if opt_state is None else _opt_records(opt_state),
-  }
-
-
-def _bad(where: str, msg: str) -> ValueError:
-  return ValueError(
-    f"Invalid jlora checkpoint metadata in {where}: {msg} The file is corrupted or was not written "
-    "by `jlora.save_adapter`/`AdapterCheckpointManager`; restore another step or save it again."
-  )
-
-
-def _is_path(p: Any) -> bool:
-  return (
-    isinstance(p, list) and bool(p) and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in p)
-  )
-
-
-def _is_shape(s: Any) -> bool:
-  return isinstance(s, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in s)
-
-
-def _is_dtype(d: Any) -> bool:
-  try:
-    return isinstance(d, str) and jnp.dtype(d).name == d
-  except TypeError:
-    return False
-
-
-def parse_metadata(meta: Any, where: str) -> tuple[dict[str, Any], LoraConfig]:
-  """Validates saved metadata; returns it with its `LoraConfig`.
-
-  Raises:
-    ValueError: naming ``where`` and the first bad field.
-  """
-  if not isinstance(meta, Mapping):
-    raise _bad(where, f"expected a JSON object, got {type(meta).__name__}.")
-  unknown = sorted(set(meta) - _META_FIELDS)
-  if unknown:
-    raise _bad(where, f"unknown field(s) {unknown}; known fields: {sorted(_META_FIELDS)}.")
-  missing = sorted(_META_FIELDS - set(meta))
-  if missing:
-    raise _bad(where, f"missing field(s) {missing}.")
-  if meta["format"] != FORMAT:
-    raise _bad(where, f"`format` is {meta['format']!r}, expected {FORMAT!r}.")
-  version = meta["format_version"]
-  if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-    raise _bad(
-      where,
-      f"`format_version` is {version!r}; this jlora ({_jlora_version()}) reads versions 1..{FORMAT_VERSION}"
-      " (a newer jlora wrote it? upgrade jlora).",
-    )
-  try:
-    config = LoraConfig.from_dict(meta["config"])
-  except (TypeError, ValueError) as e:
-    raise _bad(where, f"its `config` is not a valid LoraConfig: {e}") from e
-  leaves = meta["leaves"]
-  if not isinstance(leaves, list) or not leaves:
-    raise _bad(where, "`leaves` must be a non-empty list.")
-  for i, rec in enumerate(leaves):
-    if not isinstance(rec, Mapping) or set(rec) != _LEAF_FIELDS:
-      raise _bad(where, f"`leaves[{i}]` must have exactly the fields {sorted(_LEAF_FIELDS)}; got {rec!r}.")
-    crc = rec["crc32"]
-    crc_ok = crc is None or (isinstance(crc, int) and not isinstance(crc, bool))
-    if not (_is_path(rec["path"]) and _is_shape(rec["shape"]) and _is_dtype(rec["dtype"]) and crc_ok):
-      raise _bad(where, f"`leaves[{i}]` is malformed: {rec!r}.")
-  if meta["base"] is not None:
-    if not isinstance(meta["base"], list):
-      raise _bad(where, "`base` must be null or a list.")
-    for i, rec in enumerate(meta["base"]):
-      ok = (
-        isinstance(rec, Mapping)
-        and set(rec) == _BASE_FIELDS
-        and _is_path(rec["path"])
-        and rec["kind"] in ("lora", "saved")
-        and _is_shape(rec["shape"])
-        and _is_dtype(rec["dtype"])
-      )
-      if not ok:
-        raise _bad(where, f"`base[{i}]` is malformed: {rec!r}.")
-  if meta["opt_state"] is not None:
-    recs = meta["opt_state"]
-    if not isinstance(recs, list) or not all(
-      isinstance(r, Mapping)
-      and set(r) == _LEAF_FIELDS
-      and isinstance(r["path"], str)
-      and _is_shape(r["shape"])
-      and _is_dtype(r["dtype"])
-      for r in recs
-    ):
-      raise _bad(where, "`opt_state` must be null or a list of {path, shape, dtype, crc32} records.")
-  return dict(meta), config
-
-
-def check_base(meta: Mapping[str, Any], base: Any, where: str) -> None:
-  """Raises if ``base`` does not match the saved fingerprint, naming the first mismatching path."""
-  leaves = dict(paths.leaves_with_paths(base))
-  for rec in meta["base"] or ():
-    path = tuple(rec["path"])
-    name = paths.to_str(path)
-    if path not in leaves:
-      raise ValueError(
-        f"The adapter in {where} was saved for a base with a leaf at {name!r} "
-        f"(shape {tuple(rec['shape'])}, {rec['dtype']}), but the given base has no leaf there. "
-        "Pass the base tree the adapter was trained on (same model, same tree layout: a Linen "
-        "variables dict vs. its 'params')."
-      )
-    leaf = leaves[path]
-    shape, dtype = tuple(getattr(leaf, "shape", ())), jnp.dtype(getattr(leaf, "dtype", None)).name
-    if shape != tuple(rec["shape"]) or dtype != rec["dtype"]:
-      raise ValueError(
-        f"The adapter in {where} does not fit the given base at {name!r}: it was saved for shape "
-        f"{tuple(rec['shape'])} and dtype {rec['dtype']}, the base has shape {shape} and dtype {dtype}. "
-        "Pass the base tree the adapter was trained on."
-      )
-
-
-# -- restore helpers -------------------------------------------------------------
-
-
-def _default_sharding() -> jax.sharding.Sharding:
-  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-
-def _abstract_lora(meta: Mapping[str, Any], shardings: Any) -> dict:
-  by_path = None
-  if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
-    by_path = dict(paths.leaves_with_paths(shardings))
-  out: dict = {}
-  for rec in meta["leaves"]:
-    path = tuple(rec["path"])
-    if by_path is None:
-      sharding = shardings or _default_sharding()
-    elif path in by_path:
-      sharding = by_path[path]
-    else:
-      raise ValueError(
-        f"`shardings` has no entry for adapter leaf {paths.to_str(path)!r}; pass one "
-        "`jax.sharding.Sharding` for all leaves or a tree with the adapter tree's structure."
-      )
-    if not isinstance(sharding, jax.sharding.Sharding):
-      raise TypeError(
-        f"`shardings` entry for {paths.to_str(path)!r} is a {type(sharding).__name__}, "
-        "not a jax.sharding.Sharding."
-      )
-    paths.nested_set(
-      out, path, jax.ShapeDtypeStruct(tuple(rec["shape"]), jnp.dtype(rec["dtype"]), sharding=sharding)
-    )
-  return out
-
-
-def _walk_metadata(node: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  if isinstance(node, Mapping):
-    out = {}
-    for k, v in node.items():
-      out.update(_walk_metadata(v, prefix + (str(k),)))
-    return out
-  return {prefix: node}
-
-
-def _check_stored_arrays(stored: Any, meta: Mapping[str, Any], where: str) -> None:
-  """Compares orbax's own array metadata with the JSON records before reading any data."""
-  tree = getattr(stored, "tree", stored)
-  on_disk = _walk_metadata(tree)
-  wanted = {tuple(str(k) for k in rec["path"]): rec for rec in meta["leaves"]}
-  for key, rec in wanted.items():
-    name = paths.to_str(tuple(rec["path"]))
-    if key not in on_disk:
-      raise ValueError(
-        f"Checkpoint {where} is missing the array of adapter leaf {name!r}: the checkpoint is "
-        "truncated or corrupted."
-      )
-    arr = on_disk[key]
-    shape, dtype = tuple(getattr(arr, "shape", ()) or ()), getattr(arr, "dtype", None)
-    if shape != tuple(rec["shape"]) or dtype is None or jnp.dtype(dtype).name != rec["dtype"]:
-      raise ValueError(
-        f"Checkpoint {where} is inconsistent at adapter leaf {name!r}: the metadata says shape "
-        f"{tuple(rec['shape'])} {rec['dtype']}, the stored array is {shape} {dtype}. "
-        "The checkpoint is corrupted."
-      )
-  extra = sorted(set(on_disk) - set(wanted))
-  if extra:
-    raise ValueError(
-      f"Checkpoint {where} stores arrays the metadata does not list (e.g. {'/'.join(extra[0])!r}); "
-      "the checkpoint is corrupted."
-    )
-
-
-def _verify_crc(records: list[dict[str, Any]], leaves: list[Any], names: list[str], where: str) -> None:
-  for rec, leaf, name in zip(records, leaves, names):
-    if rec["crc32"] is None:
-      continue
-    got = _crc32(leaf)
-    if got is not None and got != rec["crc32"]:
-      raise ValueError(
-        f"Checkpoint {where}: the data of {name!r} fails its checksum (crc32 {got:#010x}, saved "
-        f"{rec['crc32']:#010x}); the checkpoint is corrupted. Restore another step."
-      )
-
-
-def _abstract_opt(template: Any, records: list[dict[str, Any]], where: str) -> Any:
-  flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-  if len(flat) != len(records):
-    raise ValueError(
-      f"`opt_state` template has {len(flat)} array leaves but the optimizer state saved in {where} "
-      f"has {len(records)}; build the template with the same optimizer, e.g. "
-      "`jax.eval_shape(optimizer.init, lora)`."
-    )
-  out = []
-  for (kp, leaf), rec in zip(flat, records):
-    name = jax.tree_util.keystr(kp)
-    shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", None)
-    if (
-      name != rec["path"]
-      or shape != tuple(rec["shape"])
-      or dtype is None
-      or jnp.dtype(dtype).name != rec["dtype"]
-    ):
-      raise ValueError(
-        f"`opt_state` template does not match the optimizer state saved in {where}: template leaf "
-        f"{name} is {shape} {dtype}, saved leaf {rec['path']} is {tuple(rec['shape'])} {rec['dtype']}. "
-        "Build the template with the same optimizer and adapter, e.g. `jax.eval_shape(optimizer.init, lora)`."
-      )
-    sharding = getattr(leaf, "sharding", None) or _default_sharding()
-    out.append(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
-  return jax.tree_util.tree_unflatten(treedef, out)
-
-
-# -- the manager -------------------------------------------------------------------
+  meta: Metadata
+  where: str
+  items: dict[str, Any]
 
 
 def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -408,6 +113,35 @@ def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
   reg.add(META_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
   reg.add(META_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
   return reg
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_options(config: Any, max_to_keep: Any, save_interval_steps: Any) -> None:
+  if config is not None and not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig or None; got {type(config).__name__}.")
+  if max_to_keep is not None and (not _is_int(max_to_keep) or max_to_keep < 1):
+    raise ValueError(f"`max_to_keep` must be None or a positive integer; got {max_to_keep!r}.")
+  if not _is_int(save_interval_steps) or save_interval_steps < 1:
+    raise ValueError(f"`save_interval_steps` must be a positive integer; got {save_interval_steps!r}.")
+
+
+@contextlib.contextmanager
+def _reading(what: str, where: str) -> Iterator[None]:
+  """Turns a failed read of checkpoint files into a `CorruptCheckpointError` naming what and where."""
+  try:
+    yield
+  except CorruptCheckpointError:
+    raise
+  except Exception as e:
+    if not _is_read_error(e):
+      raise
+    raise CorruptCheckpointError(
+      f"Cannot read the {what} of {where} ({type(e).__name__}: {e}); the checkpoint is truncated or "
+      "corrupted. Restore another step."
+    ) from e
 
 
 class AdapterCheckpointManager:
@@ -422,7 +156,15 @@ class AdapterCheckpointManager:
   Crash safety: a step becomes visible only once all of its items are
   written (orbax's temporary directory + rename); a process killed while
   saving leaves earlier steps restorable, and the half-written step is
-  ignored and cleaned up when the directory is next opened.
+  ignored and cleaned up when the directory is next opened for writing.
+
+  One writer: a manager that can save holds the directory's writer lock
+  until `close` (or the end of its ``with`` block, or its process); another
+  writer on the same directory, in this process or another, is refused with
+  a `CheckpointBusyError` (a `RuntimeError`) naming the holder's pid and
+  host. Any number of ``read_only`` managers (and `load_adapter`) may read
+  meanwhile: they get a complete step, or an error saying that a writer
+  removed or replaced it while it was read.
 
   Shapes: ``lora_A`` ``(*stacked, *fan_in, r)``, ``lora_B``
   ``(*stacked, r, *fan_out)`` for a kernel ``(*stacked, *fan_in, *fan_out)``.
@@ -439,11 +181,13 @@ class AdapterCheckpointManager:
     async_save: write in a background thread; `save` returns once the arrays
       are copied off the device. Call `wait_until_finished` (or `close`, or
       leave the ``with`` block) before reading the files.
-    read_only: open an existing directory for restoring only.
+    read_only: open an existing directory for restoring only (takes no lock).
 
   Raises:
+    TypeError: if ``config`` is not a `LoraConfig` or None.
     ValueError: for invalid arguments.
     FileNotFoundError: if ``read_only`` and the directory does not exist.
+    CheckpointBusyError: if another writer holds the directory.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, optax, jlora
@@ -471,35 +215,35 @@ class AdapterCheckpointManager:
     async_save: bool = True,
     read_only: bool = False,
   ) -> None:
-    if config is not None and not isinstance(config, LoraConfig):
-      raise TypeError(f"`config` must be a jlora.LoraConfig or None; got {type(config).__name__}.")
-    if max_to_keep is not None and (
-      isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-    ):
-      raise ValueError(f"`max_to_keep` must be None or a positive integer; got {max_to_keep!r}.")
-    if (
-      isinstance(save_interval_steps, bool)
-      or not isinstance(save_interval_steps, int)
-      or save_interval_steps < 1
-    ):
-      raise ValueError(f"`save_interval_steps` must be a positive integer; got {save_interval_steps!r}.")
+    _check_options(config, max_to_keep, save_interval_steps)
     self._directory = epath.Path(os.fspath(directory)).absolute()
     if read_only and not self._directory.is_dir():
       raise FileNotFoundError(f"No adapter checkpoint directory at {os.fspath(self._directory)!r}.")
-    self._config = config
-    self._base = base
+    self._config, self._base, self._interval = config, base, int(save_interval_steps)
     # `read_only` is enforced here rather than with orbax's option of that name,
     # which logs warnings on every open; a reading manager writes nothing.
     self._read_only = read_only
-    options = ocp.CheckpointManagerOptions(
-      save_interval_steps=save_interval_steps,
-      preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep else None,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=not read_only,
-      create=not read_only,
-      save_root_metadata=not read_only,
-    )
-    self._manager = ocp.CheckpointManager(self._directory, options=options, handler_registry=_registry())
+    self._lock = WriterLock(None)
+    if not read_only:
+      self._directory.mkdir(parents=True, exist_ok=True)
+      self._lock = WriterLock.acquire(self.directory)  # before orbax cleans up "stale" temporary dirs
+    try:
+      self._purge_deleted()
+      options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps,
+        preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep else None,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=not read_only,
+        create=not read_only,
+        save_root_metadata=not read_only,
+        todelete_subdir=None if read_only else DELETED_DIR,
+      )
+      self._manager = _retrying(
+        lambda: ocp.CheckpointManager(self._directory, options=options, handler_registry=_registry())
+      )
+    except BaseException:
+      self._lock.release()
+      raise
 
   # -- context manager / lifecycle
   def __enter__(self) -> AdapterCheckpointManager:
@@ -517,7 +261,7 @@ class AdapterCheckpointManager:
     return sorted(self._manager.all_steps())
 
   def latest_step(self) -> int | None:
-    """The newest complete step, or ``None``."""
+    """The newest complete step (or, while it is written asynchronously, the one being saved), or ``None``."""
     return self._manager.latest_step()
 
   def wait_until_finished(self) -> None:
@@ -525,30 +269,73 @@ class AdapterCheckpointManager:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases orbax's resources."""
-    self._manager.close()
+    """Waits for pending saves, releases orbax's resources and the directory's writer lock."""
+    try:
+      self._manager.close()
+      self._purge_deleted()
+    finally:
+      self._lock.release()
 
-  # -- save / restore
+  def _purge_deleted(self) -> None:
+    """Deletes the steps that retention or `save(overwrite=True)` moved aside (writers only)."""
+    if not self._lock.held:
+      return
+    trash = os.path.join(self.directory, DELETED_DIR)
+    if os.path.isdir(trash):
+      for name in os.listdir(trash):
+        shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+
+  # -- save
+  def _check_step_order(self, step: int, overwrite: bool) -> None:
+    latest = self.latest_step()
+    if overwrite or latest is None or step > latest:
+      return
+    fix = (
+      "A run restarted from this directory must continue its step count: `restored = mngr.restore()`, "
+      "then save `restored.step + 1` onwards. To replace steps deliberately pass `overwrite=True`."
+    )
+    if step in self._manager.all_steps():
+      raise ValueError(
+        f"Step {step} already exists in {self.directory!r} (latest step: {latest}); steps are never "
+        f"overwritten silently. {fix}"
+      )
+    raise ValueError(
+      f"Step {step} is older than the latest step {latest} in {self.directory!r}; steps must increase. {fix}"
+    )
+
   def save(
-    self, step: int, lora: Any, *, opt_state: Any = None, base: Any = None, force: bool = False
+    self,
+    step: int,
+    lora: Any,
+    *,
+    opt_state: Any = None,
+    base: Any = None,
+    force: bool = False,
+    overwrite: bool = False,
   ) -> bool:
     """Saves ``lora`` (and ``opt_state``) as ``step``.
 
     Args:
-      step: the training step, a non-negative int larger than any saved one.
+      step: the training step, a non-negative int larger than any saved one
+        (unless ``overwrite``).
       lora: the adapter tree.
       opt_state: optionally the optimizer state (any pytree of arrays, e.g.
         an optax state), to resume training exactly.
       base: the base tree, for the fingerprint (default: the manager's).
       force: save even if ``step`` is not a multiple of
         ``save_interval_steps``.
+      overwrite: allow ``step`` to be at or below the latest step; an
+        existing step of that number is replaced (the old one is moved aside
+        first, so a crash while saving loses that step, never others). Newer
+        steps are kept.
 
     Returns:
       Whether a checkpoint was written (``False`` between intervals).
 
     Raises:
-      ValueError: if the manager has no config, the adapter does not fit
-        ``base`` (naming the path), or ``step`` already exists.
+      ValueError: if the manager is read-only or has no config, ``step`` is
+        not after the latest step (naming it) and not ``overwrite``, or the
+        adapter does not fit ``base`` (naming the path).
     """
     if self._read_only:
       raise ValueError("This AdapterCheckpointManager was opened with `read_only=True`; it cannot save.")
@@ -557,32 +344,123 @@ class AdapterCheckpointManager:
         "This AdapterCheckpointManager has no `config`; pass "
         "`AdapterCheckpointManager(directory, config)` to save."
       )
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    if not _is_int(step) or step < 0:
       raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
     step = int(step)
-    if not force and not self._manager.should_save(step):
+    self._check_step_order(step, overwrite)
+    latest = self.latest_step()
+    due = self._manager.should_save(step) if latest is None or step > latest else step % self._interval == 0
+    if not (force or due):
       return False
-    if step in self._manager.all_steps():
-      raise ValueError(
-        f"Step {step} already exists in {self.directory!r}; steps are never overwritten. "
-        "Save under a new step number."
-      )
     meta = build_metadata(lora, self._config, base if base is not None else self._base, opt_state)
     items = {ADAPTER_ITEM: ocp.args.StandardSave(lora), META_ITEM: ocp.args.JsonSave(meta)}
     if opt_state is not None:
       items[OPT_ITEM] = ocp.args.StandardSave(opt_state)
+    self._manager.wait_until_finished()  # earlier saves' retention has moved their steps aside
+    if step in self._manager.all_steps():  # `overwrite`
+      self._manager.delete(step)
+    self._purge_deleted()
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
-  def _read_meta(self, step: int, where: str) -> tuple[dict[str, Any], LoraConfig]:
+  # -- restore
+  def _step_id(self, step: int) -> int | None:
+    """The step directory's inode: it changes when the step is removed or replaced."""
     try:
+      return os.stat(os.path.join(self.directory, str(step))).st_ino
+    except OSError:
+      return None
+
+  def _reload(self) -> None:
+    _retrying(self._manager.reload)
+
+  def _pick_step(self, step: int | None) -> int:
+    if step is None:
+      latest = self.latest_step()
+      for attempt in range(0 if self._lock.held or latest is not None else 3):
+        # Orbax lists a directory entry by entry: while a writer replaces the newest step, a
+        # listing can miss both the new and the old one. Look again before saying there is none.
+        time.sleep(0.01 * (attempt + 1))
+        self._reload()
+        latest = self.latest_step()
+        if latest is not None:
+          break
+      if latest is None:
+        writer = active_writer(self.directory) if not self._lock.held else None
+        busy = (
+          f" A writer is active ({writer.describe()}); its first step is not complete yet." if writer else ""
+        )
+        raise FileNotFoundError(
+          f"No complete adapter checkpoint in {self.directory!r} (half-written steps are ignored).{busy}"
+        )
+      return latest
+    if step not in self._manager.all_steps():
+      self._reload()  # a reader's list of steps dates from when it opened
+    if step not in self._manager.all_steps():
+      raise ValueError(f"Step {step} is not in {self.directory!r}; complete steps: {self.all_steps()}.")
+    return step
+
+  def _read_meta(self, step: int, where: str) -> Metadata:
+    with _reading("jlora metadata", where):
       raw = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
       meta = raw[META_ITEM]
-    except Exception as e:  # orbax/json raise many types on unreadable files
-      raise ValueError(
-        f"Cannot read the jlora metadata of {where} ({type(e).__name__}: {e}). The checkpoint is "
-        "truncated or corrupted, or is not a jlora adapter checkpoint; restore another step."
-      ) from e
     return parse_metadata(meta, where)
+
+  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> _ReadPlan:
+    """Reads and checks the metadata, then the caller's arguments against it (before any array is read)."""
+    where = f"step {step} of {self.directory!r}"
+    meta = self._read_meta(step, where)
+    if base is not None:
+      check_base(meta, base, where)
+    if opt_state is not None and meta.opt_state is None:
+      raise ValueError(f"An `opt_state` template was given but {where} was saved without an optimizer state.")
+    items = {ADAPTER_ITEM: ocp.args.StandardRestore(abstract_lora(meta.leaves, shardings))}
+    if opt_state is not None:
+      items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt(opt_state, meta.opt_state, where))
+    return _ReadPlan(meta=meta, where=where, items=items)
+
+  def _read_step(self, step: int, plan: _ReadPlan) -> tuple[dict, Any]:
+    """Reads the arrays planned, checking them against orbax's metadata and the saved CRCs."""
+    meta, where = plan.meta, plan.where
+    with _reading("array metadata", where):
+      stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
+    if stored is None:
+      raise CorruptCheckpointError(
+        f"{where} has no adapter arrays; the checkpoint is truncated or corrupted."
+      )
+    check_stored_arrays(stored, meta.leaves, where)
+    with _reading("arrays", where):
+      restored = self._manager.restore(step, args=ocp.args.Composite(**plan.items))
+    lora = restored[ADAPTER_ITEM]
+    by_path = dict(paths.leaves_with_paths(lora))
+    names = [tuple(r["path"]) for r in meta.leaves]
+    verify_crc(meta.leaves, [by_path[p] for p in names], [paths.to_str(p) for p in names], where)
+    opt = None
+    if OPT_ITEM in plan.items:
+      opt = restored[OPT_ITEM]
+      verify_crc(meta.opt_state, jax.tree_util.tree_leaves(opt), [r["path"] for r in meta.opt_state], where)
+    return lora, opt
+
+  def _explain_failed_read(self, step: int, step_id: int | None, error: Exception, *, retry: bool) -> None:
+    """Returns if the read should be retried; raises what explains the failure otherwise.
+
+    A read fails for one of two reasons: the files are damaged, or a writer
+    removed or replaced the step while it was read. Only the first is reported
+    as corruption: the step must still be there, unchanged, with no writer at work.
+    """
+    writer: WriterInfo | None = None if self._lock.held else active_writer(self.directory)
+    replaced = step_id is None or self._step_id(step) != step_id
+    if not replaced and writer is None:
+      raise error
+    if retry:
+      self._reload()
+      return
+    by = f" by the writer at work there, {writer.describe()}" if writer else ""
+    what = "removed or replaced" if replaced else "possibly being replaced"
+    raise CheckpointBusyError(
+      f"Step {step} of {self.directory!r} was {what}{by} while it was being read ({error}). The data read "
+      "is discarded; retry, or restore another step. If this persists once no writer is active, the step "
+      "is corrupted."
+    ) from error
 
   def restore(
     self,
@@ -616,62 +494,29 @@ class AdapterCheckpointManager:
 
     Raises:
       FileNotFoundError: if the directory has no complete step.
+      TypeError, ValueError: for a ``shardings`` that is not a sharding or
+        does not divide a saved array (naming the leaf).
       ValueError: if the step is missing, truncated or corrupted, does not
         fit ``base``, or has no optimizer state when a template is given.
         Nothing is returned partially.
+      CheckpointBusyError: if a writer removed or replaced the step while it
+        was read (with ``step=None`` the newest step is tried again first).
     """
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(
-          f"No complete adapter checkpoint in {self.directory!r} (half-written steps are ignored)."
-        )
-    elif step not in self._manager.all_steps():
-      raise ValueError(f"Step {step} is not in {self.directory!r}; complete steps: {self.all_steps()}.")
-    where = f"step {step} of {self.directory!r}"
-    meta, config = self._read_meta(step, where)
     base = base if base is not None else self._base
-    if base is not None:
-      check_base(meta, base, where)
-    if opt_state is not None and meta["opt_state"] is None:
-      raise ValueError(f"An `opt_state` template was given but {where} was saved without an optimizer state.")
-    try:
-      stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
-    except Exception as e:
-      raise ValueError(
-        f"Cannot read the array metadata of {where} ({type(e).__name__}: {e}); the checkpoint is "
-        "truncated or corrupted."
-      ) from e
-    if stored is None:
-      raise ValueError(f"{where} has no adapter arrays; the checkpoint is truncated or corrupted.")
-    _check_stored_arrays(stored, meta, where)
-    items = {ADAPTER_ITEM: ocp.args.StandardRestore(_abstract_lora(meta, shardings))}
-    if opt_state is not None:
-      items[OPT_ITEM] = ocp.args.StandardRestore(_abstract_opt(opt_state, meta["opt_state"], where))
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:
-      raise ValueError(
-        f"Cannot read the arrays of {where} ({type(e).__name__}: {e}); the checkpoint is truncated "
-        "or corrupted. Restore another step."
-      ) from e
-    lora = restored[ADAPTER_ITEM]
-    lora_leaves = dict(paths.leaves_with_paths(lora))
-    recs = meta["leaves"]
-    _verify_crc(
-      recs,
-      [lora_leaves[tuple(r["path"])] for r in recs],
-      [paths.to_str(tuple(r["path"])) for r in recs],
-      where,
-    )
-    opt = None
-    if opt_state is not None:
-      opt = restored[OPT_ITEM]
-      opt_recs = meta["opt_state"]
-      _verify_crc(opt_recs, jax.tree_util.tree_leaves(opt), [r["path"] for r in opt_recs], where)
-    if base is not None:
-      adapters.bind(base, lora, config)
-    return RestoredAdapter(lora=lora, config=config, opt_state=opt, step=int(step))
+    for attempt in range(_READ_ATTEMPTS):
+      chosen = self._pick_step(step)
+      step_id = self._step_id(chosen)
+      try:
+        plan = self._plan(chosen, base, shardings, opt_state)
+        lora, opt = self._read_step(chosen, plan)
+      except CorruptCheckpointError as e:
+        self._explain_failed_read(chosen, step_id, e, retry=attempt < _READ_ATTEMPTS - 1)
+        time.sleep(0.02 * (attempt + 1))
+        continue
+      if base is not None:
+        adapters.bind(base, lora, plan.meta.config)
+      return RestoredAdapter(lora=lora, config=plan.meta.config, opt_state=opt, step=int(chosen))
+    raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
 
 
 # -- one-call save / load --------------------------------------------------------------
@@ -682,8 +527,12 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig, *,
 
   ``directory`` holds one adapter: saving again replaces it atomically (the
   new one is written as a new step and the old one is removed only after the
-  new one is complete), so a crash never leaves it without a valid adapter.
-  It is an ordinary `AdapterCheckpointManager` directory.
+  new one is complete), so a crash never leaves it without a valid adapter,
+  and a concurrent `load_adapter` gets the old or the new one, or an error
+  saying it was replaced while read. It is an ordinary
+  `AdapterCheckpointManager` directory, with one writer at a time: a second
+  `save_adapter` to it while one is running raises `CheckpointBusyError`
+  naming the other's pid and host.
 
   Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
   ``(*stacked, *fan_in, r)`` and ``lora_B`` ``(*stacked, r, *fan_out)``.
@@ -697,7 +546,9 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig, *,
       so that `load_adapter` can refuse a base that does not fit.
 
   Raises:
+    TypeError: if ``config`` is not a `LoraConfig` or ``lora`` not an adapter tree.
     ValueError: if the adapter does not fit ``base`` (naming the path).
+    CheckpointBusyError: if another writer holds ``directory``.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -710,6 +561,8 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig, *,
     >>> cfg2 == cfg, lora2["q_proj"]["kernel"]["lora_A"].shape
     (True, (4, 2))
   """
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
   with AdapterCheckpointManager(directory, config, base=base, max_to_keep=1, async_save=False) as mngr:
     latest = mngr.latest_step()
     mngr.save(0 if latest is None else latest + 1, lora, force=True)
@@ -736,70 +589,9 @@ def load_adapter(
   Raises:
     FileNotFoundError: if there is no complete checkpoint in ``directory``.
     ValueError: if it is truncated, corrupted or does not fit ``base``.
+    CheckpointBusyError: if a writer replaced it while it was read, again
+      and again (a single replacement is retried).
   """
   with AdapterCheckpointManager(directory, read_only=True) as mngr:
     restored = mngr.restore(step, base=base, shardings=shardings)
   return restored.lora, restored.config
-
-
-# -- merged export -----------------------------------------------------------------------
-
-
-def save_merged(
-  directory: str | os.PathLike,
-  tree: Any,
-  lora: Any,
-  config: LoraConfig,
-  *,
-  format: Literal["orbax", "safetensors"] = "orbax",  # noqa: A002 - mirrors the file format's name
-) -> str:
-  """Writes ``jlora.merge(tree, lora, config)`` as an ordinary checkpoint, to serve without jlora.
-
-  ``"orbax"`` writes a standard orbax checkpoint of the merged tree to
-  ``directory`` (restore it with ``ocp.StandardCheckpointer().restore``);
-  ``"safetensors"`` writes ``directory/model.safetensors`` with one tensor
-  per leaf, named by its path joined with ``/`` (Flax layout: kernels are
-  ``(fan_in..., fan_out...)``). Both are written to a temporary name first
-  and renamed into place.
-
-  Args:
-    directory: the output; must not exist yet (orbax) or must not hold a
-      ``model.safetensors`` yet (safetensors).
-    tree: the base tree.
-    lora: the adapter tree.
-    config: its config.
-    format: ``"orbax"`` or ``"safetensors"``.
-
-  Returns:
-    The path written.
-
-  Raises:
-    FileExistsError: if the output exists.
-    ValueError: for an unknown ``format`` or an adapter that does not fit.
-  """
-  if format not in ("orbax", "safetensors"):
-    raise ValueError(f"`format` must be 'orbax' or 'safetensors'; got {format!r}.")
-  merged = merge(tree, lora, config)
-  directory = os.path.abspath(os.fspath(directory))
-  if format == "orbax":
-    if os.path.exists(directory):
-      raise FileExistsError(f"{directory!r} already exists; save the merged model to a new directory.")
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(directory, merged)
-    return directory
-  import safetensors.numpy  # noqa: PLC0415
-
-  out = os.path.join(directory, "model.safetensors")
-  if os.path.exists(out):
-    raise FileExistsError(f"{out!r} already exists; save the merged model to a new directory.")
-  tensors = {}
-  for path, leaf in paths.leaves_with_paths(merged):
-    name = paths.to_str(path)
-    if name in tensors:
-      raise ValueError(f"Two leaves of the merged tree are both named {name!r} in safetensors.")
-    tensors[name] = np.ascontiguousarray(np.asarray(leaf))
-  os.makedirs(directory, exist_ok=True)
-  tmp = out + f".tmp-{os.getpid()}"
-  safetensors.numpy.save_file(tensors, tmp, metadata={"format": "flax", "producer": "jlora"})
-  os.replace(tmp, out)
-  return out

@@ -1,0 +1,83 @@
+"""`save_merged`: the merged model as an ordinary checkpoint (orbax or safetensors), to serve without jlora.
+
+Shapes: Flax layout throughout; a kernel is ``(fan_in..., fan_out...)``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jlora._src import paths
+from jlora._src.atomic import write_atomic
+from jlora._src.config import LoraConfig
+from jlora._src.merge import merge
+
+
+def _flat_tensors(merged: Any) -> dict[str, np.ndarray]:
+  tensors = {}
+  for path, leaf in paths.leaves_with_paths(merged):
+    name = paths.to_str(path)
+    if name in tensors:
+      raise ValueError(f"Two leaves of the merged tree are both named {name!r} in safetensors.")
+    tensors[name] = np.ascontiguousarray(np.asarray(leaf))
+  return tensors
+
+
+def save_merged(
+  directory: str | os.PathLike,
+  tree: Any,
+  lora: Any,
+  config: LoraConfig,
+  *,
+  format: Literal["orbax", "safetensors"] = "orbax",  # noqa: A002 - mirrors the file format's name
+) -> str:
+  """Writes ``jlora.merge(tree, lora, config)`` as an ordinary checkpoint, to serve without jlora.
+
+  ``"orbax"`` writes a standard orbax checkpoint of the merged tree to
+  ``directory`` (restore it with ``ocp.StandardCheckpointer().restore``);
+  ``"safetensors"`` writes ``directory/model.safetensors`` with one tensor
+  per leaf, named by its path joined with ``/`` (Flax layout: kernels are
+  ``(fan_in..., fan_out...)``). Both are written to a temporary name first
+  and renamed into place.
+
+  Args:
+    directory: the output; must not exist yet (orbax) or must not hold a
+      ``model.safetensors`` yet (safetensors).
+    tree: the base tree.
+    lora: the adapter tree.
+    config: its config.
+    format: ``"orbax"`` or ``"safetensors"``.
+
+  Returns:
+    The path written.
+
+  Raises:
+    FileExistsError: if the output exists.
+    TypeError: if ``config`` is not a `LoraConfig`.
+    ValueError: for an unknown ``format`` or an adapter that does not fit.
+  """
+  if format not in ("orbax", "safetensors"):
+    raise ValueError(f"`format` must be 'orbax' or 'safetensors'; got {format!r}.")
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
+  merged = merge(tree, lora, config)
+  directory = os.path.abspath(os.fspath(directory))
+  if format == "orbax":
+    if os.path.exists(directory):
+      raise FileExistsError(f"{directory!r} already exists; save the merged model to a new directory.")
+    with ocp.StandardCheckpointer() as ckptr:  # orbax writes a temporary directory and renames it
+      ckptr.save(directory, merged)
+    return directory
+  import safetensors.numpy
+
+  out = os.path.join(directory, "model.safetensors")
+  if os.path.exists(out):
+    raise FileExistsError(f"{out!r} already exists; save the merged model to a new directory.")
+  tensors = _flat_tensors(merged)
+  os.makedirs(directory, exist_ok=True)
+  meta = {"format": "flax", "producer": "jlora"}
+  return write_atomic(out, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
