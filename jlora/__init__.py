@@ -20,6 +20,7 @@ from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
 from jlora._src.interpreter import MaterializationWarning
 from jlora._src.merge import merge, unmerge
+from jlora._src.nnx_models import nnx_merge, nnx_split
 from jlora._src.optim import combine, freeze_base, split, trainable_mask
 from jlora._src.peft_io import export_peft, import_peft, peft_module_name
 from jlora._src.sharding import adapter_specs
@@ -49,6 +50,8 @@ __all__ = [
   "load_adapter",
   "merge",
   "module_paths",
+  "nnx_merge",
+  "nnx_split",
   "peft_module_name",
   "save_adapter",
   "save_merged",
