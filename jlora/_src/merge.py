@@ -95,6 +95,18 @@ def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
     config: the same config.
 
   Returns:
-    The base tree.
+    The base tree, up to rounding.
+
+  Raises:
+    ValueError: if the adapter does not fit ``tree`` (naming the path).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"q_proj": {"kernel": jax.random.normal(jax.random.key(0), (4, 3))}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), init_lora_weights=False)
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(1))
+    >>> back = jlora.unmerge(jlora.merge(params, lora, cfg), lora, cfg)
+    >>> bool(jnp.allclose(back["q_proj"]["kernel"], params["q_proj"]["kernel"], atol=1e-6))
+    True
   """
   return _apply(tree, lora, config, -1.0, False)

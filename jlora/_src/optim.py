@@ -22,6 +22,19 @@ def combine(tree: Any, lora: Any) -> dict[str, Any]:
 
   Nothing is copied. Train it with `freeze_base` (or `optax.masked` over
   `trainable_mask`) and split it back with `split`.
+
+  Args:
+    tree: the base tree (Linen variables, NNX state or a plain dict).
+    lora: its adapter tree from `jlora.init`.
+
+  Returns:
+    ``{"base": tree, "lora": lora}``, holding the caller's own arrays.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> c = jlora.combine({"w": jnp.ones(2)}, {"w": {"lora_A": jnp.ones((2, 1)), "lora_B": jnp.ones((1, 2))}})
+    >>> sorted(c)
+    ['base', 'lora']
   """
   return {BASE: tree, LORA: lora}
 
@@ -36,7 +49,28 @@ def _check(combined: Any) -> None:
 
 
 def split(combined: Any) -> tuple[Any, Any]:
-  """Inverse of `combine`: ``(tree, lora)``."""
+  """Inverse of `combine`: ``(tree, lora)``.
+
+  Args:
+    combined: ``{"base": tree, "lora": lora}`` (see `combine`), e.g. after
+      ``optax.apply_updates``.
+
+  Returns:
+    ``(tree, lora)``, the two halves as they are (nothing is copied).
+
+  Raises:
+    TypeError: if ``combined`` is not a dict with exactly the keys ``"base"``
+      and ``"lora"``.
+
+  Example:
+    >>> import jax.numpy as jnp, jlora
+    >>> base, lora = {"w": jnp.ones(2)}, {"w": {"lora_A": jnp.ones((2, 1)), "lora_B": jnp.ones((1, 2))}}
+    >>> jlora.split(jlora.combine(base, lora)) == (base, lora)
+    True
+    >>> jlora.split(lora)
+    Traceback (most recent call last):
+    TypeError: Expected a combined tree {'base': tree, 'lora': lora} from `jlora.combine`; got ['w']. ...
+  """
   _check(combined)
   return combined[BASE], combined[LORA]
 
@@ -79,6 +113,11 @@ def freeze_base(optimizer: optax.GradientTransformation) -> optax.GradientTransf
 
   Returns:
     A `GradientTransformation` over ``{"base": tree, "lora": lora}``.
+
+  Raises:
+    TypeError: from its ``init`` and ``update``, if the params are not a
+      combined tree (an adapter tree alone needs no freezing: pass it to
+      ``optimizer`` directly).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, jlora

@@ -9,7 +9,23 @@ import jax
 
 
 def count_params(tree: Any) -> int:
-  """The number of scalars in the array leaves of ``tree``."""
+  """The number of scalars in the array leaves of ``tree``.
+
+  Args:
+    tree: any pytree; leaves with a ``shape`` count ``prod(shape)`` (a
+      ``jax.ShapeDtypeStruct`` too, so abstract trees from ``jax.eval_shape``
+      count without allocating), Python scalars count 1.
+
+  Returns:
+    The total, an ``int``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> jlora.count_params({"kernel": jnp.zeros((8, 4)), "bias": jnp.zeros(4)})
+    36
+    >>> jlora.count_params(jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16))
+    16777216
+  """
   return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
 
 
