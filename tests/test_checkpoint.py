@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -468,31 +467,6 @@ def test_sigkill_while_saving_keeps_latest_complete_step(tmp_path, mode):
     assert cfg.r == 8 and len(jax.tree_util.tree_leaves(lora)) == 16
   # Half-written steps did occur and were ignored.
   print(f"{mode}: {leftovers}/{len(delays)} runs killed with a half-written step on disk")
-
-
-# -- merged export ----------------------------------------------------------------------------
-
-
-def test_save_merged_orbax_and_safetensors(tmp_path):
-  import safetensors.numpy  # noqa: PLC0415
-
-  tree = {"params": _nnx_like_tree()}
-  tree["params"]["layers"] = {f"layers_{i}": v for i, v in tree["params"]["layers"].items()}
-  cfg = _cfg()
-  lora = jlora.init(tree, cfg, key=jax.random.key(1))
-  expected = jlora.merge(tree, lora, cfg)
-  out = jlora.save_merged(tmp_path / "merged", tree, lora, cfg)
-  with ocp.StandardCheckpointer() as ckptr:  # plain orbax, no jlora
-    restored = ckptr.restore(out, jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, expected))
-  chex.assert_trees_all_equal(restored, expected)
-  st = jlora.save_merged(tmp_path / "st", tree, lora, cfg, format="safetensors")
-  flat = safetensors.numpy.load_file(st)
-  np.testing.assert_array_equal(
-    flat["params/layers/layers_1/q_proj/kernel"],
-    np.asarray(expected["params"]["layers"]["layers_1"]["q_proj"]["kernel"]),
-  )
-  with pytest.raises(FileExistsError, match="already exists"):
-    jlora.save_merged(tmp_path / "merged", tree, lora, cfg)
 
 
 def test_checkpoint_is_small_relative_to_base(tmp_path):

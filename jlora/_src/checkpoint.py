@@ -29,90 +29,29 @@ Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
 import shutil
-import time
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jlora._src import adapters, paths
-from jlora._src.checkpoint_format import (
-  CorruptCheckpointError,
-  Metadata,
-  build_metadata,
-  check_base,
-  parse_metadata,
-)
-from jlora._src.checkpoint_lock import CheckpointBusyError, WriterInfo, WriterLock, active_writer
-from jlora._src.checkpoint_restore import (
-  abstract_lora,
-  abstract_opt,
-  check_stored_arrays,
-  verify_crc,
+from jlora._src.checkpoint_format import build_metadata
+from jlora._src.checkpoint_lock import WriterLock
+from jlora._src.checkpoint_read import (
+  ADAPTER_ITEM,
+  META_ITEM,
+  OPT_ITEM,
+  RestoredAdapter,
+  StepReader,
+  handler_registry,
+  retrying,
 )
 from jlora._src.config import LoraConfig
 from jlora._src.merged_export import save_merged  # noqa: F401 - until jlora/__init__.py imports it there
 
-ADAPTER_ITEM = "adapter"
-META_ITEM = "jlora_meta"
-OPT_ITEM = "opt_state"
 DELETED_DIR = ".jlora-deleted"  # where removed steps wait to be deleted (orbax's `todelete_subdir`)
-# What a failed read of checkpoint files raises: OSError, tensorstore's and json's ValueError, KeyError
-# for a missing entry, and orbax's bare `Exception` around a failed array read. Arguments are checked
-# before anything is read, so that a bad one is never reported as a damaged checkpoint.
-_READ_ERRORS = (OSError, ValueError, KeyError, EOFError)
-_READ_ATTEMPTS = 6
-
-
-def _is_read_error(e: BaseException) -> bool:
-  return isinstance(e, _READ_ERRORS) or type(e) is Exception
-
-
-def _retrying(fn: Any, attempts: int = _READ_ATTEMPTS) -> Any:
-  """Calls ``fn()``, again after an OSError: listing a directory whose steps a writer is removing."""
-  for attempt in range(attempts):
-    try:
-      return fn()
-    except OSError:
-      if attempt == attempts - 1:
-        raise
-      time.sleep(0.01 * (attempt + 1))
-  raise AssertionError("unreachable")  # pragma: no cover
-
-
-class RestoredAdapter(NamedTuple):
-  """What `AdapterCheckpointManager.restore` returns."""
-
-  lora: dict
-  config: LoraConfig
-  opt_state: Any
-  step: int
-
-
-@dataclasses.dataclass(frozen=True)
-class _ReadPlan:
-  """What to read from a step: orbax restore arguments built from its metadata and the caller's templates."""
-
-  meta: Metadata
-  where: str
-  items: dict[str, Any]
-
-
-def _registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
-  reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  for item in (ADAPTER_ITEM, OPT_ITEM):
-    reg.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
-    reg.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-  reg.add(META_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
-  reg.add(META_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
-  return reg
 
 
 def _is_int(x: Any) -> bool:
@@ -126,22 +65,6 @@ def _check_options(config: Any, max_to_keep: Any, save_interval_steps: Any) -> N
     raise ValueError(f"`max_to_keep` must be None or a positive integer; got {max_to_keep!r}.")
   if not _is_int(save_interval_steps) or save_interval_steps < 1:
     raise ValueError(f"`save_interval_steps` must be a positive integer; got {save_interval_steps!r}.")
-
-
-@contextlib.contextmanager
-def _reading(what: str, where: str) -> Iterator[None]:
-  """Turns a failed read of checkpoint files into a `CorruptCheckpointError` naming what and where."""
-  try:
-    yield
-  except CorruptCheckpointError:
-    raise
-  except Exception as e:
-    if not _is_read_error(e):
-      raise
-    raise CorruptCheckpointError(
-      f"Cannot read the {what} of {where} ({type(e).__name__}: {e}); the checkpoint is truncated or "
-      "corrupted. Restore another step."
-    ) from e
 
 
 class AdapterCheckpointManager:
@@ -238,8 +161,8 @@ class AdapterCheckpointManager:
         save_root_metadata=not read_only,
         todelete_subdir=None if read_only else DELETED_DIR,
       )
-      self._manager = _retrying(
-        lambda: ocp.CheckpointManager(self._directory, options=options, handler_registry=_registry())
+      self._manager = retrying(
+        lambda: ocp.CheckpointManager(self._directory, options=options, handler_registry=handler_registry())
       )
     except BaseException:
       self._lock.release()
@@ -363,105 +286,6 @@ class AdapterCheckpointManager:
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
   # -- restore
-  def _step_id(self, step: int) -> int | None:
-    """The step directory's inode: it changes when the step is removed or replaced."""
-    try:
-      return os.stat(os.path.join(self.directory, str(step))).st_ino
-    except OSError:
-      return None
-
-  def _reload(self) -> None:
-    _retrying(self._manager.reload)
-
-  def _pick_step(self, step: int | None) -> int:
-    if step is None:
-      latest = self.latest_step()
-      for attempt in range(0 if self._lock.held or latest is not None else 3):
-        # Orbax lists a directory entry by entry: while a writer replaces the newest step, a
-        # listing can miss both the new and the old one. Look again before saying there is none.
-        time.sleep(0.01 * (attempt + 1))
-        self._reload()
-        latest = self.latest_step()
-        if latest is not None:
-          break
-      if latest is None:
-        writer = active_writer(self.directory) if not self._lock.held else None
-        busy = (
-          f" A writer is active ({writer.describe()}); its first step is not complete yet." if writer else ""
-        )
-        raise FileNotFoundError(
-          f"No complete adapter checkpoint in {self.directory!r} (half-written steps are ignored).{busy}"
-        )
-      return latest
-    if step not in self._manager.all_steps():
-      self._reload()  # a reader's list of steps dates from when it opened
-    if step not in self._manager.all_steps():
-      raise ValueError(f"Step {step} is not in {self.directory!r}; complete steps: {self.all_steps()}.")
-    return step
-
-  def _read_meta(self, step: int, where: str) -> Metadata:
-    with _reading("jlora metadata", where):
-      raw = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
-      meta = raw[META_ITEM]
-    return parse_metadata(meta, where)
-
-  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> _ReadPlan:
-    """Reads and checks the metadata, then the caller's arguments against it (before any array is read)."""
-    where = f"step {step} of {self.directory!r}"
-    meta = self._read_meta(step, where)
-    if base is not None:
-      check_base(meta, base, where)
-    if opt_state is not None and meta.opt_state is None:
-      raise ValueError(f"An `opt_state` template was given but {where} was saved without an optimizer state.")
-    items = {ADAPTER_ITEM: ocp.args.StandardRestore(abstract_lora(meta.leaves, shardings))}
-    if opt_state is not None:
-      items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt(opt_state, meta.opt_state, where))
-    return _ReadPlan(meta=meta, where=where, items=items)
-
-  def _read_step(self, step: int, plan: _ReadPlan) -> tuple[dict, Any]:
-    """Reads the arrays planned, checking them against orbax's metadata and the saved CRCs."""
-    meta, where = plan.meta, plan.where
-    with _reading("array metadata", where):
-      stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
-    if stored is None:
-      raise CorruptCheckpointError(
-        f"{where} has no adapter arrays; the checkpoint is truncated or corrupted."
-      )
-    check_stored_arrays(stored, meta.leaves, where)
-    with _reading("arrays", where):
-      restored = self._manager.restore(step, args=ocp.args.Composite(**plan.items))
-    lora = restored[ADAPTER_ITEM]
-    by_path = dict(paths.leaves_with_paths(lora))
-    names = [tuple(r["path"]) for r in meta.leaves]
-    verify_crc(meta.leaves, [by_path[p] for p in names], [paths.to_str(p) for p in names], where)
-    opt = None
-    if OPT_ITEM in plan.items:
-      opt = restored[OPT_ITEM]
-      verify_crc(meta.opt_state, jax.tree_util.tree_leaves(opt), [r["path"] for r in meta.opt_state], where)
-    return lora, opt
-
-  def _explain_failed_read(self, step: int, step_id: int | None, error: Exception, *, retry: bool) -> None:
-    """Returns if the read should be retried; raises what explains the failure otherwise.
-
-    A read fails for one of two reasons: the files are damaged, or a writer
-    removed or replaced the step while it was read. Only the first is reported
-    as corruption: the step must still be there, unchanged, with no writer at work.
-    """
-    writer: WriterInfo | None = None if self._lock.held else active_writer(self.directory)
-    replaced = step_id is None or self._step_id(step) != step_id
-    if not replaced and writer is None:
-      raise error
-    if retry:
-      self._reload()
-      return
-    by = f" by the writer at work there, {writer.describe()}" if writer else ""
-    what = "removed or replaced" if replaced else "possibly being replaced"
-    raise CheckpointBusyError(
-      f"Step {step} of {self.directory!r} was {what}{by} while it was being read ({error}). The data read "
-      "is discarded; retry, or restore another step. If this persists once no writer is active, the step "
-      "is corrupted."
-    ) from error
-
   def restore(
     self,
     step: int | None = None,
@@ -503,20 +327,8 @@ class AdapterCheckpointManager:
         was read (with ``step=None`` the newest step is tried again first).
     """
     base = base if base is not None else self._base
-    for attempt in range(_READ_ATTEMPTS):
-      chosen = self._pick_step(step)
-      step_id = self._step_id(chosen)
-      try:
-        plan = self._plan(chosen, base, shardings, opt_state)
-        lora, opt = self._read_step(chosen, plan)
-      except CorruptCheckpointError as e:
-        self._explain_failed_read(chosen, step_id, e, retry=attempt < _READ_ATTEMPTS - 1)
-        time.sleep(0.02 * (attempt + 1))
-        continue
-      if base is not None:
-        adapters.bind(base, lora, plan.meta.config)
-      return RestoredAdapter(lora=lora, config=plan.meta.config, opt_state=opt, step=int(chosen))
-    raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
+    reader = StepReader(self._manager, self.directory, is_writer=self._lock.held)
+    return reader.restore(step, base=base, shardings=shardings, opt_state=opt_state)
 
 
 # -- one-call save / load --------------------------------------------------------------

@@ -1,0 +1,237 @@
+"""Reading one step of an adapter checkpoint directory: `StepReader`.
+
+A read is a pipeline of phases: pick the step; read and validate its
+metadata (`checkpoint_format`); check the caller's ``base``, ``shardings``
+and optimizer template against it and build the abstract trees
+(`checkpoint_restore`), all before any array is read, so that a bad argument
+is reported as such; read orbax's array metadata and the arrays; verify them
+against the metadata and the CRCs.
+
+A failed read means the files are damaged, or a writer removed or replaced
+the step meanwhile. Only the first is reported as corruption: the step must
+still be there, unchanged (same directory inode), with no other writer at work
+(`checkpoint_lock.active_writer`). Otherwise the newest step is read again
+(``step=None``) or a `CheckpointBusyError` says that a writer is at work.
+
+Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
+``(*stacked, *fan_in, r)`` and ``lora_B`` ``(*stacked, r, *fan_out)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from jlora._src import adapters, paths
+from jlora._src.checkpoint_format import CorruptCheckpointError, Metadata, check_base, parse_metadata
+from jlora._src.checkpoint_lock import CheckpointBusyError, WriterInfo, active_writer
+from jlora._src.checkpoint_restore import abstract_lora, abstract_opt, check_stored_arrays, verify_crc
+from jlora._src.config import LoraConfig
+
+ADAPTER_ITEM = "adapter"
+META_ITEM = "jlora_meta"
+OPT_ITEM = "opt_state"
+# What a failed read of checkpoint files raises: OSError, tensorstore's and json's ValueError, KeyError
+# for a missing entry, and orbax's bare `Exception` around a failed array read. Arguments are checked
+# before anything is read, so that a bad one is never reported as a damaged checkpoint.
+_READ_ERRORS = (OSError, ValueError, KeyError, EOFError)
+_READ_ATTEMPTS = 6
+
+
+def _is_read_error(e: BaseException) -> bool:
+  return isinstance(e, _READ_ERRORS) or type(e) is Exception
+
+
+def retrying(fn: Any, attempts: int = _READ_ATTEMPTS) -> Any:
+  """Calls ``fn()``, again after an OSError: listing a directory whose steps a writer is removing."""
+  for attempt in range(attempts):
+    try:
+      return fn()
+    except OSError:
+      if attempt == attempts - 1:
+        raise
+      time.sleep(0.01 * (attempt + 1))
+  raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RestoredAdapter(NamedTuple):
+  """What `AdapterCheckpointManager.restore` returns."""
+
+  lora: dict
+  config: LoraConfig
+  opt_state: Any
+  step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReadPlan:
+  """What to read from a step: orbax restore arguments built from its metadata and the caller's templates."""
+
+  meta: Metadata
+  where: str
+  items: dict[str, Any]
+
+
+def handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  for item in (ADAPTER_ITEM, OPT_ITEM):
+    reg.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+    reg.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  reg.add(META_ITEM, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+  reg.add(META_ITEM, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
+  return reg
+
+
+@contextlib.contextmanager
+def _reading(what: str, where: str) -> Iterator[None]:
+  """Turns a failed read of checkpoint files into a `CorruptCheckpointError` naming what and where."""
+  try:
+    yield
+  except CorruptCheckpointError:
+    raise
+  except Exception as e:
+    if not _is_read_error(e):
+      raise
+    raise CorruptCheckpointError(
+      f"Cannot read the {what} of {where} ({type(e).__name__}: {e}); the checkpoint is truncated or "
+      "corrupted. Restore another step."
+    ) from e
+
+
+class StepReader:
+  """Restores steps of the orbax ``manager`` over ``directory``, telling damage from concurrent rewrites.
+
+  ``is_writer``: the reader belongs to the directory's writer, so no other
+  writer can be at work (a step that vanished was removed by its own retention).
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager, directory: str, *, is_writer: bool) -> None:
+    self._manager, self.directory, self._is_writer = manager, directory, is_writer
+
+  def _step_id(self, step: int) -> int | None:
+    """The step directory's inode: it changes when the step is removed or replaced."""
+    try:
+      return os.stat(os.path.join(self.directory, str(step))).st_ino
+    except OSError:
+      return None
+
+  def _reload(self) -> None:
+    retrying(self._manager.reload)
+
+  def _pick_step(self, step: int | None) -> int:
+    if step is None:
+      latest = self._manager.latest_step()
+      for attempt in range(0 if self._is_writer or latest is not None else 3):
+        # Orbax lists a directory entry by entry: while a writer replaces the newest step, a
+        # listing can miss both the new and the old one. Look again before saying there is none.
+        time.sleep(0.01 * (attempt + 1))
+        self._reload()
+        latest = self._manager.latest_step()
+        if latest is not None:
+          break
+      if latest is None:
+        writer = active_writer(self.directory) if not self._is_writer else None
+        busy = (
+          f" A writer is active ({writer.describe()}); its first step is not complete yet." if writer else ""
+        )
+        raise FileNotFoundError(
+          f"No complete adapter checkpoint in {self.directory!r} (half-written steps are ignored).{busy}"
+        )
+      return latest
+    if step not in self._manager.all_steps():
+      self._reload()  # a reader's list of steps dates from when it opened
+    if step not in self._manager.all_steps():
+      raise ValueError(
+        f"Step {step} is not in {self.directory!r}; complete steps: {sorted(self._manager.all_steps())}."
+      )
+    return step
+
+  def _read_meta(self, step: int, where: str) -> Metadata:
+    with _reading("jlora metadata", where):
+      raw = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
+      meta = raw[META_ITEM]
+    return parse_metadata(meta, where)
+
+  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> _ReadPlan:
+    """Reads and checks the metadata, then the caller's arguments against it (before any array is read)."""
+    where = f"step {step} of {self.directory!r}"
+    meta = self._read_meta(step, where)
+    if base is not None:
+      check_base(meta, base, where)
+    if opt_state is not None and meta.opt_state is None:
+      raise ValueError(f"An `opt_state` template was given but {where} was saved without an optimizer state.")
+    items = {ADAPTER_ITEM: ocp.args.StandardRestore(abstract_lora(meta.leaves, shardings))}
+    if opt_state is not None:
+      items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt(opt_state, meta.opt_state, where))
+    return _ReadPlan(meta=meta, where=where, items=items)
+
+  def _read_step(self, step: int, plan: _ReadPlan) -> tuple[dict, Any]:
+    """Reads the arrays planned, checking them against orbax's metadata and the saved CRCs."""
+    meta, where = plan.meta, plan.where
+    with _reading("array metadata", where):
+      stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
+    if stored is None:
+      raise CorruptCheckpointError(
+        f"{where} has no adapter arrays; the checkpoint is truncated or corrupted."
+      )
+    check_stored_arrays(stored, meta.leaves, where)
+    with _reading("arrays", where):
+      restored = self._manager.restore(step, args=ocp.args.Composite(**plan.items))
+    lora = restored[ADAPTER_ITEM]
+    by_path = dict(paths.leaves_with_paths(lora))
+    names = [tuple(r["path"]) for r in meta.leaves]
+    verify_crc(meta.leaves, [by_path[p] for p in names], [paths.to_str(p) for p in names], where)
+    opt = None
+    if OPT_ITEM in plan.items:
+      opt = restored[OPT_ITEM]
+      verify_crc(meta.opt_state, jax.tree_util.tree_leaves(opt), [r["path"] for r in meta.opt_state], where)
+    return lora, opt
+
+  def _explain_failed_read(self, step: int, step_id: int | None, error: Exception, *, retry: bool) -> None:
+    """Returns if the read should be retried; raises what explains the failure otherwise.
+
+    A read fails for one of two reasons: the files are damaged, or a writer
+    removed or replaced the step while it was read. Only the first is reported
+    as corruption: the step must still be there, unchanged, with no writer at work.
+    """
+    writer: WriterInfo | None = None if self._is_writer else active_writer(self.directory)
+    replaced = step_id is None or self._step_id(step) != step_id
+    if not replaced and writer is None:
+      raise error
+    if retry:
+      self._reload()
+      return
+    by = f" by the writer at work there, {writer.describe()}" if writer else ""
+    what = "removed or replaced" if replaced else "possibly being replaced"
+    raise CheckpointBusyError(
+      f"Step {step} of {self.directory!r} was {what}{by} while it was being read ({error}). The data read "
+      "is discarded; retry, or restore another step. If this persists once no writer is active, the step "
+      "is corrupted."
+    ) from error
+
+  def restore(self, step: int | None, *, base: Any, shardings: Any, opt_state: Any) -> RestoredAdapter:
+    """See `AdapterCheckpointManager.restore`."""
+    for attempt in range(_READ_ATTEMPTS):
+      chosen = self._pick_step(step)
+      step_id = self._step_id(chosen)
+      try:
+        plan = self._plan(chosen, base, shardings, opt_state)
+        lora, opt = self._read_step(chosen, plan)
+      except CorruptCheckpointError as e:
+        self._explain_failed_read(chosen, step_id, e, retry=attempt < _READ_ATTEMPTS - 1)
+        time.sleep(0.02 * (attempt + 1))
+        continue
+      if base is not None:
+        adapters.bind(base, lora, plan.meta.config)
+      return RestoredAdapter(lora=lora, config=plan.meta.config, opt_state=opt, step=int(chosen))
+    raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
+
+
+# -- one-call save / load --------------------------------------------------------------
