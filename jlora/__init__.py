@@ -8,21 +8,22 @@ kernel ``(in, out)``); its adapter is ``lora_A`` ``(*stacked, *fan_in, r)`` and
 
 from importlib import metadata as _metadata
 
-from jlora._src.adapters import Layout
 from jlora._src.checkpoint import (
   AdapterCheckpointManager,
   RestoredAdapter,
   load_adapter,
   save_adapter,
-  save_merged,
 )
 from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
 from jlora._src.interpreter import MaterializationWarning
+from jlora._src.layouts import Layout
 from jlora._src.merge import merge, unmerge
+from jlora._src.merged_export import save_merged
 from jlora._src.nnx_models import nnx_merge, nnx_split
 from jlora._src.optim import combine, freeze_base, split, trainable_mask
-from jlora._src.peft_io import export_peft, import_peft, peft_module_name
+from jlora._src.peft_io import export_peft, import_peft
+from jlora._src.peft_names import peft_module_name
 from jlora._src.sharding import adapter_specs
 from jlora._src.summary import count_params, summary
 from jlora._src.targets import module_paths

@@ -45,7 +45,7 @@ def test_round_trip_dict_and_json():
     use_rslora=True,
     init_lora_weights="gaussian",
     modules_to_save=("head",),
-    layout_pattern={"attn/query": (0, 1)},
+    layout_pattern={"attn/query": (0, 1), "c_attn": "oi"},
     dtype="bfloat16",
   )
   assert cfg.layers_to_transform == (0, 2)
@@ -88,7 +88,9 @@ def test_config_is_frozen_and_hashable():
     (dict(rank_pattern=[1]), "`rank_pattern` must be a mapping"),
     (dict(rank_pattern={"(": 2}), "`rank_pattern` pattern .* is not a valid regex"),
     (dict(alpha_pattern={"q": 0}), r"`alpha_pattern\['q'\]` must be a finite number > 0"),
-    (dict(layout_pattern={"q": (0, 0)}), r"`layout_pattern\['q'\]` must be \(stacked, fan_in\)"),
+    (dict(layout_pattern={"q": (0, 0)}), r"`layout_pattern\['q'\]` must be a string of axis roles"),
+    (dict(layout_pattern={"q": "ii"}), r"`layout_pattern\['q'\]` must be .* at least one 'i' and one 'o'"),
+    (dict(layout_pattern={"q": "iox"}), r"`layout_pattern\['q'\]` must be a string of axis roles"),
     (dict(use_rslora=1), "`use_rslora` must be a bool"),
     (dict(init_lora_weights="pissa"), "`init_lora_weights` must be one of"),
     (dict(dtype="int8"), "`dtype` must be None or one of"),

@@ -5,38 +5,30 @@ An adapter tree is a plain nested dict mirroring the paths of the base tree
 ``{"lora_A": A, "lora_B": B}``; at the path of each `modules_to_save` leaf it
 holds the trainable copy of that leaf.
 
-Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``A`` of shape
-``(*stacked', *fan_in, r)`` and ``B`` of shape ``(*stacked', r, *fan_out)``,
-where ``stacked'`` is the stacked (layer) axes, the first one shortened to
-the selected layers when `layers_to_transform` picks some of them. The
-stacked and fan-in axis counts are therefore read back from the shapes alone.
+Shapes follow the kernel's `Layout` (`jlora._src.layouts`): ``lora_A`` is the
+kernel with its fan-out axes replaced by one rank axis, ``lora_B`` the kernel
+with its fan-in axes replaced by one rank axis, both in the kernel's axis
+order (a Dense ``(in, out)``: A ``(in, r)``, B ``(r, out)``). Internally the
+factors are also used in *canonical* order, A ``(*stacked, *fan_in, r)`` and B
+``(*stacked, r, *fan_out)`` (`canonical`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jlora._src import paths, targets
-from jlora._src.config import ALL_LINEAR, LoraConfig
+from jlora._src import layouts, paths, targets
+from jlora._src.config import LoraConfig
+from jlora._src.layouts import Layout
 
-_CONV = "conv_general_dilated"
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """How a kernel's axes split: ``stacked`` leading layer axes, then ``fan_in``
-  contracted axes, then the fan-out axes. ``ops`` names the primitives that
-  use the kernel, when the layout was read off a model (`infer_layouts`)."""
-
-  stacked: int
-  fan_in: int
-  ops: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
+Layouts = Mapping[paths.Path, Layout]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,69 +38,106 @@ class AdapterSpec:
   path: paths.Path
   module: str
   kernel_shape: tuple[int, ...]
-  stacked: int
-  fan_in: int
+  layout: Layout
   rank: int
   scale: float
-  layers: tuple[int, ...] | None  # selected indices of stacked axis 0; None: all
+  layers: tuple[int, ...] | None  # selected indices of the layer axis (first stacked axis); None: all
 
   @property
   def stacked_shape(self) -> tuple[int, ...]:
-    shape = self.kernel_shape[: self.stacked]
+    shape = tuple(self.kernel_shape[i] for i in self.layout.stacked_axes)
     if self.layers is not None:
       shape = (len(self.layers),) + shape[1:]
     return shape
 
   @property
   def in_shape(self) -> tuple[int, ...]:
-    return self.kernel_shape[self.stacked : self.stacked + self.fan_in]
+    return tuple(self.kernel_shape[i] for i in self.layout.in_axes)
 
   @property
   def out_shape(self) -> tuple[int, ...]:
-    return self.kernel_shape[self.stacked + self.fan_in :]
+    return tuple(self.kernel_shape[i] for i in self.layout.out_axes)
 
   @property
   def a_shape(self) -> tuple[int, ...]:
-    return self.stacked_shape + self.in_shape + (self.rank,)
+    """``lora_A``'s shape, in the kernel's axis order."""
+    return layouts.factor_shapes(self.layout, self.kernel_shape, self.rank, self._layer_count)[0]
 
   @property
   def b_shape(self) -> tuple[int, ...]:
-    return self.stacked_shape + (self.rank,) + self.out_shape
+    """``lora_B``'s shape, in the kernel's axis order."""
+    return layouts.factor_shapes(self.layout, self.kernel_shape, self.rank, self._layer_count)[1]
 
   @property
-  def num_params(self) -> int:
-    return math.prod(self.a_shape) + math.prod(self.b_shape)
+  def _layer_count(self) -> int | None:
+    return None if self.layers is None else len(self.layers)
 
   @property
   def where(self) -> str:
     return paths.to_str(self.path)
 
+  @property
+  def param(self) -> str:
+    """The parameter path (module path and leaf name), which target patterns also match."""
+    return f"{self.module}/{self.path[-1]}" if self.module else str(self.path[-1])
 
-def _layout_for(cand: targets.Candidate, config: LoraConfig, inferred: Mapping[paths.Path, Layout]) -> Layout:
-  override = config.layout_for(cand.module)
-  if override is not None:
-    layout = Layout(*override)
-  elif cand.path in inferred:
-    layout = inferred[cand.path]
-  elif len(cand.shape) == 2:
-    layout = Layout(0, 1)
-  else:
+
+def _override(cand: targets.Candidate, config: LoraConfig) -> Layout | None:
+  """The user's `layout_pattern` layout for a kernel, checked against its rank."""
+  return layout_override(cand, config.layout_for(cand.names))
+
+
+def layout_override(cand: targets.Candidate, value: Any) -> Layout | None:
+  """A `layout_pattern` value (roles string or ``(stacked, fan_in)``) as the layout of a kernel."""
+  if value is None:
+    return None
+  where = paths.to_str(cand.path)
+  try:
+    if isinstance(value, str):
+      if len(value) != len(cand.shape):
+        raise ValueError(f"it has {len(value)} roles for a {len(cand.shape)}-D kernel")
+      return Layout(value)
+    return Layout.of_counts(len(cand.shape), *value)
+  except ValueError as e:
     raise ValueError(
-      f"Kernel {paths.to_str(cand.path)!r} has shape {cand.shape}: its stacked, fan-in and "
-      "fan-out axes cannot be told from the shape alone. Pass `apply_fn=model.apply, "
-      "example_args=(inputs,)` to `jlora.init` so it reads how the model contracts the "
-      f"kernel, or set `layout_pattern={{{cand.module.split('/')[-1]!r}: (stacked, fan_in)}}`."
-    )
-  if layout.stacked + layout.fan_in >= len(cand.shape):
-    raise ValueError(
-      f"Layout {layout} of kernel {paths.to_str(cand.path)!r} with shape {cand.shape} leaves "
-      "no fan-out axis; `stacked + fan_in` must be less than the kernel's rank."
-    )
-  return layout
+      f"`layout_pattern` gives {value!r} for kernel {where!r} of shape {cand.shape}, which does not fit: {e}."
+    ) from None
+
+
+def _layout_for(cand: targets.Candidate, config: LoraConfig, inferred: Layouts) -> Layout:
+  layout = _override(cand, config)
+  if layout is not None:
+    return layout
+  if cand.path in inferred:
+    return inferred[cand.path]
+  if len(cand.shape) == 2:
+    return Layout("io")
+  raise ValueError(
+    f"Kernel {paths.to_str(cand.path)!r} has shape {cand.shape}: its stacked, fan-in and "
+    "fan-out axes cannot be told from the shape alone. Pass `apply_fn=model.apply, "
+    "example_args=(inputs,)` to `jlora.init` so it reads how the model uses the "
+    f"kernel, or set `layout_pattern` (e.g. {layouts.layout_hint(paths.to_str(cand.path), len(cand.shape))})."
+  )
+
+
+def _selected_layers(
+  cand: targets.Candidate, layout: Layout, config: LoraConfig
+) -> tuple[bool, tuple[int, ...] | None]:
+  """``(adapted, layers)`` under `layers_to_transform`: a layer index in the path selects the
+  whole kernel; otherwise the first stacked axis is the layer axis and is cut to the selection."""
+  ltt = config.layers_to_transform
+  if ltt is None:
+    return True, None
+  index = targets.layer_index(cand.module, config.layers_pattern)
+  if index is not None or not layout.stacked_axes:
+    return index in ltt, None
+  n = cand.shape[layout.stacked_axes[0]]
+  layers = tuple(i for i in ltt if i < n)
+  return bool(layers), (None if len(layers) == n else layers)
 
 
 def plan(
-  tree: Any, config: LoraConfig, layouts: Mapping[paths.Path, Layout] | None = None
+  tree: Any, config: LoraConfig, layouts: Layouts | None = None, linear: Any = None
 ) -> list[AdapterSpec]:
   """The adapters ``config`` puts on ``tree``, in tree order.
 
@@ -116,50 +145,35 @@ def plan(
     tree: the base tree (Linen variables, NNX state, nested dict).
     config: the LoRA config.
     layouts: kernel layouts read off the model (see `infer_layouts`); kernels
-      not listed use `config.layout_pattern` or the 2-D default.
+      not listed use `config.layout_pattern` or the 2-D default ``"io"``.
+    linear: the weights the model uses as linear layers, for ``"all-linear"``
+      (see `targets.match_targets`).
 
   Raises:
     ValueError: for targets that match nothing or kernels of unknown layout.
   """
   specs = []
-  ltt = config.layers_to_transform
   layouts = layouts or {}
-  for cand in targets.match_targets(tree, config):
-    if config.target_modules == ALL_LINEAR and _CONV in getattr(layouts.get(cand.path), "ops", ()):
-      continue  # "all-linear" means linear layers, as in PEFT: convolutions are not adapted
+  for cand in targets.match_targets(tree, config, linear):
     layout = _layout_for(cand, config, layouts)
-    layers = None
-    if ltt is not None:
-      if layout.stacked:
-        layers = tuple(i for i in ltt if i < cand.shape[0])
-        if not layers:
-          continue
-        if len(layers) == cand.shape[0]:
-          layers = None
-      elif targets.layer_index(cand.module, config.layers_pattern) not in ltt:
-        continue
-    specs.append(
-      AdapterSpec(
-        path=cand.path,
-        module=cand.module,
-        kernel_shape=cand.shape,
-        stacked=layout.stacked,
-        fan_in=layout.fan_in,
-        rank=config.rank_for(cand.module),
-        scale=config.scale_for(cand.module),
-        layers=layers,
+    adapted, layers = _selected_layers(cand, layout, config)
+    if adapted:
+      specs.append(
+        AdapterSpec(
+          path=cand.path,
+          module=cand.module,
+          kernel_shape=cand.shape,
+          layout=layout,
+          rank=config.rank_for(cand.names),
+          scale=config.scale_for(cand.names),
+          layers=layers,
+        )
       )
-    )
-  if not specs and ltt is None:
-    raise ValueError(
-      "`target_modules='all-linear'` matched only convolution kernels, which PEFT's all-linear does "
-      "not adapt; name them in `target_modules` to adapt them."
-    )
   if not specs:
     raise ValueError(
-      f"`layers_to_transform`={ltt} selects none of the matched modules; layer indices are "
-      f"read from paths like 'layers_3' or 'layers/3' (names {config.layers_pattern or 'default'}) "
-      "or from a stacked layer axis."
+      f"`layers_to_transform`={config.layers_to_transform} selects none of the matched modules; layer "
+      f"indices are read from paths like 'layers_3' or 'layers/3' (names "
+      f"{config.layers_pattern or 'default'}) or from a stacked layer axis."
     )
   return specs
 
@@ -173,7 +187,7 @@ def _init_pair(spec: AdapterSpec, config: LoraConfig, key: jax.Array, dtype: Any
   if init is False:
     a = uniform_a()
     b = jax.random.uniform(kb, spec.b_shape, f32, -1.0, 1.0) / math.sqrt(spec.rank)
-  elif spec.path[-1] == "embedding":
+  elif spec.path[-1] in targets.EMBEDDING_LEAVES or "gather" in spec.layout.ops:
     # PEFT's Embedding adapter: A zeros, B standard normal.
     a = jnp.zeros(spec.a_shape, f32)
     b = jax.random.normal(kb, spec.b_shape, f32)
@@ -191,10 +205,11 @@ def init_adapters(
   config: LoraConfig,
   *,
   key: jax.Array,
-  layouts: Mapping[paths.Path, Layout] | None = None,
+  layouts: Layouts | None = None,
+  linear: Any = None,
 ) -> dict:
   """Builds the adapter tree of ``config`` on ``tree`` (see `jlora.init`)."""
-  specs = plan(tree, config, layouts)
+  specs = plan(tree, config, layouts, linear)
   leaves = dict(paths.leaves_with_paths(tree))
   keys = jax.random.split(key, len(specs))
   out: dict = {}
@@ -217,8 +232,76 @@ class Bound:
   b: Any
 
 
-def bind(tree: Any, lora: Any, config: LoraConfig) -> tuple[list[Bound], dict[paths.Path, Any]]:
-  """Pairs each adapter of ``lora`` with its kernel in ``tree``, checking shapes.
+def _read_layout(
+  cand: targets.Candidate, a: Any, b: Any, config: LoraConfig, hint: Callable[[], Layouts]
+) -> layouts.Reading:
+  """The layout of one adapter: the `layout_pattern` override, else the one reading of the factor
+  shapes, else (when several fit) the one the model's use of the kernel gives."""
+  where = paths.to_str(cand.path)
+  layer_axis_ok = (
+    config.layers_to_transform is not None and targets.layer_index(cand.module, config.layers_pattern) is None
+  )
+  found = layouts.readings(cand.shape, a.shape, b.shape, layer_axis_ok)
+  override = _override(cand, config)
+  if override is not None:
+    found = [f for f in found if f.layout == override]
+  elif len(found) > 1:
+    used = hint().get(cand.path)
+    if used is not None:
+      found = [f for f in found if f.layout == used]
+  if not found:
+    expected = ""
+    if override is not None or len(cand.shape) == 2:
+      lay = override or Layout("io")
+      want = layouts.factor_shapes(lay, cand.shape, config.rank_for(cand.names))
+      expected = f" (layout {lay}: lora_A {want[0]}, lora_B {want[1]})"
+    raise ValueError(
+      f"Adapter at {where!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do "
+      f"not factor the kernel of shape {cand.shape}{expected}: lora_A is the kernel with its fan-out "
+      "axes replaced by one rank axis, lora_B the kernel with its fan-in axes replaced by one."
+    )
+  if len(found) > 1:
+    options = ", ".join(repr(f.layout.roles) for f in found)
+    raise ValueError(
+      f"The adapter at {where!r} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) fits kernel "
+      f"{cand.shape} in more than one layout ({options}): its rank equals an axis size. Set "
+      f"`layout_pattern` (e.g. {{{cand.module.rsplit('/', 1)[-1]!r}: {found[0].layout.roles!r}}}) to say "
+      "which, or use `jlora.wrap`, which reads it from the model."
+    )
+  return found[0]
+
+
+def _check_reading(cand: targets.Candidate, reading: layouts.Reading, config: LoraConfig) -> tuple | None:
+  """The selected layers of a checked reading (rank and layer count against the config)."""
+  where = paths.to_str(cand.path)
+  want_rank = config.rank_for(cand.names)
+  if reading.rank != want_rank:
+    raise ValueError(
+      f"Adapter at {where!r} has rank {reading.rank} but the config gives rank {want_rank} for module "
+      f"{cand.module!r}; use the config the adapter was made with."
+    )
+  _, layers = _selected_layers(cand, reading.layout, config)
+  want = None if layers is None else len(layers)
+  if reading.layers != want:
+    n = cand.shape[reading.layout.stacked_axes[0]]
+    raise ValueError(
+      f"Adapter at {where!r} covers {reading.layers or n} of the kernel's {n} stacked layers, "
+      f"but `layers_to_transform`={config.layers_to_transform} selects {want or n}."
+    )
+  return layers
+
+
+def bind(
+  tree: Any, lora: Any, config: LoraConfig, layouts: Callable[[], Layouts] | None = None
+) -> tuple[list[Bound], dict[paths.Path, Any]]:
+  """Pairs each adapter of ``lora`` with its kernel in ``tree``, reading its layout.
+
+  Args:
+    tree: the base tree.
+    lora: the adapter tree.
+    config: its config.
+    layouts: called (at most once) when an adapter's shapes fit more than one
+      layout, to get the layouts the model's use gives.
 
   Returns:
     The bound adapters, and ``{path: array}`` for the `modules_to_save` leaves.
@@ -229,6 +312,13 @@ def bind(tree: Any, lora: Any, config: LoraConfig) -> tuple[list[Bound], dict[pa
   """
   leaves = dict(paths.leaves_with_paths(tree))
   collections = paths.is_collections(tree)
+  cache: list[Layouts] = []
+
+  def hint() -> Layouts:
+    if not cache:
+      cache.append(layouts() if layouts is not None else {})
+    return cache[0]
+
   bound, saved = [], {}
   for path, node in paths.adapter_items(lora):
     where = paths.to_str(path)
@@ -250,44 +340,25 @@ def bind(tree: Any, lora: Any, config: LoraConfig) -> tuple[list[Bound], dict[pa
       saved[path] = node
       continue
     a, b = node[paths.LORA_A], node[paths.LORA_B]
-    kshape = tuple(kernel.shape)
-    stacked = a.ndim + b.ndim - 2 - len(kshape)
-    fan_in = a.ndim - 1 - stacked
-    ok = (
-      stacked >= 0
-      and fan_in >= 1
-      and b.ndim - 1 - stacked >= 1
-      and a.shape[-1] == b.shape[stacked]
-      and tuple(a.shape[stacked:-1]) == kshape[stacked : stacked + fan_in]
-      and tuple(b.shape[stacked + 1 :]) == kshape[stacked + fan_in :]
-      and tuple(a.shape[:stacked]) == tuple(b.shape[:stacked])
-      and tuple(a.shape[1:stacked]) == kshape[1:stacked]
+    cand = targets.Candidate(path, paths.module_path(path, collections), tuple(kernel.shape), kernel.dtype)
+    reading = _read_layout(cand, a, b, config, hint)
+    layers = _check_reading(cand, reading, config)
+    spec = AdapterSpec(
+      path, cand.module, cand.shape, reading.layout, reading.rank, config.scale_for(cand.names), layers
     )
-    if not ok:
-      raise ValueError(
-        f"Adapter at {where!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, which do "
-        f"not factor the kernel of shape {kshape}: expected A (*stacked, *fan_in, r) and "
-        "B (*stacked, r, *fan_out)."
-      )
-    module = paths.module_path(path, collections)
-    layers = None
-    if stacked and a.shape[0] != kshape[0]:
-      ltt = config.layers_to_transform or ()
-      layers = tuple(i for i in ltt if i < kshape[0])
-      if len(layers) != a.shape[0]:
-        raise ValueError(
-          f"Adapter at {where!r} covers {a.shape[0]} of the kernel's {kshape[0]} stacked layers, "
-          f"but `layers_to_transform`={config.layers_to_transform} selects {len(layers)}."
-        )
-    rank = int(a.shape[-1])
-    if rank != config.rank_for(module):
-      raise ValueError(
-        f"Adapter at {where!r} has rank {rank} but the config gives rank "
-        f"{config.rank_for(module)} for module {module!r}; use the config the adapter was made with."
-      )
-    spec = AdapterSpec(path, module, kshape, stacked, fan_in, rank, config.scale_for(module), layers)
     bound.append(Bound(spec, kernel, a, b))
   return bound, saved
+
+
+def canonical(spec: AdapterSpec, a: Any, b: Any) -> tuple[Any, Any]:
+  """The factors in canonical order: A ``(*stacked, *fan_in, r)``, B ``(*stacked, r, *fan_out)``."""
+  return jnp.transpose(a, spec.layout.canonical_perm("a")), jnp.transpose(b, spec.layout.canonical_perm("b"))
+
+
+def from_canonical(spec: AdapterSpec, a: Any, b: Any) -> tuple[Any, Any]:
+  """The inverse of `canonical`: factors in the kernel's axis order."""
+  inv = lambda side: tuple(np.argsort(spec.layout.canonical_perm(side)))  # noqa: E731
+  return jnp.transpose(a, inv("a")), jnp.transpose(b, inv("b"))
 
 
 def delta(spec: AdapterSpec, a: jax.Array, b: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
@@ -295,21 +366,20 @@ def delta(spec: AdapterSpec, a: jax.Array, b: jax.Array, dtype: Any = jnp.float3
 
   Unselected stacked layers (`layers_to_transform`) get zeros.
   """
-  a2 = a.astype(jnp.float32).reshape(spec.stacked_shape + (math.prod(spec.in_shape), spec.rank))
-  b2 = b.astype(jnp.float32).reshape(spec.stacked_shape + (spec.rank, math.prod(spec.out_shape)))
+  a, b = expand_layers(spec, *canonical(spec, a, b))
+  stacked = tuple(spec.kernel_shape[i] for i in spec.layout.stacked_axes)
+  a2 = a.astype(jnp.float32).reshape(stacked + (math.prod(spec.in_shape), spec.rank))
+  b2 = b.astype(jnp.float32).reshape(stacked + (spec.rank, math.prod(spec.out_shape)))
   d = jnp.matmul(a2, b2, precision=jax.lax.Precision.HIGHEST) * spec.scale
-  d = d.reshape(spec.stacked_shape + spec.in_shape + spec.out_shape)
-  if spec.layers is not None:
-    full = jnp.zeros(spec.kernel_shape, jnp.float32)
-    d = full.at[jnp.asarray(spec.layers)].set(d)
-  return d.astype(dtype)
+  d = d.reshape(stacked + spec.in_shape + spec.out_shape)
+  return jnp.transpose(d, tuple(np.argsort(spec.layout.kernel_perm()))).astype(dtype)
 
 
 def expand_layers(spec: AdapterSpec, a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``A``, ``B`` over all stacked layers: zeros in ``B`` for unselected layers."""
+  """Canonical ``A``, ``B`` over all stacked layers: zeros in ``B`` for unselected layers."""
   if spec.layers is None:
     return a, b
-  n = spec.kernel_shape[0]
+  n = spec.kernel_shape[spec.layout.stacked_axes[0]]
   idx = jnp.asarray(spec.layers)
   a_full = jnp.zeros((n,) + a.shape[1:], a.dtype).at[idx].set(a)
   b_full = jnp.zeros((n,) + b.shape[1:], b.dtype).at[idx].set(b)

@@ -16,10 +16,11 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 InitLoraWeights = bool | Literal["gaussian"]
+LayoutSpec = str | tuple[int, int]
 
 ALL_LINEAR = "all-linear"
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -104,9 +105,14 @@ class LoraConfig:
     modules_to_save: modules whose parameters are trained in full alongside
       the adapter (e.g. a classifier head); same matching rules as
       ``target_modules`` lists.
-    layout_pattern: ``{pattern: (stacked, fan_in)}``: how many leading axes of
-      a matching kernel are stacked-layer axes and how many of the next are
-      fan-in axes (the rest are fan-out). Overrides what jlora infers.
+    layout_pattern: ``{pattern: layout}``: the layout of matching kernels,
+      overriding what jlora reads from the model. A layout is a string with
+      one role per kernel axis in storage order, ``s`` (stacked), ``i``
+      (fan-in) or ``o`` (fan-out): ``"oi"`` for a 2-D kernel stored
+      ``(out, in)``, ``"oio"`` for gemma's ``q_einsum`` ``(N, D, H)``, ``"iso"``
+      for a scanned kernel stored ``(in, L, out)``; or ``(stacked, fan_in)``:
+      that many leading stacked axes, then fan-in axes, then fan-out (see
+      `jlora.Layout`).
     dtype: dtype name of the adapter weights; ``None`` follows the kernel.
 
   Raises:
@@ -131,7 +137,7 @@ class LoraConfig:
   use_rslora: bool = False
   init_lora_weights: InitLoraWeights = True
   modules_to_save: tuple[str, ...] | None = None
-  layout_pattern: Mapping[str, tuple[int, int]] | tuple[tuple[str, tuple[int, int]], ...] = ()
+  layout_pattern: Mapping[str, LayoutSpec] | tuple[tuple[str, LayoutSpec], ...] = ()
   dtype: str | None = None
 
   def __post_init__(self) -> None:
@@ -198,24 +204,9 @@ class LoraConfig:
         raise ValueError(f"`alpha_pattern[{key!r}]` must be a finite number > 0; got {val!r}.")
       return float(val)
 
-    def check_layout(key, val):
-      ok = (
-        isinstance(val, (tuple, list))
-        and len(val) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in val)
-        and val[0] >= 0
-        and val[1] >= 1
-      )
-      if not ok:
-        raise ValueError(
-          f"`layout_pattern[{key!r}]` must be (stacked, fan_in) with stacked >= 0 "
-          f"leading layer axes and fan_in >= 1 contracted axes; got {val!r}."
-        )
-      return (int(val[0]), int(val[1]))
-
     set_("rank_pattern", _freeze_mapping("rank_pattern", self.rank_pattern, check_rank))
     set_("alpha_pattern", _freeze_mapping("alpha_pattern", self.alpha_pattern, check_alpha))
-    set_("layout_pattern", _freeze_mapping("layout_pattern", self.layout_pattern, check_layout))
+    set_("layout_pattern", freeze_layout_pattern(self.layout_pattern))
 
     if not isinstance(self.use_rslora, bool):
       raise TypeError(f"`use_rslora` must be a bool; got {self.use_rslora!r}.")
@@ -227,23 +218,27 @@ class LoraConfig:
 
   # -- per-module values -----------------------------------------------------
 
-  def rank_for(self, module_path: str) -> int:
-    """The rank of the adapter at ``module_path`` (``rank_pattern`` or ``r``)."""
-    return _lookup(self.rank_pattern, module_path, self.r)
+  # A weight has two names patterns can match: its module path
+  # (``layer_0/mlp``) and its parameter path (``layer_0/mlp/linear``); pass
+  # either, or both as a tuple.
 
-  def alpha_for(self, module_path: str) -> float:
-    """The alpha of the adapter at ``module_path`` (``alpha_pattern`` or ``lora_alpha``)."""
-    return _lookup(self.alpha_pattern, module_path, self.lora_alpha)
+  def rank_for(self, names: str | Sequence[str]) -> int:
+    """The rank of the adapter at ``names`` (``rank_pattern`` or ``r``)."""
+    return _lookup(self.rank_pattern, names, self.r)
 
-  def scale_for(self, module_path: str) -> float:
-    """``alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``) at ``module_path``."""
-    r = self.rank_for(module_path)
-    alpha = self.alpha_for(module_path)
+  def alpha_for(self, names: str | Sequence[str]) -> float:
+    """The alpha of the adapter at ``names`` (``alpha_pattern`` or ``lora_alpha``)."""
+    return _lookup(self.alpha_pattern, names, self.lora_alpha)
+
+  def scale_for(self, names: str | Sequence[str]) -> float:
+    """``alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``) at ``names``."""
+    r = self.rank_for(names)
+    alpha = self.alpha_for(names)
     return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
-  def layout_for(self, module_path: str) -> tuple[int, int] | None:
-    """The user's ``(stacked, fan_in)`` override at ``module_path``, if any."""
-    return _lookup(self.layout_pattern, module_path, None)
+  def layout_for(self, names: str | Sequence[str]) -> LayoutSpec | None:
+    """The user's layout override (``layout_pattern``) at ``names``, if any."""
+    return _lookup(self.layout_pattern, names, None)
 
   # -- serialisation ---------------------------------------------------------
 
@@ -255,7 +250,7 @@ class LoraConfig:
       if f.name in ("rank_pattern", "alpha_pattern"):
         value = dict(value)
       elif f.name == "layout_pattern":
-        value = {k: list(v) for k, v in value}
+        value = {k: v if isinstance(v, str) else list(v) for k, v in value}
       elif isinstance(value, tuple):
         value = list(value)
       out[f.name] = value
@@ -276,18 +271,50 @@ class LoraConfig:
       raise ValueError(f"Unknown LoraConfig field(s) {unknown}; known fields: {sorted(known)}.")
     kwargs = dict(data)
     if "layout_pattern" in kwargs and isinstance(kwargs["layout_pattern"], Mapping):
-      kwargs["layout_pattern"] = {k: tuple(v) for k, v in kwargs["layout_pattern"].items()}
+      kwargs["layout_pattern"] = {
+        k: v if isinstance(v, str) else tuple(v) for k, v in kwargs["layout_pattern"].items()
+      }
     return cls(**kwargs)
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def _lookup(items: tuple[tuple[str, Any], ...], module_path: str, default: Any) -> Any:
-  """The value of the longest pattern that matches ``module_path`` or a suffix of it."""
-  best_key, best = None, default
+def longest_match(items: Iterable[tuple[str, Any]], names: str | Sequence[str]) -> tuple[str, Any] | None:
+  """``(pattern, value)`` of the longest pattern matching one of ``names`` or a ``/``-suffix of it."""
+  names = (names,) if isinstance(names, str) else tuple(names)
+  best = None
   for key, value in items:
-    if re.fullmatch(rf"(?:.*/)?(?:{key})", module_path):
-      if best_key is None or len(key) > len(best_key):
-        best_key, best = key, value
+    if any(re.fullmatch(rf"(?:.*/)?(?:{key})", name) for name in names):
+      if best is None or len(key) > len(best[0]):
+        best = (key, value)
   return best
+
+
+def _check_layout(key: str, val: Any) -> LayoutSpec:
+  if isinstance(val, str):
+    if val and not set(val) - set("sio") and "i" in val and "o" in val:
+      return val
+  elif (
+    isinstance(val, (tuple, list))
+    and len(val) == 2
+    and all(isinstance(v, int) and not isinstance(v, bool) for v in val)
+    and val[0] >= 0
+    and val[1] >= 1
+  ):
+    return (int(val[0]), int(val[1]))
+  raise ValueError(
+    f"`layout_pattern[{key!r}]` must be a string of axis roles ('s' stacked, 'i' fan-in, "
+    "'o' fan-out, one per kernel axis, with at least one 'i' and one 'o', e.g. 'oi'), or "
+    f"(stacked, fan_in) with stacked >= 0 and fan_in >= 1; got {val!r}."
+  )
+
+
+def freeze_layout_pattern(value: Any) -> tuple[tuple[str, LayoutSpec], ...]:
+  """A validated, frozen ``layout_pattern`` (see `LoraConfig`)."""
+  return _freeze_mapping("layout_pattern", value, _check_layout)
+
+
+def _lookup(items: tuple[tuple[str, Any], ...], names: str | Sequence[str], default: Any) -> Any:
+  found = longest_match(items, names)
+  return default if found is None else found[1]

@@ -8,8 +8,9 @@ from typing import Any
 import jax
 
 from jlora._src import adapters, paths, sharding, targets
-from jlora._src.config import LoraConfig
-from jlora._src.wrap import infer_layouts
+from jlora._src import layouts as layouts_
+from jlora._src.config import ALL_LINEAR, LoraConfig
+from jlora._src.wrap import infer_layouts, linear_weights, read_uses
 
 
 def init(
@@ -29,13 +30,18 @@ def init(
   trainable copies of `modules_to_save` leaves. ``tree`` is neither copied
   nor modified. Each adapter draws from its own split of ``key``.
 
-  Shapes: kernel ``(*stacked, *fan_in, *fan_out)`` -> ``lora_A``
-  ``(*stacked, *fan_in, r)`` and ``lora_B`` ``(*stacked, r, *fan_out)``; the
-  stacked axis shrinks to the selected layers under `layers_to_transform`.
-  2-D kernels are ``(in, out)``. For kernels of three or more dimensions the
-  split is read from how the model contracts them: pass ``apply_fn`` and
-  example inputs (arrays or ``jax.ShapeDtypeStruct``; nothing is computed),
-  or set ``config.layout_pattern``.
+  Shapes follow the kernel's `jlora.Layout` (which axes are stacked, fan-in,
+  fan-out, in any storage order): ``lora_A`` is the kernel with its fan-out
+  axes replaced by one rank axis, ``lora_B`` the kernel with its fan-in axes
+  replaced by one (Dense ``(in, out)``: A ``(in, r)``, B ``(r, out)``; scanned
+  ``(L, in, out)``: A ``(L, in, r)``, B ``(L, r, out)``); the layer axis
+  shrinks to the selected layers under `layers_to_transform`. Pass
+  ``apply_fn`` and example inputs (arrays or ``jax.ShapeDtypeStruct``; nothing
+  is computed) so jlora reads each layout from how the model uses the kernel,
+  and so ``"all-linear"`` finds every weight used as a linear layer whatever
+  its name; without the model, 2-D kernels are read as ``(in, out)``, others
+  need ``config.layout_pattern``, and ``"all-linear"`` adapts leaves named
+  ``kernel``.
 
   Args:
     tree: the base tree: Linen variables (``{"params": ...}``), an NNX
@@ -43,7 +49,7 @@ def init(
     config: the LoRA config.
     key: a PRNG key.
     apply_fn: the model's apply function, ``apply_fn(tree, *example_args,
-      **example_kwargs)``; needed only to read N-D kernel layouts.
+      **example_kwargs)``, to read kernel layouts and linear weights from use.
     example_args: example positional inputs for ``apply_fn``.
     example_kwargs: example keyword inputs for ``apply_fn``.
     shardings: where to create the adapter. ``None`` (default): by eager
@@ -76,18 +82,28 @@ def init(
     >>> jax.tree_util.tree_map(jnp.shape, lora)
     {'layers_0': {'q_proj': {'kernel': {'lora_A': (16, 4), 'lora_B': (4, 32)}}}}
   """
-  layouts = None
+  layouts, linear = None, None
   if apply_fn is not None:
-    wanted = [
-      c.path
-      for c in targets.match_targets(tree, config)
-      if len(c.shape) >= 3 and config.layout_for(c.module) is None
-    ]
-    if wanted:
-      layouts = infer_layouts(apply_fn, tree, *example_args, only=wanted, **(example_kwargs or {}))
+    layouts, linear = read_model(apply_fn, tree, config, example_args, example_kwargs or {})
   if shardings is None:
-    return adapters.init_adapters(tree, config, key=key, layouts=layouts)
-  return _init_sharded(tree, config, key, layouts, shardings)
+    return adapters.init_adapters(tree, config, key=key, layouts=layouts, linear=linear)
+  return _init_sharded(tree, config, key, layouts=layouts, linear=linear, shardings=shardings)
+
+
+def read_model(
+  apply_fn: Callable[..., Any],
+  tree: Any,
+  config: LoraConfig,
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+) -> tuple[dict[paths.Path, layouts_.Layout], set[paths.Path] | None]:
+  """The layouts of the kernels ``config`` targets, read from the model's use, and for
+  ``"all-linear"`` the weights the model uses as linear layers."""
+  linear = None
+  if config.target_modules == ALL_LINEAR:
+    linear = linear_weights(read_uses(apply_fn, tree, args, kwargs))
+  wanted = [c.path for c in targets.match_targets(tree, config, linear) if config.layout_for(c.names) is None]
+  return (infer_layouts(apply_fn, tree, *args, only=wanted, **kwargs) if wanted else {}), linear
 
 
 def _abstract(x: Any) -> Any:
@@ -98,7 +114,9 @@ def _init_sharded(
   tree: Any,
   config: LoraConfig,
   key: jax.Array,
-  layouts: Mapping[paths.Path, adapters.Layout] | None,
+  *,
+  layouts: Mapping[paths.Path, layouts_.Layout] | None,
+  linear: set[paths.Path] | None,
   shardings: Any,
 ) -> dict:
   """`init_adapters` under ``jit`` with ``out_shardings``: every device makes only its shards."""
@@ -112,7 +130,7 @@ def _init_sharded(
     t = jax.tree_util.tree_map_with_path(
       lambda kp, leaf: saved_values.get(paths.to_str(paths.normalize(kp)), leaf), abstract
     )
-    return adapters.init_adapters(t, config, key=k, layouts=layouts)
+    return adapters.init_adapters(t, config, key=k, layouts=layouts, linear=linear)
 
   shapes = jax.eval_shape(fn, jax.tree_util.tree_map(_abstract, saved), key)
   if isinstance(shardings, jax.sharding.Mesh):

@@ -44,6 +44,7 @@ try:
 except ImportError:  # pragma: no cover
   source_info_util = None
 
+from jlora._src import layouts
 from jlora._src import values as V
 from jlora._src.values import LoraValue, Probe
 
@@ -130,12 +131,18 @@ def materialize(x: Any, ctx: Context, why: str) -> Any:
   return x.dense()
 
 
+def _is_output(x: Any) -> bool:
+  return isinstance(x, Probe) and x.output
+
+
 def _eval_eqn(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
   pending = [x for x in invals if isinstance(x, _PendingSum)]
   if eqn.primitive is P.add_p and len(pending) == 1 and not any(_is_special(x) for x in invals):
     p = pending[0]  # (x @ W) + b + lora: the bias joins the base product first
     return [_bind(eqn, [p.base if x is p else x for x in invals])[0] + p.lora]
   invals = [_settle(x) for x in invals]
+  if eqn.primitive not in _OUTPUT_VIEWS:
+    invals = [x.w if _is_output(x) else x for x in invals]
   if not any(_is_special(x) for x in invals):
     return _bind(eqn, invals)
   rule = _RULES.get(eqn.primitive)
@@ -222,9 +229,14 @@ def _same_view(x, w, params, ctx, *dyn):
   return dataclasses.replace(x, w=w)
 
 
-def _probe_index(x: Probe, w: Any, ctx: Context) -> Probe:
-  """Axes a slice cuts down to one entry (``w[i]``) are read as stacked layer axes."""
-  picked = {ax: "stacked" for ax in range(len(x.shape)) if w.shape[ax] == 1 < x.shape[ax]}
+def _probe_index(x: Probe, w: Any, ctx: Context, starts: Sequence[Any]) -> Probe:
+  """Axes a slice cuts down to one entry (``w[i]``) are read as stacked layer axes; on a
+  product (an output probe), as the fan-out axes the model takes apart entry by entry."""
+  cut = [ax for ax in range(len(x.shape)) if w.shape[ax] == 1 < x.shape[ax]]
+  if x.output:
+    picked = {ax: f"{layouts.SPLIT}{starts[ax]}" for ax in cut if isinstance(starts[ax], int)}
+  else:
+    picked = {ax: layouts.STACKED for ax in cut}
   if picked:
     _record(ctx, x, picked, "index")
   return dataclasses.replace(x, w=w)
@@ -232,7 +244,7 @@ def _probe_index(x: Probe, w: Any, ctx: Context) -> Probe:
 
 def _slice(x, w, params, ctx):
   if isinstance(x, Probe):
-    return _probe_index(x, w, ctx)
+    return _probe_index(x, w, ctx, params["start_indices"])
   strides = params["strides"] or (1,) * w.ndim
   out = x
   for ax, (lo, hi, st) in enumerate(zip(params["start_indices"], params["limit_indices"], strides)):
@@ -243,7 +255,7 @@ def _slice(x, w, params, ctx):
 
 def _dynamic_slice(x, w, params, ctx, *starts):
   if isinstance(x, Probe):
-    return _probe_index(x, w, ctx)
+    return _probe_index(x, w, ctx, [None] * len(starts))
   out = x
   for ax, (start, size) in enumerate(zip(starts, params["slice_sizes"])):
     if size != x.shape[ax]:
@@ -292,11 +304,14 @@ def _dot_general(eqn, invals, ctx):
   kc, xc, kb, xb = (lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)
   base = _bind(eqn, [kv.w, rhs] if k_is_lhs else [lhs, kv.w])[0]
   if isinstance(kv, Probe):
-    roles = {i: "out" for i in range(len(kv.shape))}
-    roles.update({i: "in" for i in kc})
-    roles.update({i: "stacked" for i in kb})
+    roles = {i: layouts.OUT for i in range(len(kv.shape))}
+    roles.update({i: layouts.IN for i in kc})
+    roles.update({i: layouts.STACKED for i in kb})
     _record(ctx, kv, roles, "dot_general")
-    return [base]
+    k_free = [kv.origin[i] for i in range(len(kv.shape)) if i not in kc and i not in kb]
+    x_free = [() for j in range(x.ndim) if j not in xc and j not in xb]
+    origin = [kv.origin[i] for i in kb] + (k_free + x_free if k_is_lhs else x_free + k_free)
+    return [Probe(base, tuple(origin), kv.site, output=True)]
 
   nk = len(kv.shape)
   lab = V.letters(nk + x.ndim + 1)
@@ -364,8 +379,8 @@ def _conv(eqn, invals, ctx):
   base = _bind(eqn, [x, kv.w])[0]
   o_axis, i_axis, *spatial = dn.rhs_spec
   if isinstance(kv, Probe):
-    roles = {ax: "in" for ax in (i_axis, *spatial)}
-    roles[o_axis] = "out" if p["feature_group_count"] == 1 else "grouped"
+    roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
+    roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else "grouped"
     _record(ctx, kv, roles, "conv_general_dilated")
     return [base]
   if (
@@ -394,8 +409,8 @@ def _gather(eqn, invals, ctx):
   indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
   full = [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
   if isinstance(kv, Probe):
-    roles = {ax: "out" for ax in full}
-    roles.update({ax: "in" for ax in range(len(kv.shape)) if ax not in full})
+    roles = {ax: layouts.OUT for ax in full}
+    roles.update({ax: layouts.IN for ax in range(len(kv.shape)) if ax not in full})
     _record(ctx, kv, roles, "gather")
     return [base]
   b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
@@ -486,8 +501,7 @@ def _scan(eqn, invals, ctx):
     if _is_special(x):
       xs, inv, rebuild = _split_scanned(x)
       if isinstance(x, Probe):
-        roles = {0: "stacked"}
-        _record(ctx, x, roles, "scan")
+        _record(ctx, x, {0: layouts.STACKED}, "scan")
     else:
       xs, inv, rebuild = x, None, None
     packed.append(xs)
@@ -546,6 +560,19 @@ def _cond(eqn, invals, ctx):
 
   return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], key))
 
+
+# Primitives an output probe follows (the others see the plain product).
+_OUTPUT_VIEWS = frozenset(
+  {
+    P.transpose_p,
+    P.reshape_p,
+    P.squeeze_p,
+    P.convert_element_type_p,
+    P.copy_p,
+    P.sharding_constraint_p,
+    P.slice_p,
+  }
+)
 
 _RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.transpose_p: _view(_transpose),

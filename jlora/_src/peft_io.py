@@ -1,14 +1,16 @@
 """PEFT interop: `export_peft` and `import_peft` (``adapter_config.json`` + ``adapter_model.safetensors``).
 
-Shape conventions: a Flax kernel is ``(*stacked, *fan_in, *fan_out)`` (a Dense
-kernel ``(in, out)``); its jlora adapter is ``lora_A`` ``(*stacked, *fan_in, r)``
-and ``lora_B`` ``(*stacked, r, *fan_out)``. PEFT's ``lora_A.weight`` is
-``(r, in)`` and ``lora_B.weight`` is ``(out, r)``, so the export transposes,
-after flattening the fan-in and the fan-out axes row-major (a DenseGeneral
-kernel ``(d, H, Dh)`` is the PyTorch Linear of ``kernel.reshape(d, H * Dh)``).
-A kernel stacked over layers (``nn.scan``, ``(L, in, out)``) becomes one PEFT
-module per layer. An ``embedding`` ``(vocab, d)`` uses PEFT's
-``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(d, r)``.
+Shapes: a jlora adapter keeps its kernel's axis order (`jlora.Layout`); in
+canonical order it is A ``(*stacked, *fan_in, r)`` and B
+``(*stacked, r, *fan_out)``. PEFT's ``lora_A.weight`` is ``(r, in)`` and
+``lora_B.weight`` ``(out, r)``, ``in``/``out`` being the fan-in and fan-out
+axes flattened row-major in the kernel's axis order (gemma's ``q_einsum``
+``(N, D, H)`` is the PyTorch ``q_proj`` Linear of ``N*H`` outputs). A kernel
+with a stacked axis becomes one PEFT module per entry: per layer of a scanned
+kernel, per part of a fused one (gemma's ``kv_einsum`` -> ``k_proj``,
+``v_proj``). An embedding uses PEFT's ``lora_embedding_A`` ``(r, vocab)`` and
+``lora_embedding_B`` ``(d, r)``. Module names come from a name map
+(`jlora._src.peft_names`).
 
 Only the ``safetensors`` format is read or written; pickled ``.bin`` files are
 never loaded.
@@ -16,32 +18,43 @@ never loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import adapters, paths, targets
-from jlora._src.config import LoraConfig
+from jlora._src import adapters, layouts, paths, targets
+from jlora._src.config import LoraConfig, freeze_layout_pattern, longest_match
+from jlora._src.peft_names import PREFIX, NameMap, default_name_map, is_conv1d, lora_keys
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-NameMap = Callable[[paths.Path, "int | None"], str]
 
-_LAYER_NAMES = frozenset(targets._DEFAULT_LAYER_NAMES)
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 # PEFT LoraConfig fields that jlora reads.
 _USED = frozenset(
-  {"r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights", "rank_pattern", "alpha_pattern"}
+  {
+    "r",
+    "lora_alpha",
+    "lora_dropout",
+    "use_rslora",
+    "init_lora_weights",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+  }
 )
 # Fields whose value does not change what the saved weights compute (or that
-# jlora re-derives from the tensor names).
+# jlora re-derives from the tensor names and the Flax model: `fan_in_fan_out`
+# only says how PyTorch stores GPT-2's Conv1D weights).
 _IGNORED = frozenset(
   {
     "task_type",
@@ -50,11 +63,9 @@ _IGNORED = frozenset(
     "base_model_name_or_path",
     "revision",
     "inference_mode",
-    "target_modules",
     "exclude_modules",
-    "layers_to_transform",
-    "layers_pattern",
     "modules_to_save",
+    "fan_in_fan_out",
     "megatron_core",
     "runtime_config",
     "loftq_config",
@@ -67,11 +78,10 @@ _IGNORED = frozenset(
   }
 )
 # Fields that must keep PEFT's plain-LoRA value: anything else computes
-# something jlora's LoRA does not (DoRA, biases, transposed Conv1D weights ...).
+# something jlora's LoRA does not (DoRA, biases ...).
 _REQUIRED = {
   "peft_type": ("LORA",),
   "bias": ("none",),
-  "fan_in_fan_out": (False,),
   "use_dora": (False,),
   "lora_bias": (False,),
   "layer_replication": (None,),
@@ -93,105 +103,135 @@ _SAVED_LEAVES = {
   "bias": ("bias", False),
   "scale": ("weight", False),
 }
+# PEFT's default layer containers (`peft.utils.constants.LAYERS_PATTERN`-like), for `layers_to_transform`.
+_PEFT_LAYER_NAMES = ("layers", "h", "blocks", "layer")
 
 
-def peft_module_name(path: paths.Path, layer: int | None = None) -> str:
-  """The default name map: a jlora leaf path -> the PyTorch module name PEFT uses.
+def _is_embedding(path: paths.Path) -> bool:
+  return str(path[-1]) in targets.EMBEDDING_LEAVES
 
-  Built for Llama-style models whose Flax module tree mirrors the Hugging Face
-  one: a leading ``params`` collection and the leaf name (``kernel``,
-  ``embedding`` ...) are dropped, ``layers_3`` becomes ``layers.3`` (also for
-  ``h``, ``blocks``, ``block``, ``layer``, ``decoder_layers``), int keys (NNX
-  lists) become their digits, and the entries are joined with ``.``. For a
-  kernel stacked over layers, ``layer`` is inserted after the layer
-  container (``layers`` -> ``layers.<layer>``). PEFT's state-dict keys add the
-  prefix ``base_model.model.``.
 
-  Args:
-    path: the leaf path of a kernel in the base tree (jlora key path).
-    layer: the index along a stacked-layer axis, or ``None``.
+# -- what PEFT selects -------------------------------------------------------------------------
 
-  Returns:
-    The module name, e.g. ``"model.layers.0.self_attn.q_proj"``.
 
-  Raises:
-    ValueError: if ``layer`` is given but the path has no layer container.
+def _peft_selects(target_modules: Any, layers: Sequence[int] | None, name: str) -> bool:
+  """PEFT's `check_target_module_exists` for one module name (suffix or full-match regex, then
+  the layer filter)."""
+  if isinstance(target_modules, str):
+    hit = re.fullmatch(target_modules, name) is not None
+  else:
+    hit = any(name == t or name.endswith("." + t) for t in target_modules or ())
+  if not hit or layers is None:
+    return hit
+  m = re.search(rf"\.(?:{'|'.join(_PEFT_LAYER_NAMES)})\.(\d+)\.", name)
+  return m is not None and int(m.group(1)) in layers
 
-  Example:
-    >>> import jlora
-    >>> jlora.peft_module_name(("params", "model", "layers_0", "self_attn", "q_proj", "kernel"))
-    'model.layers.0.self_attn.q_proj'
-    >>> jlora.peft_module_name(("params", "model", "layers", "mlp", "up_proj", "kernel"), 3)
-    'model.layers.3.mlp.up_proj'
-  """
-  entries = list(path[:-1])
-  if entries and entries[0] == "params":
-    entries = entries[1:]
-  out: list[str] = []
-  for e in entries:
-    m = re.fullmatch(r"(.+)_(\d+)", e) if isinstance(e, str) else None
-    if m and m.group(1) in _LAYER_NAMES:
-      out.extend([m.group(1), m.group(2)])
-    else:
-      out.append(str(e))
-  if layer is not None:
-    for i in range(len(out) - 1, -1, -1):
-      if out[i] in _LAYER_NAMES and not (i + 1 < len(out) and out[i + 1].isdigit()):
-        out.insert(i + 1, str(layer))
-        break
-    else:
-      raise ValueError(
-        f"Kernel {paths.to_str(path)!r} is stacked over layers, but its path has no layer container "
-        f"({sorted(_LAYER_NAMES)}) to put the layer index after; pass a `name_map(path, layer)`."
-      )
-  return ".".join(out)
+
+def _module_names(spec_path: paths.Path, layout: layouts.Layout | None, shape: tuple, name_map: NameMap):
+  """The PEFT module names of one weight: one per entry of its stacked axis, or one."""
+  if layout is None or not layout.stacked_axes:
+    return [(None, name_map(spec_path, None))]
+  return [(i, name_map(spec_path, i)) for i in range(shape[layout.stacked_axes[0]])]
 
 
 # -- export ------------------------------------------------------------------------------------
 
 
-def _infer_specs(lora: Any, config: LoraConfig) -> tuple[list[adapters.Bound], dict[paths.Path, Any]]:
-  """Adapter specs read from the adapter shapes alone (no base tree)."""
+def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
+  """Adapter specs read from the factor shapes alone (no base tree)."""
   collections = paths.is_collections(lora)
-  bound, saved = [], {}
+  bound = []
   for path, node in paths.adapter_items(lora):
     if not paths.is_adapter(node):
-      saved[path] = node
       continue
-    where = paths.to_str(path)
     module = paths.module_path(path, collections)
+    cand = targets.Candidate(path, module, (), None)
     a, b = node[paths.LORA_A], node[paths.LORA_B]
-    rank = config.rank_for(module)
-    options = [
-      s
-      for s in range(min(a.ndim, b.ndim) - 1)
-      if a.shape[-1] == rank == b.shape[s] and a.shape[:s] == b.shape[:s] and a.ndim - 1 - s >= 1
+    found = [
+      (lay, shape)
+      for lay, shape in layouts.kernels_for(a.shape, b.shape, config.rank_for(cand.names))
+      if adapters.layout_override(dataclasses.replace(cand, shape=shape), config.layout_for(cand.names))
+      in (None, lay)
     ]
-    override = config.layout_for(module)
-    if override is not None:
-      options = [s for s in options if s == override[0]]
-    if len(options) != 1:
+    if len(found) != 1:
       raise ValueError(
-        f"Cannot tell the stacked-layer axes of the adapter at {where!r} (lora_A {tuple(a.shape)}, "
-        f"lora_B {tuple(b.shape)}, rank {rank}) from its shapes; pass `base=` (the base tree)."
+        f"Cannot tell the layout of the adapter at {paths.to_str(path)!r} (lora_A {tuple(a.shape)}, "
+        f"lora_B {tuple(b.shape)}) from its shapes; pass `base=` (the base tree)."
       )
-    s = options[0]
-    fan_in = a.ndim - 1 - s
-    kshape = tuple(a.shape[:-1]) + tuple(b.shape[s + 1 :])
+    layout, shape = found[0]
     layers = None
-    if s and config.layers_to_transform is not None:
-      layers = tuple(config.layers_to_transform[: a.shape[0]])
-    spec = adapters.AdapterSpec(path, module, kshape, s, fan_in, rank, config.scale_for(module), layers)
+    if layout.stacked_axes and config.layers_to_transform is not None:
+      if targets.layer_index(module, config.layers_pattern) is None:
+        layers = tuple(config.layers_to_transform[: shape[layout.stacked_axes[0]]])
+    spec = adapters.AdapterSpec(
+      path, module, shape, layout, config.rank_for(cand.names), config.scale_for(cand.names), layers
+    )
     bound.append(adapters.Bound(spec, None, a, b))
-  return bound, saved
+  return bound
 
 
-def _layer_ids(spec: adapters.AdapterSpec, n: int) -> list[int]:
-  return list(spec.layers) if spec.layers is not None else list(range(n))
+@dataclasses.dataclass(frozen=True)
+class _Factors:
+  """One PEFT module's factors: ``a`` ``(r, in)`` and ``b`` ``(out, r)``."""
+
+  index: int | None  # entry of the stacked axis
+  a: np.ndarray
+  b: np.ndarray
 
 
-def _np(x: Any) -> np.ndarray:
-  return np.asarray(x)
+def _peft_factors(item: adapters.Bound) -> Iterator[_Factors]:
+  spec = item.spec
+  if len(spec.layout.stacked_axes) > 1:
+    raise ValueError(
+      f"Adapter at {spec.where!r} has {len(spec.layout.stacked_axes)} stacked axes (layout "
+      f"{spec.layout}); a PEFT module can carry one at most (exported as one module per entry)."
+    )
+  a, b = (np.asarray(x) for x in adapters.canonical(spec, item.a, item.b))
+  n_in, n_out = math.prod(spec.in_shape), math.prod(spec.out_shape)
+  if not spec.layout.stacked_axes:
+    yield _Factors(None, a.reshape(n_in, spec.rank).T, b.reshape(spec.rank, n_out).T)
+    return
+  ids = spec.layers if spec.layers is not None else range(a.shape[0])
+  for i, a_l, b_l in zip(ids, a, b):
+    yield _Factors(i, a_l.reshape(n_in, spec.rank).T, b_l.reshape(spec.rank, n_out).T)
+
+
+def _exported_targets(
+  config: LoraConfig, exported: Sequence[str], known: set[str] | None
+) -> tuple[Any, list[int] | None, str | None]:
+  """``(target_modules, layers_to_transform, layers_pattern)`` for PEFT: the user's own list, or
+  the short names, where they select exactly the exported modules among the ``known`` ones;
+  otherwise the full names."""
+  want = set(exported)
+  short = sorted({n.rsplit(".", 1)[-1] for n in exported})
+  options: list[tuple[Any, list[int] | None]] = []
+  if not isinstance(config.target_modules, str):
+    options.append((list(config.target_modules), None))
+  options.append((short, None))
+  if config.layers_to_transform is not None:
+    options += [(t, list(config.layers_to_transform)) for t, _ in list(options)]
+  for target, layers in options if known is not None else ():
+    if {n for n in known | want if _peft_selects(target, layers, n)} == want:
+      return target, layers, (None if layers is None else "layers")
+  return sorted(want), None, None
+
+
+def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> set[str]:
+  """The PEFT names of every adaptable weight of ``base`` that the name map knows."""
+  by_path = {item.spec.path: item.spec.layout for item in bound}
+  names: set[str] = set()
+  for cand in targets.candidates(base):
+    layout = by_path.get(cand.path)
+    n = len(cand.shape)
+    options: list[layouts.Layout | None] = [layout] if layout is not None else [None]
+    if layout is None and n >= 3:  # a fused or scanned weight: its entries' names too
+      options.append(layouts.Layout("s" + "i" * (n - 2) + "o"))
+    for lay in options:
+      try:
+        names.update(n for _, n in _module_names(cand.path, lay, cand.shape, name_map))
+      except (ValueError, IndexError):
+        continue
+  return names
 
 
 def export_peft(
@@ -210,22 +250,26 @@ def export_peft(
   ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight``
   ``(r, in)`` and ``...lora_B.weight`` ``(out, r)`` for each adapted module
   (``lora_embedding_A`` ``(r, vocab)`` / ``lora_embedding_B`` ``(d, r)`` for
-  embeddings), one module per layer of a stacked kernel, and the trained
-  copies of `modules_to_save` (``kernel`` transposed to ``weight``).
-  ``adapter_config.json`` lists the exported modules by their full names in
-  ``target_modules`` (and ``rank_pattern``/``alpha_pattern`` where they
-  differ from ``r``/``lora_alpha``), so PEFT adapts exactly those modules.
-  Flax kernels ``(fan_in..., fan_out...)`` are flattened row-major to
-  ``(in, out)`` and transposed.
+  embeddings), one module per entry of a stacked kernel (a layer of a scanned
+  kernel; k and v of gemma's fused ``kv_einsum``), and the trained copies of
+  `modules_to_save` (``kernel`` transposed to ``weight``). Fan-in and fan-out
+  axes are flattened row-major in the kernel's axis order.
+  ``adapter_config.json`` keeps ``target_modules`` as the user wrote them
+  (``["q_proj", "v_proj"]``) when, with ``base`` given, they select exactly
+  the exported modules in PEFT's matching (else the PyTorch short names, else
+  the full module names), with ``rank_pattern``/``alpha_pattern`` where they
+  differ from ``r``/``lora_alpha``, and ``fan_in_fan_out=True`` for GPT-2's
+  ``Conv1D`` modules.
 
   Args:
     directory: output directory (created if needed).
     lora: the adapter tree.
     config: its config.
-    name_map: ``name_map(path, layer) -> module name`` (without
-      ``base_model.model.``); default `peft_module_name` (Llama-style).
-    base: the base tree; optional, used to check the adapter fits and to
-      read each kernel's layout (needed only when shapes are ambiguous).
+    name_map: ``name_map(path, index) -> module name`` (without
+      ``base_model.model.``); default: the map of the model family the paths
+      belong to (Hugging Face Flax, gemma, tunix; see `peft_module_name`).
+    base: the base tree; used to check the adapter fits, to read each
+      kernel's layout, and to keep ``target_modules`` short.
     base_model_name_or_path: recorded for PEFT (the Hub id of the base).
     task_type: PEFT's ``task_type``.
     overwrite: replace existing adapter files in ``directory``.
@@ -236,24 +280,28 @@ def export_peft(
   Raises:
     FileExistsError: if adapter files exist and ``overwrite`` is false.
     ValueError: for adapters PEFT cannot express (more than one stacked axis),
-      two adapters mapped to the same PEFT name, or an adapter that does not
-      fit ``base``.
+      weights no name map knows, two adapters mapped to the same PEFT name,
+      or an adapter that does not fit ``base``.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, jlora
     >>> params = {"params": {"model": {"layers_0": {"self_attn": {"q_proj": {"kernel": jnp.ones((8, 6))}}}}}}
     >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",))
     >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
-    >>> peft_cfg = jlora.export_peft(tempfile.mkdtemp(), lora, cfg)
+    >>> peft_cfg = jlora.export_peft(tempfile.mkdtemp(), lora, cfg, base=params)
     >>> peft_cfg["target_modules"]
-    ['model.layers.0.self_attn.q_proj']
+    ['q_proj']
   """
   import safetensors.numpy  # noqa: PLC0415
 
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
-  name_map = name_map or peft_module_name
-  bound, saved = adapters.bind(base, lora, config) if base is not None else _infer_specs(lora, config)
+  name_map = name_map or default_name_map
+  if base is not None:
+    bound, saved = adapters.bind(base, lora, config)
+  else:
+    bound = _without_base(lora, config)
+    saved = {p: x for p, x in paths.adapter_items(lora) if not paths.is_adapter(x)}
   tensors: dict[str, np.ndarray] = {}
   origin: dict[str, str] = {}
   ranks: dict[str, int] = {}
@@ -268,36 +316,23 @@ def export_peft(
 
   for item in bound:
     spec = item.spec
-    if spec.stacked > 1:
-      raise ValueError(
-        f"Adapter at {spec.where!r} has {spec.stacked} stacked axes; PEFT modules can carry one "
-        "layer axis at most (exported as one module per layer)."
-      )
-    a, b = _np(item.a), _np(item.b)
-    stack = [(None, a, b)] if spec.stacked == 0 else list(zip(_layer_ids(spec, a.shape[0]), a, b))
-    embedding = spec.path[-1] == "embedding"
-    if embedding and (spec.fan_in != 1 or len(spec.out_shape) != 1):
+    embedding = _is_embedding(spec.path)
+    if embedding and (len(spec.in_shape) != 1 or len(spec.out_shape) != 1):
       raise ValueError(
         f"Embedding adapter at {spec.where!r} must be 2-D (vocab, d); got {spec.kernel_shape}."
       )
-    for layer, a_l, b_l in stack:
-      name = name_map(spec.path, layer)
-      key = PREFIX + name
-      a2 = a_l.reshape(math.prod(a_l.shape[:-1]), spec.rank)
-      b2 = b_l.reshape(spec.rank, math.prod(b_l.shape[1:]))
-      if embedding:
-        put(f"{key}.lora_embedding_A", a2.T, spec.where)
-        put(f"{key}.lora_embedding_B", b2.T, spec.where)
-      else:
-        put(f"{key}.lora_A.weight", a2.T, spec.where)
-        put(f"{key}.lora_B.weight", b2.T, spec.where)
+    for f in _peft_factors(item):
+      name = name_map(spec.path, f.index)
+      key_a, key_b = lora_keys(name, embedding)
+      put(key_a, f.a, spec.where)
+      put(key_b, f.b, spec.where)
       ranks[name] = spec.rank
-      alphas[name] = config.alpha_for(spec.module)
+      alphas[name] = config.alpha_for((spec.module, spec.param))
   saved_modules = []
   for path, leaf in saved.items():
     where = paths.to_str(path)
     leaf_name = str(path[-1])
-    arr = _np(leaf)
+    arr = np.asarray(leaf)
     if leaf_name not in _SAVED_LEAVES or (leaf_name == "kernel" and arr.ndim != 2):
       raise ValueError(
         f"`modules_to_save` leaf {where!r} (shape {arr.shape}) has no PyTorch equivalent jlora knows; "
@@ -308,6 +343,8 @@ def export_peft(
     put(f"{PREFIX}{module}.{torch_name}", arr.T if transpose else arr, where)
     saved_modules.append(module)
 
+  known = _known_names(base, bound, name_map) if base is not None else None
+  target, layers, layers_pattern = _exported_targets(config, sorted(ranks), known)
   peft_config = {
     "peft_type": "LORA",
     "task_type": task_type,
@@ -319,19 +356,23 @@ def export_peft(
     "lora_dropout": config.lora_dropout,
     "use_rslora": config.use_rslora,
     "init_lora_weights": config.init_lora_weights,
-    "target_modules": sorted(ranks),
+    "target_modules": target,
     "exclude_modules": None,
-    "layers_to_transform": None,
-    "layers_pattern": None,
+    "layers_to_transform": layers,
+    "layers_pattern": layers_pattern,
     "rank_pattern": {re.escape(n): r for n, r in sorted(ranks.items()) if r != config.r},
     "alpha_pattern": {re.escape(n): a for n, a in sorted(alphas.items()) if a != config.lora_alpha},
     "modules_to_save": sorted(set(saved_modules)) or None,
     "bias": "none",
-    "fan_in_fan_out": False,
+    "fan_in_fan_out": any(is_conv1d(n) for n in ranks),
     "use_dora": False,
     "lora_bias": False,
   }
-  directory = os.fspath(directory)
+  _write(os.fspath(directory), tensors, peft_config, overwrite, safetensors.numpy.save_file)
+  return peft_config
+
+
+def _write(directory: str, tensors: dict, peft_config: dict, overwrite: bool, save_file: Callable) -> None:
   os.makedirs(directory, exist_ok=True)
   outs = [os.path.join(directory, n) for n in (WEIGHTS_NAME, CONFIG_NAME)]
   if not overwrite and any(os.path.exists(p) for p in outs):
@@ -339,12 +380,11 @@ def export_peft(
       f"{directory!r} already holds a PEFT adapter; pass `overwrite=True` or choose another directory."
     )
   tmp = [p + f".tmp-{os.getpid()}" for p in outs]
-  safetensors.numpy.save_file(tensors, tmp[0], metadata={"format": "pt"})
+  save_file(tensors, tmp[0], metadata={"format": "pt"})
   with open(tmp[1], "w") as f:
     json.dump(peft_config, f, indent=2, sort_keys=True)
   for t, p in zip(tmp, outs):
     os.replace(t, p)
-  return peft_config
 
 
 # -- import ------------------------------------------------------------------------------------
@@ -422,175 +462,140 @@ def _open_weights(directory: str) -> tuple[Any, dict[str, tuple[tuple[int, ...],
   return handle, info
 
 
-def import_peft(
-  directory: str | os.PathLike,
+@dataclasses.dataclass(frozen=True)
+class _Match:
+  """A weight of the tree and the PEFT modules of the file that adapt it."""
+
+  cand: targets.Candidate
+  layout: layouts.Layout
+  names: tuple[tuple[int | None, str], ...]  # (entry of the stacked axis, module name), in the file
+  embedding: bool
+  rank: int
+  alpha: float
+
+  @property
+  def layer_axis(self) -> bool:
+    """Whether the stacked axis is cut to the entries in the file (`layers_to_transform`)."""
+    return bool(self.layout.stacked_axes) and targets.layer_index(self.cand.module, None) is None
+
+
+def _import_layouts(
   tree: Any,
-  *,
-  name_map: NameMap | None = None,
-  apply_fn: Callable[..., Any] | None = None,
-  example_args: Sequence[Any] = (),
-  example_kwargs: Mapping[str, Any] | None = None,
-  layout_pattern: Mapping[str, tuple[int, int]] | None = None,
-) -> tuple[dict, LoraConfig]:
-  """Reads a PEFT LoRA adapter directory into a jlora adapter tree for ``tree``.
-
-  For every adaptable kernel of ``tree`` the PEFT module name is computed with
-  ``name_map`` and looked up among the safetensors keys; every key must be
-  claimed by a kernel (or a `modules_to_save` leaf) and have the shape the
-  kernel implies: ``lora_A.weight`` ``(r, in)`` -> ``lora_A`` ``(*fan_in, r)``
-  and ``lora_B.weight`` ``(out, r)`` -> ``lora_B`` ``(r, *fan_out)`` (Flax
-  kernels are ``(fan_in..., fan_out...)``; ``in``/``out`` are their products);
-  per-layer modules of a stacked kernel are stacked. All tensors are checked
-  before any is used: the result is complete or an error is raised.
-
-  The returned config lists the adapted module paths in ``target_modules``
-  and encodes per-module ranks and alphas (read from the tensors and PEFT's
-  ``rank_pattern``/``alpha_pattern``) as exact-path patterns, so
-  ``jlora.wrap``/``merge`` reproduce PEFT's model.
-
-  Args:
-    directory: a PEFT adapter directory (``adapter_config.json`` +
-      ``adapter_model.safetensors``).
-    tree: the Flax base tree with the same weights as PEFT's base model.
-    name_map: ``name_map(path, layer) -> module name`` (see
-      `peft_module_name`, the default).
-    apply_fn: the model's apply function, to read the layout of kernels with
-      three or more dimensions (as in `jlora.init`).
-    example_args: example inputs for ``apply_fn``.
-    example_kwargs: example keyword inputs for ``apply_fn``.
-    layout_pattern: ``{pattern: (stacked, fan_in)}`` instead of ``apply_fn``.
-
-  Returns:
-    ``(lora, config)``.
-
-  Raises:
-    FileNotFoundError: if a file is missing.
-    ValueError: for unknown or unsupported config fields, unreadable files,
-      keys no kernel maps to, missing keys, wrong shapes or dtypes (each
-      naming the key), or N-D kernels of unknown layout.
-  """
-  from jlora._src.wrap import infer_layouts  # noqa: PLC0415
-
-  directory = os.fspath(directory)
-  name_map = name_map or peft_module_name
-  pcfg = _read_peft_config(os.path.join(directory, CONFIG_NAME))
-  handle, info = _open_weights(directory)
-  weights_path = os.path.join(directory, WEIGHTS_NAME)
-  for key, (_, dtype) in info.items():
-    if dtype not in _ST_DTYPES:
-      raise ValueError(
-        f"{weights_path!r}: tensor {key!r} has dtype {dtype}; LoRA weights must be one of "
-        f"{sorted(_ST_DTYPES)}."
-      )
+  cands: list[targets.Candidate],
+  layout_pattern: Any,
+  read: Callable[[], dict[paths.Path, layouts.Layout]],
+) -> dict[paths.Path, layouts.Layout]:
+  """Each weight's layout: ``layout_pattern``, else the model's use (``read``), else ``"io"`` (2-D)."""
   try:
-    layout_cfg = LoraConfig(target_modules="(?!)", layout_pattern=layout_pattern or ())
+    overrides = freeze_layout_pattern(layout_pattern or ())
   except (TypeError, ValueError) as e:
     raise ValueError(f"`layout_pattern` is invalid: {e}") from e
-
-  cands = targets.candidates(tree)
-  layouts: dict[paths.Path, adapters.Layout] = {}
-  if apply_fn is not None:
-    nd = [c.path for c in cands if len(c.shape) >= 3]
-    if nd:
-      layouts = infer_layouts(apply_fn, tree, *example_args, only=nd, **(example_kwargs or {}))
-
-  claimed: set[str] = set()
-  found: list[tuple[targets.Candidate, adapters.Layout, list[tuple[int | None, str]], bool]] = []
+  inferred = read()
+  out = {}
   for cand in cands:
-    override = layout_cfg.layout_for(cand.module)
-    layout = adapters.Layout(*override) if override else layouts.get(cand.path)
+    hit = longest_match(overrides, cand.names)
+    layout = adapters.layout_override(cand, hit[1]) if hit else inferred.get(cand.path)
     if layout is None and len(cand.shape) == 2:
-      layout = adapters.Layout(0, 1)
-    embedding = cand.leaf_name == "embedding"
-    suffix_a = ".lora_embedding_A" if embedding else ".lora_A.weight"
-    if layout is None or layout.stacked == 0:
-      name = name_map(cand.path, None)
-      if PREFIX + name + suffix_a not in info:
-        continue
-      if layout is None:
-        raise ValueError(
-          f"PEFT key {PREFIX + name + suffix_a!r} adapts kernel {paths.to_str(cand.path)!r} of shape "
-          f"{cand.shape}, whose fan-in/fan-out axes cannot be told from its shape: pass "
-          "`apply_fn=model.apply, example_args=(inputs,)` or `layout_pattern=`."
-        )
-      found.append((cand, layout, [(None, name)], embedding))
-    elif layout.stacked == 1:
-      hits = [(i, name_map(cand.path, i)) for i in range(cand.shape[0])]
-      hits = [(i, n) for i, n in hits if PREFIX + n + suffix_a in info]
-      if hits:
-        found.append((cand, layout, hits, embedding))
+      layout = layouts.Layout("io")
+    if layout is not None:
+      out[cand.path] = layout
+  return out
 
-  lora: dict = {}
-  modules: list[str] = []
-  rank_pattern: dict[str, int] = {}
-  alpha_pattern: dict[str, float] = {}
-  r_default, alpha_default = pcfg.get("r", 8), pcfg.get("lora_alpha", 8)
-  stacked_layers: set[tuple[int, ...]] = set()
-  pending: list[tuple[paths.Path, str, list[str], tuple[int, ...], tuple[int, ...]]] = []
-  dtypes: set[str] = set()
-  kernel_dtypes: set[str] = set()
-  for cand, layout, hits, embedding in found:
-    in_shape = cand.shape[layout.stacked : layout.stacked + layout.fan_in]
-    out_shape = cand.shape[layout.stacked + layout.fan_in :]
-    if embedding and (layout.fan_in != 1 or len(out_shape) != 1):
-      raise ValueError(f"Embedding {paths.to_str(cand.path)!r} must be 2-D to take PEFT's embedding LoRA.")
-    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
-    rank = None
-    for _, name in hits:
-      if embedding:
-        keys = (f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B")
-      else:
-        keys = (f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight")
-      if keys[1] not in info:
-        raise ValueError(
-          f"{weights_path!r} has {keys[0]!r} but not {keys[1]!r}; the adapter file is incomplete."
-        )
-      (sa, da), (sb, db) = info[keys[0]], info[keys[1]]
-      r = sa[0] if len(sa) == 2 else None
-      if rank is None:
-        rank = r
-      want_a, want_b = (rank, n_in), (n_out, rank)
-      for key, got, want in ((keys[0], sa, want_a), (keys[1], sb, want_b)):
-        if rank is None or tuple(got) != want:
-          raise ValueError(
-            f"{weights_path!r}: tensor {key!r} has shape {tuple(got)}, but kernel "
-            f"{paths.to_str(cand.path)!r} of shape {cand.shape} (fan-in {in_shape}, fan-out {out_shape}) "
-            f"needs {want} (PEFT: lora_A (r, in), lora_B (out, r)). Wrong base model or `name_map`?"
-          )
-      if da != db:
-        raise ValueError(f"{weights_path!r}: {keys[0]!r} is {da} but {keys[1]!r} is {db}; they must match.")
-      dtypes.add(_ST_DTYPES[da])
-      claimed.update(keys)
-    torch_name = hits[0][1]
-    cfg_rank = _pattern_value(pcfg.get("rank_pattern") or {}, torch_name, r_default)
-    if rank != cfg_rank:
-      raise ValueError(
-        f"{weights_path!r}: the adapter of {torch_name!r} has rank {rank}, but adapter_config.json gives "
-        f"rank {cfg_rank} for it (`r`/`rank_pattern`); the files do not belong together."
-      )
-    alpha = _pattern_value(pcfg.get("alpha_pattern") or {}, torch_name, alpha_default)
-    module = cand.module
-    modules.append(module)
-    if rank != r_default:
-      rank_pattern[re.escape(module)] = rank
-    if alpha != alpha_default:
-      alpha_pattern[re.escape(module)] = alpha
-    if layout.stacked:
-      stacked_layers.add(tuple(i for i, _ in hits))
-    kernel_dtypes.add(jnp.dtype(cand.dtype).name)
-    pending.append(
-      (cand.path, "embedding" if embedding else "linear", [n for _, n in hits], in_shape, out_shape)
-    )
 
-  # `modules_to_save` leaves: any leaf whose PyTorch parameter is in the file.
-  saved: dict[paths.Path, str] = {}
-  saved_modules: list[str] = []
-  collections = paths.is_collections(tree)
-  for path, leaf in paths.leaves_with_paths(tree):
-    leaf_name = str(path[-1])
-    if leaf_name not in _SAVED_LEAVES or len(path) < 2 or (collections and path[0] != "params"):
+def _find_modules(
+  cands: list[targets.Candidate],
+  lays: Mapping[paths.Path, layouts.Layout],
+  name_map: NameMap,
+  info: Mapping[str, Any],
+  weights_path: str,
+) -> tuple[list[tuple[targets.Candidate, layouts.Layout, list[tuple[int | None, str]]]], str | None]:
+  """The weights the file adapts, with their module names; and the first weight no name map knows."""
+  found, unmapped = [], None
+  for cand in cands:
+    layout = lays.get(cand.path)
+    try:
+      names = _module_names(cand.path, layout, cand.shape, name_map)
+    except ValueError:
+      unmapped = unmapped or paths.to_str(cand.path)
       continue
-    key = f"{PREFIX}{name_map(path, None)}.{_SAVED_LEAVES[leaf_name][0]}"
+    embedding = _is_embedding(cand.path)
+    hits = []
+    for index, name in names:
+      key_a, key_b = lora_keys(name, embedding)
+      if (key_a in info) != (key_b in info):
+        has, lacks = (key_a, key_b) if key_a in info else (key_b, key_a)
+        raise ValueError(
+          f"{weights_path!r} has {has!r} but not {lacks!r}: the adapter of module {name!r} is "
+          "incomplete (the file is truncated or was edited)."
+        )
+      if key_a in info:
+        hits.append((index, name))
+    if hits and layout is None:
+      raise ValueError(
+        f"PEFT module {hits[0][1]!r} adapts kernel {paths.to_str(cand.path)!r} of shape {cand.shape}, "
+        "whose fan-in/fan-out axes cannot be told from its shape: pass `apply_fn=model.apply, "
+        "example_args=(inputs,)` or `layout_pattern=`."
+      )
+    if hits:
+      found.append((cand, layout, hits))
+  return found, unmapped
+
+
+def _check_module(
+  cand: targets.Candidate,
+  *,
+  layout: layouts.Layout,
+  hits: list[tuple[int | None, str]],
+  info: Mapping[str, Any],
+  pcfg: Mapping[str, Any],
+  weights_path: str,
+) -> _Match:
+  """Checks the shapes, dtypes and rank of one weight's PEFT tensors against the weight."""
+  embedding = _is_embedding(cand.path)
+  in_shape = tuple(cand.shape[i] for i in layout.in_axes)
+  out_shape = tuple(cand.shape[i] for i in layout.out_axes)
+  if embedding and (len(in_shape) != 1 or len(out_shape) != 1):
+    raise ValueError(f"Embedding {paths.to_str(cand.path)!r} must be 2-D to take PEFT's embedding LoRA.")
+  rank = None
+  for _, name in hits:
+    keys = lora_keys(name, embedding)
+    (sa, da), (sb, db) = info[keys[0]], info[keys[1]]
+    rank = rank if rank is not None else (sa[0] if len(sa) == 2 else None)
+    want = ((rank, math.prod(in_shape)), (math.prod(out_shape), rank))
+    for key, got, w in zip(keys, (sa, sb), want):
+      if rank is None or tuple(got) != w:
+        raise ValueError(
+          f"{weights_path!r}: tensor {key!r} has shape {tuple(got)}, but kernel "
+          f"{paths.to_str(cand.path)!r} of shape {cand.shape} (layout {layout}: fan-in {in_shape}, "
+          f"fan-out {out_shape}) needs {w} (PEFT: lora_A (r, in), lora_B (out, r)). Wrong base model or "
+          "`name_map`?"
+        )
+    if da != db:
+      raise ValueError(f"{weights_path!r}: {keys[0]!r} is {da} but {keys[1]!r} is {db}; they must match.")
+  torch_name = hits[0][1]
+  cfg_rank = _pattern_value(pcfg.get("rank_pattern") or {}, torch_name, pcfg.get("r", 8))
+  if rank != cfg_rank:
+    raise ValueError(
+      f"{weights_path!r}: the adapter of {torch_name!r} has rank {rank}, but adapter_config.json gives "
+      f"rank {cfg_rank} for it (`r`/`rank_pattern`); the files do not belong together."
+    )
+  alpha = _pattern_value(pcfg.get("alpha_pattern") or {}, torch_name, pcfg.get("lora_alpha", 8))
+  return _Match(cand, layout, tuple(hits), embedding, rank, alpha)
+
+
+def _saved_leaves(
+  tree: Any, name_map: NameMap, info: Mapping[str, Any], claimed: set[str], weights_path: str
+) -> dict[paths.Path, str]:
+  """`modules_to_save` leaves: any leaf whose PyTorch parameter is in the file."""
+  saved = {}
+  for path, leaf in targets.param_leaves(tree):
+    leaf_name = str(path[-1])
+    if leaf_name not in _SAVED_LEAVES:
+      continue
+    try:
+      key = f"{PREFIX}{name_map(path, None)}.{_SAVED_LEAVES[leaf_name][0]}"
+    except ValueError:
+      continue
     if key not in info or key in claimed:
       continue
     shape = tuple(getattr(leaf, "shape", ()))
@@ -601,90 +606,233 @@ def import_peft(
         f"(shape {shape}) needs {want}."
       )
     saved[path] = key
-    claimed.add(key)
-    saved_modules.append(paths.module_path(path, collections))
+  return saved
 
-  unclaimed = sorted(set(info) - claimed)
-  if unclaimed:
-    sample = [PREFIX + name_map(c.path, None) for c in cands[:4] if len(c.shape) == 2]
+
+def _check_peft_targets(pcfg: Mapping[str, Any], matches: list[_Match], known: set[str], where: str) -> None:
+  """Every module PEFT's ``target_modules`` selects must have tensors in the file."""
+  target = pcfg.get("target_modules")
+  if not target:
+    return
+  layers = pcfg.get("layers_to_transform")
+  layers = [layers] if isinstance(layers, int) else layers
+  present = {name for m in matches for _, name in m.names}
+  missing = sorted(n for n in known - present if _peft_selects(target, layers, n))
+  if missing:
     raise ValueError(
-      f"{weights_path!r}: no leaf of the given tree maps to tensor {unclaimed[0]!r}"
-      + (f" (and {len(unclaimed) - 1} more)" if len(unclaimed) > 1 else "")
-      + f". The tree's kernels map to names like {sample}; pass a `name_map(path, layer)` that gives "
-      "PEFT's module names, or `apply_fn`/`layout_pattern` for kernels with 3+ dimensions."
+      f"{where!r}: `target_modules`={target!r} selects module {missing[0]!r}"
+      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+      + f", but {WEIGHTS_NAME} has no tensors for it: the adapter is incomplete."
     )
-  if not modules:
-    raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
-  if len(stacked_layers) > 1:
+
+
+def _import_config(
+  pcfg: Mapping[str, Any],
+  *,
+  matches: list[_Match],
+  cands: list[targets.Candidate],
+  saved_modules: list[str],
+  layout_pattern: Any,
+  dtype: str | None,
+  where: str,
+) -> LoraConfig:
+  """The jlora config that reproduces the file: adapted weights by exact path, ranks and alphas."""
+  per_module: dict[str, int] = {}
+  for c in cands:
+    per_module[c.module] = per_module.get(c.module, 0) + 1
+  r, alpha = pcfg.get("r", 8), pcfg.get("lora_alpha", 8)
+  names = [m.cand.module if per_module[m.cand.module] == 1 else m.cand.param for m in matches]
+  layer_sets = {tuple(i for i, _ in m.names) for m in matches if m.layer_axis}
+  if len(layer_sets) > 1:
     raise ValueError(
-      f"Stacked kernels are adapted on different layer sets {sorted(stacked_layers)}; a jlora config "
+      f"Stacked kernels are adapted on different layer sets {sorted(layer_sets)}; a jlora config "
       "has one `layers_to_transform`."
     )
   ltt = None
-  if stacked_layers:
-    (layer_set,) = stacked_layers
-    n_layers = {c.shape[0] for c, lay, _, _ in found if lay.stacked}
-    if layer_set != tuple(range(min(n_layers))) or len(n_layers) > 1:
+  if layer_sets:
+    (layer_set,) = layer_sets
+    sizes = {m.cand.shape[m.layout.stacked_axes[0]] for m in matches if m.layer_axis}
+    if layer_set != tuple(range(min(sizes))) or len(sizes) > 1:
       ltt = layer_set
-  dtype = None
-  if len(dtypes) == 1 and dtypes != kernel_dtypes:
-    (dtype,) = dtypes
   try:
-    config = LoraConfig(
-      r=r_default,
-      lora_alpha=alpha_default,
+    return LoraConfig(
+      r=r,
+      lora_alpha=alpha,
       lora_dropout=pcfg.get("lora_dropout", 0.0),
       use_rslora=pcfg.get("use_rslora", False),
       init_lora_weights=pcfg.get("init_lora_weights", True),
-      target_modules=tuple(modules),
+      target_modules=tuple(f"^{re.escape(n)}$"[1:-1] for n in names),
       layers_to_transform=ltt,
-      rank_pattern=rank_pattern,
-      alpha_pattern=alpha_pattern,
+      rank_pattern={re.escape(n): m.rank for n, m in zip(names, matches) if m.rank != r},
+      alpha_pattern={re.escape(n): m.alpha for n, m in zip(names, matches) if m.alpha != alpha},
       modules_to_save=tuple(dict.fromkeys(saved_modules)) or None,
       layout_pattern=layout_pattern or (),
-      dtype=dtype if dtype in ("float32", "bfloat16", "float16", "float64") else None,
+      dtype=dtype,
     )
   except (TypeError, ValueError) as e:
-    raise ValueError(f"{os.path.join(directory, CONFIG_NAME)!r} has an invalid value: {e}") from e
+    raise ValueError(f"{where!r} has an invalid value: {e}") from e
 
-  # Read the tensors (all keys are known to be valid now) and build the tree.
+
+def _read_factors(handle: Any, m: _Match, weights_path: str) -> tuple[np.ndarray, np.ndarray]:
+  """The canonical factors of one weight, read from the file (zeros for missing fused parts)."""
+
   def get(key: str) -> np.ndarray:
     try:
       return handle.get_tensor(key)
-    except Exception as e:
+    except Exception as e:  # safetensors raises its own error types for a truncated file
       raise ValueError(f"{weights_path!r}: cannot read tensor {key!r} ({e}); the file is truncated.") from e
 
-  for path, kind, names, in_shape, out_shape in pending:
-    a_list, b_list = [], []
-    for name in names:
-      if kind == "embedding":
-        a_t, b_t = get(f"{PREFIX}{name}.lora_embedding_A"), get(f"{PREFIX}{name}.lora_embedding_B")
-      else:
-        a_t, b_t = get(f"{PREFIX}{name}.lora_A.weight"), get(f"{PREFIX}{name}.lora_B.weight")
-      r = a_t.shape[0]
-      a_list.append(a_t.T.reshape(in_shape + (r,)))
-      b_list.append(b_t.T.reshape((r,) + out_shape))
-    if names and len(names) == 1 and path not in {c.path for c, lay, _, _ in found if lay.stacked}:
-      a, b = a_list[0], b_list[0]
-    else:
-      a, b = np.stack(a_list), np.stack(b_list)
-    paths.nested_set(lora, path, {paths.LORA_A: jnp.asarray(a), paths.LORA_B: jnp.asarray(b)})
+  in_shape = tuple(m.cand.shape[i] for i in m.layout.in_axes)
+  out_shape = tuple(m.cand.shape[i] for i in m.layout.out_axes)
+  parts = {}
+  for index, name in m.names:
+    key_a, key_b = lora_keys(name, m.embedding)
+    parts[index] = (get(key_a).T.reshape(in_shape + (m.rank,)), get(key_b).T.reshape((m.rank,) + out_shape))
+  if not m.layout.stacked_axes:
+    return parts[None]
+  ids = [i for i, _ in m.names] if m.layer_axis else range(m.cand.shape[m.layout.stacked_axes[0]])
+  zero = tuple(np.zeros_like(x) for x in next(iter(parts.values())))
+  a = np.stack([parts.get(i, zero)[0] for i in ids])
+  b = np.stack([parts.get(i, zero)[1] for i in ids])
+  return a, b
+
+
+def import_peft(
+  directory: str | os.PathLike,
+  tree: Any,
+  *,
+  name_map: NameMap | None = None,
+  apply_fn: Callable[..., Any] | None = None,
+  example_args: Sequence[Any] = (),
+  example_kwargs: Mapping[str, Any] | None = None,
+  layout_pattern: Mapping[str, Any] | None = None,
+) -> tuple[dict, LoraConfig]:
+  """Reads a PEFT LoRA adapter directory into a jlora adapter tree for ``tree``.
+
+  For every adaptable weight of ``tree`` the PEFT module names are computed
+  with ``name_map`` (one per entry of a stacked axis) and looked up among the
+  safetensors keys; every key must be claimed by a weight (or a
+  `modules_to_save` leaf) and have the shape the weight implies
+  (``lora_A.weight`` ``(r, in)``, ``lora_B.weight`` ``(out, r)``, ``in``/``out``
+  the weight's fan-in/fan-out axes flattened row-major), and every module the
+  file's ``target_modules`` selects must have tensors. All tensors are checked
+  before any is read: the result is complete or an error is raised. Parts of a
+  fused kernel that PEFT did not adapt (``v_proj`` without ``k_proj`` on
+  gemma's ``kv_einsum``) get zero factors, which compute what PEFT computes.
+
+  The returned config lists the adapted weights by exact path in
+  ``target_modules`` and encodes per-module ranks and alphas as exact-path
+  patterns, so ``jlora.wrap``/``merge`` reproduce PEFT's model.
+
+  Args:
+    directory: a PEFT adapter directory (``adapter_config.json`` +
+      ``adapter_model.safetensors``).
+    tree: the Flax base tree with the same weights as PEFT's base model.
+    name_map: ``name_map(path, index) -> module name``; default: the map of
+      the model family (see `export_peft`).
+    apply_fn: the model's apply function, to read each weight's layout from
+      use (needed for kernels of 3+ dimensions and transposed 2-D kernels).
+    example_args: example inputs for ``apply_fn``.
+    example_kwargs: example keyword inputs for ``apply_fn``.
+    layout_pattern: ``{pattern: layout}`` instead of ``apply_fn`` (see
+      `LoraConfig.layout_pattern`).
+
+  Returns:
+    ``(lora, config)``.
+
+  Raises:
+    FileNotFoundError: if a file is missing.
+    ValueError: for unknown or unsupported config fields, unreadable files,
+      keys no weight maps to, modules missing from the file, wrong shapes or
+      dtypes (each naming the key or module), or N-D kernels of unknown layout.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, jlora
+    >>> params = {"model": {"layers_0": {"self_attn": {"q_proj": {"kernel": jnp.ones((8, 6))}}}}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), init_lora_weights=False)
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
+    >>> d = tempfile.mkdtemp()
+    >>> _ = jlora.export_peft(d, lora, cfg, base=params)
+    >>> lora2, cfg2 = jlora.import_peft(d, params)
+    >>> q = lambda tree: tree["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    >>> bool(jnp.allclose(q(jlora.merge(params, lora2, cfg2)), q(jlora.merge(params, lora, cfg))))
+    True
+  """
+  from jlora._src.wrap import infer_layouts  # noqa: PLC0415
+
+  directory = os.fspath(directory)
+  name_map = name_map or default_name_map
+  pcfg = _read_peft_config(os.path.join(directory, CONFIG_NAME))
+  handle, info = _open_weights(directory)
+  weights_path = os.path.join(directory, WEIGHTS_NAME)
+  for key, (_, dtype) in info.items():
+    if dtype not in _ST_DTYPES:
+      raise ValueError(
+        f"{weights_path!r}: tensor {key!r} has dtype {dtype}; LoRA weights must be one of "
+        f"{sorted(_ST_DTYPES)}."
+      )
+  cands = targets.candidates(tree)
+  read = lambda: infer_layouts(apply_fn, tree, *example_args, **(example_kwargs or {})) if apply_fn else {}  # noqa: E731
+  lays = _import_layouts(tree, cands, layout_pattern, read)
+  found, unmapped = _find_modules(cands, lays, name_map, info, weights_path)
+  matches = [
+    _check_module(c, layout=lay, hits=hits, info=info, pcfg=pcfg, weights_path=weights_path)
+    for c, lay, hits in found
+  ]
+  claimed = {k for m in matches for _, n in m.names for k in lora_keys(n, m.embedding)}
+  saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
+  unclaimed = sorted(set(info) - claimed - set(saved.values()))
+  if unclaimed:
+    hint = f"no name map jlora knows names weight {unmapped!r}; " if unmapped else ""
+    raise ValueError(
+      f"{weights_path!r}: no leaf of the given tree maps to tensor {unclaimed[0]!r}"
+      + (f" (and {len(unclaimed) - 1} more)" if len(unclaimed) > 1 else "")
+      + f". {hint}Pass a `name_map(path, index)` that gives PEFT's module names, or "
+      "`apply_fn`/`layout_pattern` for kernels whose layout is not (in, out)."
+    )
+  if not matches:
+    raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
+  known = {n for c in cands for _, n in _safe_names(c, lays.get(c.path), name_map)}
+  _check_peft_targets(pcfg, matches, known, os.path.join(directory, CONFIG_NAME))
+  dtypes = {_ST_DTYPES[info[k][1]] for k in claimed}
+  kernel_dtypes = {jnp.dtype(m.cand.dtype).name for m in matches}
+  collections = paths.is_collections(tree)
+  config = _import_config(
+    pcfg,
+    matches=matches,
+    cands=cands,
+    saved_modules=[paths.module_path(p, collections) for p in saved],
+    layout_pattern=layout_pattern,
+    dtype=next(iter(dtypes)) if len(dtypes) == 1 and dtypes != kernel_dtypes else None,
+    where=os.path.join(directory, CONFIG_NAME),
+  )
+  lora: dict = {}
+  for m in matches:
+    a, b = _read_factors(handle, m, weights_path)
+    spec = adapters.AdapterSpec(m.cand.path, m.cand.module, m.cand.shape, m.layout, m.rank, 1.0, None)
+    a, b = adapters.from_canonical(spec, jnp.asarray(a), jnp.asarray(b))
+    paths.nested_set(lora, m.cand.path, {paths.LORA_A: a, paths.LORA_B: b})
   leaves = dict(paths.leaves_with_paths(tree))
   for path in targets.saved_module_paths(tree, config):
     if path in saved:
-      arr = get(saved[path])
+      arr = _read_saved(handle, saved[path], weights_path)
       arr = arr.T if _SAVED_LEAVES[str(path[-1])][1] else arr
       paths.nested_set(lora, path, jnp.asarray(arr, dtype=leaves[path].dtype))
     else:  # a leaf PyTorch's module does not have: keep the base value, as PEFT's copy does
       paths.nested_set(lora, path, jnp.array(leaves[path], copy=True))
-
-  planned = {s.path for s in adapters.plan(tree, config, {**layouts})}
-  got = {p for p, _, _, _, _ in pending}
-  if planned != got:
-    diff = sorted(paths.to_str(p) for p in planned ^ got)
-    raise ValueError(
-      f"The adapted kernels of {directory!r} cannot be expressed as one jlora config "
-      f"(differs at {diff[0]!r})."
-    )
-  adapters.bind(tree, lora, config)
+  adapters.bind(tree, lora, config, lambda: lays)
   return lora, config
+
+
+def _safe_names(cand: targets.Candidate, layout: layouts.Layout | None, name_map: NameMap) -> list:
+  try:
+    return _module_names(cand.path, layout, cand.shape, name_map)
+  except ValueError:
+    return []
+
+
+def _read_saved(handle: Any, key: str, weights_path: str) -> np.ndarray:
+  try:
+    return handle.get_tensor(key)
+  except Exception as e:  # safetensors raises its own error types for a truncated file
+    raise ValueError(f"{weights_path!r}: cannot read tensor {key!r} ({e}); the file is truncated.") from e

@@ -1,12 +1,13 @@
 """Sharding adapters: deriving their placement from the base kernels'.
 
-An adapter follows its kernel. For a kernel ``(*stacked, *fan_in, *fan_out)``
-with ``PartitionSpec(*s_stacked, *s_in, *s_out)``:
+An adapter follows its kernel: each factor axis that is a kernel axis takes
+that axis's mesh axes, and the rank axis is replicated. For a Dense kernel
+``(in, out)`` with ``PartitionSpec(s_in, s_out)``, ``lora_A`` ``(in, r)`` gets
+``PartitionSpec(s_in, None)`` and ``lora_B`` ``(r, out)`` gets
+``PartitionSpec(None, s_out)``; stacked axes keep theirs in both, in any
+storage order (see `jlora.Layout`).
 
-* ``lora_A`` ``(*stacked, *fan_in, r)`` gets ``PartitionSpec(*s_stacked, *s_in, None)``;
-* ``lora_B`` ``(*stacked, r, *fan_out)`` gets ``PartitionSpec(*s_stacked, None, *s_out)``.
-
-The rank axis is replicated, so ``x @ A`` needs the same collectives as the
+So ``x @ A`` needs the same collectives as the
 contraction ``x @ W`` and ``(x @ A) @ B`` produces the output sharded as
 ``x @ W`` does. `modules_to_save` copies take their base leaf's spec. When
 `layers_to_transform` shortens a stacked axis, that axis keeps its kernel's
@@ -33,8 +34,8 @@ from flax.core import meta
 from flax.linen import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from jlora._src import adapters, paths
-from jlora._src.config import LoraConfig
+from jlora._src import adapters, layouts, paths
+from jlora._src.config import LoraConfig, longest_match
 
 Spec = PartitionSpec | NamedSharding
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -102,14 +103,14 @@ def _derive(
   n = len(spec.kernel_shape)
   _check_spec(kernel_spec, n, mesh, f"The spec {kernel_spec} of kernel {spec.where!r} {spec.kernel_shape}")
   entries = list(kernel_spec) + [None] * (n - len(kernel_spec))
-  st, fi = spec.stacked, spec.fan_in
-  stacked = entries[:st]
-  if spec.layers is not None and stacked[0] is not None:
-    size = len(spec.layers)
-    if mesh is None or size % _mesh_axes_size(mesh, stacked[0]):
-      stacked[0] = None  # the shortened layer axis cannot follow the kernel's: replicate it
-  a = PartitionSpec(*stacked, *entries[st : st + fi], None)
-  b = PartitionSpec(*stacked, None, *entries[st + fi :])
+  layer_axis = spec.layout.stacked_axes[0] if spec.layers is not None else None
+  if layer_axis is not None and entries[layer_axis] is not None:
+    if mesh is None or len(spec.layers) % _mesh_axes_size(mesh, entries[layer_axis]):
+      entries[layer_axis] = None  # the shortened layer axis cannot follow the kernel's: replicate it
+  a, b = (
+    PartitionSpec(*(None if t == layouts.RANK else entries[t] for t in spec.layout.factor_axes(side)))
+    for side in "ab"
+  )
   return a, b
 
 
@@ -119,16 +120,6 @@ def _as_spec(value: Any, what: str) -> PartitionSpec:
   if isinstance(value, (tuple, list)):
     return PartitionSpec(*value)
   raise TypeError(f"{what} must be a PartitionSpec (or a tuple of its entries); got {value!r}.")
-
-
-def _match_override(
-  overrides: Mapping[str, tuple[Any, Any]], module: str
-) -> tuple[str, tuple[PartitionSpec, PartitionSpec]] | None:
-  best = None
-  for pattern, pair in overrides.items():
-    if re.fullmatch(rf"(?:.*/)?(?:{pattern})", module) and (best is None or len(pattern) > len(best[0])):
-      best = (pattern, pair)
-  return best
 
 
 def _check_overrides(overrides: Mapping[str, Any], modules: list[str]) -> dict[str, tuple[Any, Any]]:
@@ -250,7 +241,7 @@ def adapter_specs(
   for item in bound:
     kernel_spec, m = lookup(item.spec.path)
     a, b = _derive(item.spec, kernel_spec, m)
-    hit = _match_override(checked, item.spec.module)
+    hit = longest_match(checked.items(), (item.spec.module, item.spec.param))
     if hit is not None:
       pattern, (a, b) = hit
       where = item.spec.where

@@ -5,8 +5,16 @@ PEFT's rules, on module paths (see `jlora._src.paths`):
 * a list of names matches a module whose path equals a name or ends with
   ``/name`` (so ``proj`` does not match ``q_proj``);
 * a single string is a regex that must match the whole module path;
-* ``"all-linear"`` matches every ``kernel`` of two or more dimensions except
-  the output head.
+* ``"all-linear"`` matches, when the model is known, every weight that a
+  ``dot_general`` uses as a weight, whatever its leaf name (``kernel``, ``w``,
+  ``weight``, a bare parameter), except the output head and embeddings, as
+  PEFT defines all-linear; without the model it falls back to every leaf
+  named ``kernel`` except the output head.
+
+A weight has two names that entries match: its *module path*
+(``layer_0/mlp``) and its *parameter path* (``layer_0/mlp/linear``), so one of
+several weights in a module can be targeted alone, as PEFT's
+``target_parameters`` does.
 
 Only floating leaves of two or more dimensions are adaptable; biases, norm
 scales and other 1-D leaves never are.
@@ -17,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+from collections.abc import Collection
 from typing import Any
 
 import jax.numpy as jnp
@@ -27,7 +36,8 @@ from jlora._src.config import ALL_LINEAR, LoraConfig
 
 _NEVER_ADAPTED = frozenset({"bias", "scale", "mean", "var", "count"})
 _HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score"})
-_DEFAULT_LAYER_NAMES = ("layers", "layer", "h", "blocks", "block", "decoder_layers")
+EMBEDDING_LEAVES = frozenset({"embedding", "input_embedding"})  # Flax nn.Embed; gemma and tunix
+DEFAULT_LAYER_NAMES = ("layers", "layer", "h", "blocks", "block", "decoder_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +53,16 @@ class Candidate:
   def leaf_name(self) -> str:
     return str(self.path[-1])
 
+  @property
+  def param(self) -> str:
+    """The parameter path: the module path and the leaf name."""
+    return f"{self.module}/{self.leaf_name}" if self.module else self.leaf_name
+
+  @property
+  def names(self) -> tuple[str, str]:
+    """The names target patterns match: module path and parameter path."""
+    return (self.module, self.param)
+
 
 def _is_adaptable(leaf_name: str, leaf: Any) -> bool:
   shape = getattr(leaf, "shape", None)
@@ -55,14 +75,11 @@ def _is_adaptable(leaf_name: str, leaf: Any) -> bool:
 def candidates(tree: Any) -> list[Candidate]:
   """Every adaptable leaf of ``tree`` (Linen: only in the ``params`` collection)."""
   collections = paths.is_collections(tree)
-  out = []
-  for path, leaf in paths.leaves_with_paths(tree):
-    if collections and path[0] != "params":
-      continue
-    if len(path) < 2 or not _is_adaptable(str(path[-1]), leaf):
-      continue
-    out.append(Candidate(path, paths.module_path(path, collections), tuple(leaf.shape), leaf.dtype))
-  return out
+  return [
+    Candidate(path, paths.module_path(path, collections), tuple(leaf.shape), leaf.dtype)
+    for path, leaf in param_leaves(tree)
+    if _is_adaptable(str(path[-1]), leaf)
+  ]
 
 
 def module_paths(tree: Any) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -86,25 +103,32 @@ def module_paths(tree: Any) -> dict[str, dict[str, tuple[int, ...]]]:
   return out
 
 
+def param_leaves(tree: Any) -> list[tuple[paths.Path, Any]]:
+  """The leaves of ``tree`` that hold parameters: Linen's ``params`` collection, or all."""
+  collections = paths.is_collections(tree)
+  return [
+    (path, leaf)
+    for path, leaf in paths.leaves_with_paths(tree)
+    if len(path) >= 2 and (not collections or path[0] == "params")
+  ]
+
+
 def all_module_paths(tree: Any) -> list[str]:
   collections = paths.is_collections(tree)
-  seen: dict[str, None] = {}
-  for path, _ in paths.leaves_with_paths(tree):
-    if (not collections or path[0] == "params") and len(path) >= 2:
-      seen[paths.module_path(path, collections)] = None
-  return list(seen)
+  return list(dict.fromkeys(paths.module_path(path, collections) for path, _ in param_leaves(tree)))
 
 
-def name_matches(spec: tuple[str, ...] | str, module: str) -> bool:
-  """PEFT's rule: a list matches by path suffix, a string as a full-match regex."""
+def name_matches(spec: tuple[str, ...] | str, names: str | tuple[str, ...]) -> bool:
+  """PEFT's rule: a list matches by path suffix, a string as a full-match regex; any of ``names``."""
+  names = (names,) if isinstance(names, str) else names
   if isinstance(spec, str):
-    return re.fullmatch(spec, module) is not None
-  return any(module == name or module.endswith("/" + name) for name in spec)
+    return any(re.fullmatch(spec, n) is not None for n in names)
+  return any(n == entry or n.endswith("/" + entry) for entry in spec for n in names)
 
 
 def layer_index(module: str, layers_pattern: tuple[str, ...] | None) -> int | None:
   """The layer index in a module path: ``layers_3`` or ``layers/3`` -> 3."""
-  names = layers_pattern or _DEFAULT_LAYER_NAMES
+  names = layers_pattern or DEFAULT_LAYER_NAMES
   parts = module.split("/")
   for i, part in enumerate(parts):
     for name in names:
@@ -136,8 +160,18 @@ def _is_head(module: str) -> bool:
   return module.rsplit("/", maxsplit=1)[-1] in _HEAD_NAMES if module else False
 
 
-def match_targets(tree: Any, config: LoraConfig) -> list[Candidate]:
+def match_targets(
+  tree: Any, config: LoraConfig, linear: Collection[paths.Path] | None = None
+) -> list[Candidate]:
   """The leaves ``config`` adapts, in tree order, before layout and layer selection.
+
+  Args:
+    tree: the base tree.
+    config: the LoRA config.
+    linear: the paths of the weights the model uses in a ``dot_general``
+      (and not in a convolution or a lookup), when the model is known: what
+      ``"all-linear"`` adapts. ``None``: ``"all-linear"`` falls back to the
+      leaves named ``kernel``.
 
   Raises:
     ValueError: if a `target_modules` entry matches no module (listing close
@@ -148,24 +182,35 @@ def match_targets(tree: Any, config: LoraConfig) -> list[Candidate]:
   modules = all_module_paths(tree)
   spec = config.target_modules
   if spec == ALL_LINEAR:
-    chosen = [c for c in cands if c.leaf_name == "kernel" and not _is_head(c.module)]
+    chosen = [
+      c
+      for c in cands
+      if (c.path in linear if linear is not None else c.leaf_name == "kernel") and not _is_head(c.module)
+    ]
   else:
     entries = (spec,) if isinstance(spec, str) else spec
+    params = [c.param for c in cands]
     for entry in entries:
       sub = entry if isinstance(spec, str) else (entry,)
-      if not any(name_matches(sub, m) for m in modules):
-        raise _unmatched_error("target_modules", entry, modules)
-      if not any(name_matches(sub, c.module) for c in cands):
+      if not any(name_matches(sub, m) for m in modules + params):
+        raise _unmatched_error("target_modules", entry, modules + params)
+      if not any(name_matches(sub, c.names) for c in cands):
         raise ValueError(
           f"`target_modules` entry {entry!r} matches modules with no adaptable kernel "
           f"(only 1-D leaves such as biases or norm scales, which are never adapted): "
           f"{[m for m in modules if name_matches(sub, m)][:8]}."
         )
-    chosen = [c for c in cands if name_matches(spec, c.module)]
+    chosen = [c for c in cands if name_matches(spec, c.names)]
   if config.exclude_modules is not None:
-    chosen = [c for c in chosen if not name_matches(config.exclude_modules, c.module)]
+    chosen = [c for c in chosen if not name_matches(config.exclude_modules, c.names)]
   if config.modules_to_save is not None:
-    chosen = [c for c in chosen if not name_matches(config.modules_to_save, c.module)]
+    chosen = [c for c in chosen if not name_matches(config.modules_to_save, c.names)]
+  if not chosen and spec == ALL_LINEAR and linear is not None:
+    raise ValueError(
+      "`target_modules='all-linear'` found no weight the model uses as a linear layer other than "
+      "the output head (convolutions and embedding lookups are not linear layers, as in PEFT); "
+      f"name the modules to adapt in `target_modules`. Module paths: {modules[:12]}."
+    )
   if not chosen:
     raise ValueError(
       f"`target_modules`={spec!r} with `exclude_modules`={config.exclude_modules!r} "
@@ -187,9 +232,8 @@ def saved_module_paths(tree: Any, config: LoraConfig) -> list[paths.Path]:
   for entry in config.modules_to_save:
     if not any(name_matches((entry,), m) for m in modules):
       raise _unmatched_error("modules_to_save", entry, modules)
-  out = []
-  for path, _ in paths.leaves_with_paths(tree):
-    if (not collections or path[0] == "params") and len(path) >= 2:
-      if name_matches(config.modules_to_save, paths.module_path(path, collections)):
-        out.append(path)
-  return out
+  return [
+    path
+    for path, _ in param_leaves(tree)
+    if name_matches(config.modules_to_save, paths.module_path(path, collections))
+  ]

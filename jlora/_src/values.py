@@ -10,7 +10,9 @@ the model added) or by both (a stacked layer axis). Factor ``a`` has shape
 
 `Probe` is the abstract twin used to read a model's kernel layouts: it tracks,
 for every view axis, which kernel axes it came from, and records the role
-(``stacked``/``in``/``out``) the model's contractions give them.
+(``s`` stacked, ``i`` fan-in, ``o`` fan-out) the model's contractions give
+them. An *output* probe follows the product a kernel took part in, so that
+taking its fan-out axes apart entry by entry (gemma's fused k/v) is seen.
 
 View operations return ``None`` where a view cannot be followed; callers then
 materialise the kernel (with a warning).
@@ -189,12 +191,15 @@ class LoraValue:
 class Probe:
   """An abstract kernel view recording how the model contracts the kernel.
 
-  ``origin[i]`` holds the kernel axes that view axis ``i`` came from.
+  ``origin[i]`` holds the kernel axes that view axis ``i`` came from. With
+  ``output=True`` the value is a product the kernel took part in, and
+  ``origin`` maps its axes to the kernel's fan-out axes.
   """
 
   w: jax.Array
   origin: tuple[Axes, ...] = dataclasses.field(metadata=dict(static=True))
   site: str = dataclasses.field(metadata=dict(static=True))
+  output: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -222,18 +227,6 @@ def axis_roles(origin: Sequence[Axes], roles: dict[int, str]) -> dict[int, str]:
     for kernel_axis in origin[view_axis]:
       out[kernel_axis] = role
   return out
-
-
-def layout_from_roles(roles: dict[int, str], ndim: int) -> tuple[int, int] | None:
-  """``(stacked, fan_in)`` if the roles read ``stacked* in+ out+`` in axis order."""
-  order = {"stacked": 0, "in": 1, "out": 2}
-  seq = [roles.get(i) for i in range(ndim)]
-  if None in seq or [order[s] for s in seq] != sorted(order[s] for s in seq):
-    return None
-  stacked, fan_in = seq.count("stacked"), seq.count("in")
-  if fan_in == 0 or stacked + fan_in == ndim:
-    return None
-  return stacked, fan_in
 
 
 def flops_factorized(tokens: int, m: int, n: int, r: int) -> int:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import numpy as np
 
-from jlora._src import adapters, interpreter, paths, targets, values
+from jlora._src import adapters, interpreter, layouts, paths, targets, values
 from jlora._src.config import LoraConfig
 from jlora._src.merge import merge
 
@@ -89,17 +89,14 @@ def _differentiated(lora: Any) -> bool:
 
 def _lora_value(item: adapters.Bound) -> values.LoraValue:
   spec = item.spec
-  a, b = adapters.expand_layers(spec, item.a, item.b)
-  s = spec.stacked
-  stacked = tuple(range(s))
-  fan_in = tuple(range(s, s + spec.fan_in))
-  fan_out = tuple(range(s + spec.fan_in, len(spec.kernel_shape)))
+  a, b = adapters.expand_layers(spec, *adapters.canonical(spec, item.a, item.b))
+  lay = spec.layout
   return values.LoraValue(
     w=item.kernel,
     a=a,
-    b=jax.numpy.moveaxis(b, s, -1),
-    a_axes=stacked + fan_in,
-    b_axes=stacked + fan_out,
+    b=jax.numpy.moveaxis(b, len(lay.stacked_axes), -1),
+    a_axes=lay.stacked_axes + lay.in_axes,
+    b_axes=lay.stacked_axes + lay.out_axes,
     scale=spec.scale,
     site=spec.where,
   )
@@ -187,7 +184,7 @@ def wrap(
           "for training with `lora_dropout_key`."
         )
       return apply_fn(merge(tree, lora, config), *args, **kwargs)
-    bound, saved = adapters.bind(tree, lora, config)
+    bound, saved = adapters.bind(tree, lora, config, lambda: infer_layouts(apply_fn, tree, *args, **kwargs))
     traced = _trace(apply_fn, _with_saved(tree, saved), args, kwargs, cache)
     vals = list(traced.dynamic)
     for item in bound:
@@ -209,42 +206,21 @@ def wrap(
   return apply
 
 
-def infer_layouts(
+def read_uses(
   apply_fn: Callable[..., Any],
   tree: Any,
-  *args: Any,
-  only: Sequence[paths.Path] | None = None,
-  **kwargs: Any,
-) -> dict[paths.Path, adapters.Layout]:
-  """Reads each N-D kernel's ``(stacked, fan_in)`` layout from how the model uses it.
+  args: Sequence[Any],
+  kwargs: Mapping[str, Any],
+  only: Collection[paths.Path] | None = None,
+) -> dict[paths.Path, list[tuple[str, dict[int, str]]]]:
+  """How the model uses each adaptable leaf: ``{path: [(primitive, {kernel_axis: role})]}``.
 
-  Traces ``apply_fn(tree, *args, **kwargs)`` abstractly (no FLOPs are spent;
-  ``jax.ShapeDtypeStruct`` inputs work) and follows every kernel of three or
-  more dimensions to the ops that consume it: axes a ``dot_general``
-  contracts, or a convolution's input-channel and spatial axes, or the axes an
-  embedding ``gather`` indexes, are fan-in; the others are fan-out; an axis a
-  ``scan`` (``nn.scan``) iterates over, or a dot batches over, is stacked.
-
-  Args:
-    apply_fn: the model's apply function; its first argument is the tree.
-    tree: the base tree.
-    *args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
-    only: restrict to these leaf paths.
-    **kwargs: example keyword inputs.
-
-  Returns:
-    ``{path: Layout}`` for the kernels whose layout could be read.
-
-  Raises:
-    ValueError: if a kernel is used with contradicting layouts, or with axes
-      that are not ``(stacked..., fan_in..., fan_out...)`` in order (naming
-      the path and how to set ``layout_pattern``).
+  One abstract trace (no FLOPs; ``jax.ShapeDtypeStruct`` inputs work) with a
+  `values.Probe` in place of each leaf; leaves the model never uses in a
+  ``dot_general``, convolution, ``gather``, ``scan`` or slice have no entry.
   """
   wanted = None if only is None else set(only)
-
-  probes = {
-    c.path: c for c in targets.candidates(tree) if len(c.shape) >= 3 and (wanted is None or c.path in wanted)
-  }
+  probes = {c.path: c for c in targets.candidates(tree) if wanted is None or c.path in wanted}
   abstract = jax.tree_util.tree_map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
     (tree, args, kwargs),
@@ -262,28 +238,55 @@ def infer_layouts(
     return interpreter.plain_outputs(outs, ctx, "")
 
   jax.make_jaxpr(run)(*traced.dynamic)
-  out: dict[paths.Path, adapters.Layout] = {}
-  for path, cand in probes.items():
-    where = paths.to_str(path)
-    uses = roles.get(where)
-    if not uses:
-      continue
-    merged: dict[int, str] = {}
-    for _, use in uses:
-      for ax, role in use.items():
-        if merged.get(ax, role) != role:
-          raise ValueError(
-            f"Kernel {where!r} (shape {cand.shape}) is used with conflicting axis roles "
-            f"{[use for _, use in uses]}; set "
-            f"`layout_pattern={{{cand.module.split('/')[-1]!r}: (stacked, fan_in)}}`."
-          )
-        merged[ax] = role
-    layout = values.layout_from_roles(merged, len(cand.shape))
-    if layout is None:
-      raise ValueError(
-        f"Kernel {where!r} (shape {cand.shape}) is used with axis roles {merged}, which are "
-        "not (stacked..., fan_in..., fan_out...) in axis order, so it has no LoRA layout; "
-        "exclude it, or set `layout_pattern` to choose one."
-      )
-    out[path] = adapters.Layout(*layout, ops=frozenset(op for op, _ in uses))
-  return out
+  return {path: roles[paths.to_str(path)] for path in probes if roles.get(paths.to_str(path))}
+
+
+def linear_weights(uses: Mapping[paths.Path, list[tuple[str, dict[int, str]]]]) -> set[paths.Path]:
+  """The leaves used as linear-layer weights: in a ``dot_general``, never in a convolution or lookup."""
+  ops = {path: {op for op, _ in u} for path, u in uses.items()}
+  return {p for p, o in ops.items() if "dot_general" in o and not o & {"conv_general_dilated", "gather"}}
+
+
+def infer_layouts(
+  apply_fn: Callable[..., Any],
+  tree: Any,
+  *args: Any,
+  only: Sequence[paths.Path] | None = None,
+  **kwargs: Any,
+) -> dict[paths.Path, layouts.Layout]:
+  """Reads each kernel's `Layout` from how the model uses it.
+
+  Traces ``apply_fn(tree, *args, **kwargs)`` abstractly (no FLOPs are spent;
+  ``jax.ShapeDtypeStruct`` inputs work) and follows every adaptable leaf to
+  the ops that consume it, in any storage order: axes a ``dot_general``
+  contracts, a convolution's input-channel and spatial axes, or the axes an
+  embedding ``gather`` indexes, are fan-in (``i``); the others are fan-out
+  (``o``); an axis a ``scan`` (``nn.scan``) iterates over, a dot batches
+  over, or the model indexes one entry at a time, is stacked (``s``), and so
+  is a fan-out axis whose every entry the model takes apart after the
+  product (gemma's fused ``kv_einsum``: one adapter for k, one for v).
+
+  Args:
+    apply_fn: the model's apply function; its first argument is the tree.
+    tree: the base tree.
+    *args: example inputs (arrays or ``jax.ShapeDtypeStruct``).
+    only: restrict to these leaf paths.
+    **kwargs: example keyword inputs.
+
+  Returns:
+    ``{path: Layout}`` for the leaves the model uses.
+
+  Raises:
+    ValueError: if a kernel is used with contradicting roles, or roles that
+      give it no layout (naming the path and how to set ``layout_pattern``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, jlora
+    >>> params = {"c_attn": {"kernel": jnp.zeros((12, 4))}}    # stored (out, in), as GPT-2
+    >>> fn = lambda p, x: x @ p["c_attn"]["kernel"].T
+    >>> jlora.infer_layouts(fn, params, jax.ShapeDtypeStruct((2, 4), jnp.float32))
+    {('c_attn', 'kernel'): Layout(roles='oi', ops=frozenset({'dot_general'}))}
+  """
+  uses = read_uses(apply_fn, tree, args, kwargs, only)
+  shapes = {c.path: c.shape for c in targets.candidates(tree)}
+  return {path: layouts.from_uses(u, shapes[path], paths.to_str(path)) for path, u in uses.items()}

@@ -1,0 +1,158 @@
+"""PEFT names: the PyTorch module name of each adapted weight, and PEFT's tensor keys.
+
+A *name map* is ``name_map(path, index) -> module name`` (without PEFT's
+``base_model.model.`` prefix): ``path`` is the weight's jlora leaf path and
+``index`` the entry along its stacked axis (a layer of a scanned kernel, or
+the part of a fused kernel: gemma's ``kv_einsum`` entry 0 is ``k_proj``, 1 is
+``v_proj``), or ``None`` for a kernel without one.
+
+`default_name_map` knows, by their parameter names, the model families jlora
+is tested on: Hugging Face Flax models (the Flax tree mirrors PyTorch's
+module tree: `peft_module_name`), gemma's ``gm.nn.Transformer`` and tunix's
+NNX Llama/Qwen/Gemma (mapped to the Hugging Face ``transformers`` module names
+of the same architecture). A weight none of them knows is an error that names
+it and the ``name_map=`` fix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from jlora._src import paths, targets
+
+PREFIX = "base_model.model."
+NameMap = Callable[[paths.Path, "int | None"], str]
+
+_LAYER_NAMES = frozenset(targets.DEFAULT_LAYER_NAMES)
+# gemma (`layer_3/...`) and tunix (`layers/3/...`): the part after the layer -> HF names, one per
+# entry of a fused kernel's stacked axis.
+_LAYER_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+  (r"attn/q_einsum/w", ("self_attn.q_proj",)),
+  (r"attn/kv_einsum/w", ("self_attn.k_proj", "self_attn.v_proj")),
+  (r"attn/qkv_einsum/w", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+  (r"attn/attn_vec_einsum/w", ("self_attn.o_proj",)),
+  (r"attn/([qkvo])_proj/w", (r"self_attn.\1_proj",)),
+  (r"mlp/gating_einsum", ("mlp.gate_proj", "mlp.up_proj")),
+  (r"mlp/linear", ("mlp.down_proj",)),
+  (r"mlp/(gate|up|down)_proj/kernel", (r"mlp.\1_proj",)),
+)
+_LAYER_PREFIX = r"(?:params/)?(?:layer_|layers/)(\d+)/"
+_TOP_RULES = ((r"(?:params/)?embedder/input_embedding", "model.embed_tokens"), (r"lm_head/w", "lm_head"))
+_HF_LEAVES = frozenset({"kernel", "embedding", "bias", "scale"})
+# PyTorch modules that GPT-2 builds as `Conv1D` (weight stored (in, out)): PEFT wants
+# `fan_in_fan_out=True` for them.
+_CONV1D = re.compile(r"(?:^|\.)h\.\d+\.(?:attn\.c_attn|attn\.c_proj|attn\.q_attn|mlp\.c_fc|mlp\.c_proj)$")
+
+
+def lora_keys(name: str, embedding: bool) -> tuple[str, str]:
+  """PEFT's state-dict keys of one module's ``A`` and ``B`` factors."""
+  if embedding:
+    return f"{PREFIX}{name}.lora_embedding_A", f"{PREFIX}{name}.lora_embedding_B"
+  return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+
+
+def is_conv1d(name: str) -> bool:
+  """Whether PyTorch builds module ``name`` as GPT-2's ``Conv1D``."""
+  return _CONV1D.search(name) is not None
+
+
+def peft_module_name(path: paths.Path, layer: int | None = None) -> str:
+  """The Hugging Face Flax name map: a jlora leaf path -> the PyTorch module name PEFT uses.
+
+  For Flax models whose module tree mirrors the PyTorch one (``transformers``'
+  Flax Llama, Mistral, Gemma, Qwen2, GPT-2 ...): a leading ``params``
+  collection and the leaf name (``kernel``, ``embedding`` ...) are dropped,
+  ``layers_3`` becomes ``layers.3`` (also for ``h``, ``blocks``, ``block``,
+  ``layer``, ``decoder_layers``), int keys (NNX lists) become their digits,
+  and the entries are joined with ``.``. For a kernel stacked over layers,
+  ``layer`` is inserted after the layer container (``layers`` ->
+  ``layers.<layer>``). PEFT's state-dict keys add the prefix
+  ``base_model.model.``.
+
+  Args:
+    path: the leaf path of a kernel in the base tree (jlora key path).
+    layer: the index along a stacked-layer axis, or ``None``.
+
+  Returns:
+    The module name, e.g. ``"model.layers.0.self_attn.q_proj"``.
+
+  Raises:
+    ValueError: if ``layer`` is given but the path has no layer container.
+
+  Example:
+    >>> import jlora
+    >>> jlora.peft_module_name(("params", "model", "layers_0", "self_attn", "q_proj", "kernel"))
+    'model.layers.0.self_attn.q_proj'
+    >>> jlora.peft_module_name(("params", "model", "layers", "mlp", "up_proj", "kernel"), 3)
+    'model.layers.3.mlp.up_proj'
+  """
+  entries = list(path[:-1])
+  if entries and entries[0] == "params":
+    entries = entries[1:]
+  out: list[str] = []
+  for e in entries:
+    m = re.fullmatch(r"(.+)_(\d+)", e) if isinstance(e, str) else None
+    if m and m.group(1) in _LAYER_NAMES:
+      out.extend([m.group(1), m.group(2)])
+    else:
+      out.append(str(e))
+  if layer is not None:
+    for i in range(len(out) - 1, -1, -1):
+      if out[i] in _LAYER_NAMES and not (i + 1 < len(out) and out[i + 1].isdigit()):
+        out.insert(i + 1, str(layer))
+        break
+    else:
+      raise ValueError(
+        f"Kernel {paths.to_str(path)!r} is stacked over layers, but its path has no layer container "
+        f"({sorted(_LAYER_NAMES)}) to put the layer index after; pass a `name_map(path, layer)`."
+      )
+  return ".".join(out)
+
+
+def _family_name(path: paths.Path, index: int | None) -> str | None:
+  """gemma's and tunix's names, or ``None`` when the path is neither's."""
+  where = paths.to_str(path)
+  for pattern, name in _TOP_RULES:
+    if re.fullmatch(pattern, where) and index is None:
+      return name
+  m = re.match(_LAYER_PREFIX, where)
+  if m is None:
+    return None
+  rest = where[m.end() :]
+  for pattern, names in _LAYER_RULES:
+    hit = re.fullmatch(pattern, rest)
+    if hit is None:
+      continue
+    if (index is None) != (len(names) == 1) or (index is not None and not 0 <= index < len(names)):
+      return None
+    return f"model.layers.{m.group(1)}." + hit.expand(names[index or 0])
+  return None
+
+
+def default_name_map(path: paths.Path, index: int | None = None) -> str:
+  """The name map `export_peft` and `import_peft` use when given none (see module doc).
+
+  Raises:
+    ValueError: for a weight no known model family names, naming its path
+      and the ``name_map=`` fix.
+
+  Example:
+    >>> from jlora._src.peft_names import default_name_map
+    >>> default_name_map(("params", "layer_0", "attn", "kv_einsum", "w"), 1)   # gemma
+    'model.layers.0.self_attn.v_proj'
+    >>> default_name_map(("layers", 2, "mlp", "gate_proj", "kernel"))           # tunix
+    'model.layers.2.mlp.gate_proj'
+  """
+  name = _family_name(path, index)
+  if name is not None:
+    return name
+  if str(path[-1]) in _HF_LEAVES and (index is None or len(path) > 1):
+    return peft_module_name(path, index)
+  raise ValueError(
+    f"No PEFT name map jlora knows names the weight {paths.to_str(path)!r}"
+    + (f" (entry {index} of its stacked axis)" if index is not None else "")
+    + ": jlora maps Hugging Face Flax models (leaves 'kernel'/'embedding'), gemma's gm.nn.Transformer "
+    "and tunix's NNX models. Pass `name_map=fn(path, index) -> 'model.layers.0.self_attn.q_proj'` "
+    "giving the PyTorch module name of each weight."
+  )
