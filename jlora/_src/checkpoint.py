@@ -49,7 +49,6 @@ from jlora._src.checkpoint_read import (
   retrying,
 )
 from jlora._src.config import LoraConfig
-from jlora._src.merged_export import save_merged  # noqa: F401 - until jlora/__init__.py imports it there
 
 DELETED_DIR = ".jlora-deleted"  # where removed steps wait to be deleted (orbax's `todelete_subdir`)
 
