@@ -191,3 +191,20 @@ def test_all_linear_skips_convolutions_when_the_model_is_known():
   case = zoo.BUILDERS["convnet"]()  # its only Dense is the output head
   with pytest.raises(ValueError, match="found no weight the model uses as a linear layer"):
     jlora.init(case.tree, cfg, key=jax.random.key(0), apply_fn=case.apply_fn, example_args=(case.inputs,))
+
+
+def test_a_rank_equal_to_the_width_is_read_from_the_model_or_refused():
+  params = {"c_proj": {"kernel": jax.random.normal(jax.random.key(0), (4, 4))}}  # stored (out, in)
+  fn = lambda p, x: x @ p["c_proj"]["kernel"].T  # noqa: E731
+  x = jax.random.normal(jax.random.key(1), (3, 4))
+  cfg = jlora.LoraConfig(r=4, target_modules=("c_proj",), init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(2), apply_fn=fn, example_args=(x,))
+  a, b = lora["c_proj"]["kernel"]["lora_A"], lora["c_proj"]["kernel"]["lora_B"]
+  assert (a.shape, b.shape) == ((4, 4), (4, 4))
+  # "oi": A (r, in), B (out, r), so the kernel becomes W + scale * B @ A, as in PEFT.
+  want = x @ (params["c_proj"]["kernel"] + 2.0 * b @ a).T
+  np.testing.assert_allclose(jlora.wrap(fn, cfg)(params, lora, x), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"more than one layout \('io', 'oi'\).*layout_pattern"):
+    jlora.merge(params, lora, cfg)
+  pinned = jlora.LoraConfig(**{**cfg.to_dict(), "layout_pattern": {"c_proj": "oi"}})
+  np.testing.assert_allclose(fn(jlora.merge(params, lora, pinned), x), want, rtol=1e-5, atol=1e-5)

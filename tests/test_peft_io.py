@@ -388,3 +388,35 @@ def test_peft_saved_adapter_imports(tmp_path):
   assert np.abs(ours - flax_model.apply(variables, ids)).max() > 1e-2
   print(f"PEFT -> jlora logits max abs diff {np.abs(ours - theirs).max():.2e}")
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["gemma_style", "gpt2_style", "maxtext_scan"])
+def family(request):
+  from tests import zoo  # noqa: PLC0415
+
+  case = zoo.BUILDERS[request.param]()
+  kw = dict(apply_fn=case.apply_fn, example_args=(case.inputs,))
+  lora = jlora.init(case.tree, case.config, key=jax.random.key(3), **kw)
+  return case, lora, kw
+
+
+def test_model_families_export_and_import_exactly(family, tmp_path):
+  case, lora, kw = family
+  pcfg = jlora.export_peft(tmp_path, lora, case.config, base=case.tree)
+  _, tensors = _read(tmp_path)
+  names = {k.rsplit(".lora_", 1)[0][len(PREFIX) :] for k in tensors}
+  if case.name == "gemma_style":  # the Hugging Face Gemma module names, fused weights split
+    assert "model.layers.1.self_attn.k_proj" in names and "model.layers.1.self_attn.v_proj" in names
+    assert "model.layers.0.mlp.gate_proj" in names and "model.layers.0.mlp.down_proj" in names
+    assert pcfg["target_modules"] == sorted({n.rsplit(".", 1)[-1] for n in names})
+    assert tensors[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (16, 2)  # (N*H, r)
+  if case.name == "gpt2_style":
+    assert pcfg["fan_in_fan_out"] is False  # h_0.c_attn is not under `transformer.h.N.attn`
+    assert tensors[f"{PREFIX}h.0.c_attn.lora_A.weight"].shape == (2, 16)  # (r, in)
+    assert pcfg["target_modules"] == list(case.config.target_modules)
+  if case.name == "maxtext_scan":  # the layer axis (stored second) becomes one module per layer
+    assert {f"layers.{i}.q_proj" for i in range(2)} <= names
+  lora2, cfg2 = jlora.import_peft(tmp_path, case.tree, **kw)
+  got = jlora.wrap(case.apply_fn, cfg2)(case.tree, lora2, case.inputs)
+  want = jlora.wrap(case.apply_fn, case.config)(case.tree, lora, case.inputs)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ from flax import nnx
 
 import jlora
 from jlora._src import paths
+from jlora._src import targets as jlora_targets
 from tests import zoo
 
 
@@ -108,3 +109,19 @@ def test_module_paths_lists_targetable_modules(llama):
   assert mods["layers_0/q_proj"] == {"kernel": (zoo.D, zoo.D)}
   assert mods["embed_tokens"] == {"embedding": (zoo.VOCAB, zoo.D)}
   assert "norm" not in mods and "layers_0/input_layernorm" not in mods
+
+
+def test_a_weight_of_a_module_with_two_is_targetable_alone():
+  case = zoo.BUILDERS["gemma_style"]()
+  chosen = lambda targets: {  # noqa: E731
+    c.param for c in jlora_targets.match_targets(case.tree, jlora.LoraConfig(target_modules=targets))
+  }
+  assert chosen(("linear",)) == {f"layer_{i}/mlp/linear" for i in range(zoo.LAYERS)}
+  both = {f"layer_{i}/mlp/{w}" for i in range(zoo.LAYERS) for w in ("linear", "gating_einsum")}
+  assert chosen(("mlp",)) == both
+  assert chosen("layer_0/mlp/gating_einsum") == {"layer_0/mlp/gating_einsum"}
+  with pytest.raises(ValueError, match=r"Close module names: \['linear'\]"):
+    chosen(("lineat",))
+  # Without the model, all-linear falls back to leaves named `kernel`; this model has none.
+  with pytest.raises(ValueError, match="leaves nothing to adapt"):
+    chosen("all-linear")

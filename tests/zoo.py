@@ -152,6 +152,117 @@ class NNXTransformer(nnx.Module):
     return self.lm_head(x)
 
 
+# -- gemma-style einsums: `w` leaves, fused k/v, a module holding two weights -------------------
+
+
+KV_HEADS = 1
+
+
+class Einsum(nn.Module):
+  """gemma's `_layers.Einsum`: one weight (named ``w`` unless told), used by ``jnp.einsum``."""
+
+  shape: tuple[int, ...]
+  weight_name: str = "w"
+
+  @nn.compact
+  def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
+    w = self.param(self.weight_name, nn.initializers.normal(0.3), self.shape)
+    return jnp.einsum(eqn, x, w)
+
+
+class GemmaMLP(nn.Module):
+  """gemma's FeedForward: ``gating_einsum`` (2, hidden, d) and ``linear`` (hidden, d) in one module."""
+
+  @nn.compact
+  def __call__(self, x):
+    gating = Einsum((2, FF, D), weight_name="gating_einsum")
+    nn.share_scope(self, gating)
+    gate = gating("...F,NHF->...NH", x)
+    h = nn.gelu(gate[..., 0, :]) * gate[..., 1, :]
+    linear = Einsum((FF, D), weight_name="linear")
+    nn.share_scope(self, linear)
+    return linear("...H,HF->...F", h)
+
+
+class GemmaAttention(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    dh = D // HEADS
+    q = Einsum((HEADS, D, dh), name="q_einsum")("BTD,NDH->BTNH", x)
+    k, v = Einsum((2, KV_HEADS, D, dh), name="kv_einsum")("BSD,CKDH->CBSKH", x)
+    rep = HEADS // KV_HEADS
+    att = causal_attention(q, jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2))
+    return Einsum((HEADS, dh, D), name="attn_vec_einsum")("BTNH,NHD->BTD", att)
+
+
+class GemmaBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x + GemmaAttention(name="attn")(RMSNorm(name="pre_attention_norm")(x))
+    return x + GemmaMLP(name="mlp")(RMSNorm(name="pre_ffw_norm")(x))
+
+
+class GemmaStyle(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    table = self.param("input_embedding", nn.initializers.normal(1.0), (VOCAB, D))
+    x = table[tokens]
+    for i in range(LAYERS):
+      x = GemmaBlock(name=f"layer_{i}")(x)
+    return x @ table.T  # tied head, as gemma
+
+
+# -- GPT-2-style: 2-D kernels stored (out, in), used as x @ W.T ---------------------------------
+
+
+class Conv1D(nn.Module):
+  """transformers' FlaxConv1D: ``kernel`` stored (features, in), applied as ``x @ kernel.T``."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.normal(0.3), (self.features, x.shape[-1]))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    return x @ kernel.T + bias
+
+
+class GPT2Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    b, t, _ = x.shape
+    h = nn.LayerNorm(name="ln_1")(x)
+    q, k, v = jnp.split(Conv1D(3 * D, name="c_attn")(h), 3, axis=-1)  # one fused adapter, as PEFT
+    split = lambda y: y.reshape(b, t, HEADS, D // HEADS)  # noqa: E731
+    att = causal_attention(split(q), split(k), split(v)).reshape(b, t, D)
+    x = x + Conv1D(D, name="c_proj")(att)
+    h = nn.LayerNorm(name="ln_2")(x)
+    return x + Conv1D(D, name="mlp_c_proj")(nn.gelu(Conv1D(FF, name="c_fc")(h)))
+
+
+class GPT2Style(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D, name="wte")(tokens)
+    for i in range(LAYERS):
+      x = GPT2Block(name=f"h_{i}")(x)
+    return nn.Dense(VOCAB, use_bias=False, name="lm_head")(x)
+
+
+# -- MaxText-style scan: the layer axis stored second, kernels (in, L, out) -----------------------
+
+
+class MaxTextStyle(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D, name="embed")(tokens)
+    stack = nn.scan(
+      nn.remat(LlamaBlock), variable_axes={"params": 1}, split_rngs={"params": True}, length=LAYERS
+    )
+    x, _ = stack(name="layers")(x, None)
+    return nn.Dense(VOCAB, use_bias=False, name="lm_head")(x)
+
+
 # -- plain function -----------------------------------------------------------------
 
 
@@ -293,7 +404,65 @@ def _plain_case() -> Case:
   return Case("plain", plain_apply, params, x, cfg, shapes, peft, targets=jnp.ones((BATCH, 4)))
 
 
+def _gemma_case() -> Case:
+  model = GemmaStyle()
+  tokens = _tokens(jax.random.key(8))
+  variables = model.init(jax.random.key(0), tokens)
+  r, dh = 2, D // HEADS
+  cfg = jlora.LoraConfig(r=r, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+  shapes = {}
+  for i in range(LAYERS):
+    p = f"params/layer_{i}"
+    shapes |= {
+      f"{p}/attn/attn_vec_einsum/w": ((HEADS, dh, r), (r, D)),  # "iio": o_proj
+      f"{p}/attn/kv_einsum/w": ((2, r, D), (2, KV_HEADS, r, dh)),  # "soio": k_proj and v_proj
+      f"{p}/attn/q_einsum/w": ((r, D), (HEADS, r, dh)),  # "oio": q_proj
+      f"{p}/mlp/gating_einsum": ((2, r, D), (2, FF, r)),  # "soi": gate_proj and up_proj
+      f"{p}/mlp/linear": ((FF, r), (r, D)),  # "io": down_proj
+    }
+  per_layer = r * ((D + D) + 2 * (D + KV_HEADS * dh) + (D + D) + 2 * (D + FF) + (FF + D))
+  return Case(
+    "gemma_style", model.apply, variables, tokens, cfg, shapes, LAYERS * per_layer, jnp.roll(tokens, -1, 1)
+  )
+
+
+def _gpt2_case() -> Case:
+  model = GPT2Style()
+  tokens = _tokens(jax.random.key(9))
+  variables = model.init(jax.random.key(0), tokens)
+  r = 2
+  names = ("c_attn", "c_proj", "c_fc", "mlp_c_proj")
+  cfg = jlora.LoraConfig(r=r, lora_alpha=4, target_modules=names, init_lora_weights=False)
+  dims = {"c_attn": (D, 3 * D), "c_proj": (D, D), "c_fc": (D, FF), "mlp_c_proj": (FF, D)}  # (in, out)
+  shapes = {
+    f"params/h_{i}/{n}/kernel": ((r, fan_in), (fan_out, r))  # "oi": PEFT's own lora_A / lora_B shapes
+    for i in range(LAYERS)
+    for n, (fan_in, fan_out) in dims.items()
+  }
+  peft = LAYERS * sum(r * (i + o) for i, o in dims.values())
+  return Case("gpt2_style", model.apply, variables, tokens, cfg, shapes, peft, jnp.roll(tokens, -1, 1))
+
+
+def _maxtext_case() -> Case:
+  model = MaxTextStyle()
+  tokens = _tokens(jax.random.key(10))
+  variables = model.init(jax.random.key(0), tokens)
+  r = 2
+  names = ("q_proj", "o_proj", "up_proj", "down_proj")
+  cfg = jlora.LoraConfig(r=r, lora_alpha=4, target_modules=names, init_lora_weights=False)
+  dims = {"q_proj": (D, D), "o_proj": (D, D), "up_proj": (D, FF), "down_proj": (FF, D)}
+  shapes = {
+    f"params/layers/{n}/kernel": ((i, LAYERS, r), (r, LAYERS, o))  # "iso"
+    for n, (i, o) in dims.items()
+  }
+  peft = LAYERS * sum(r * (i + o) for i, o in dims.values())
+  return Case("maxtext_scan", model.apply, variables, tokens, cfg, shapes, peft, jnp.roll(tokens, -1, 1))
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
+  "gemma_style": _gemma_case,
+  "gpt2_style": _gpt2_case,
+  "maxtext_scan": _maxtext_case,
   "llama": lambda: _llama_case(False),
   "llama_scan": lambda: _llama_case(True),
   "mha_tied": _mha_case,
