@@ -1,9 +1,11 @@
 """jlora: functional LoRA for JAX and Flax.
 
-Shape conventions: a Flax kernel is ``(*stacked, *fan_in, *fan_out)`` (a Dense
-kernel ``(in, out)``); its adapter is ``lora_A`` ``(*stacked, *fan_in, r)`` and
-``lora_B`` ``(*stacked, r, *fan_out)``. PEFT's ``lora_A.weight`` is
-``(r, in)`` and ``lora_B.weight`` is ``(out, r)``.
+Shape conventions: a kernel's `Layout` gives each axis a role, stacked,
+fan-in or fan-out, in any storage order (a Flax Dense kernel ``(in, out)`` is
+``"io"``). Its adapter keeps the kernel's axis order: ``lora_A`` is the kernel
+with its fan-out axes replaced by one rank axis, ``lora_B`` the kernel with its
+fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
+``lora_A.weight`` is ``(r, in)`` and ``lora_B.weight`` is ``(out, r)``.
 """
 
 from importlib import metadata as _metadata

@@ -3,10 +3,11 @@
 Field names and meanings follow Hugging Face PEFT's `LoraConfig` so that a
 user who knows PEFT can read and write a jlora config without a dictionary.
 
-Shape conventions (repeated wherever weights are touched): a Flax kernel is
-``(*stacked, *fan_in, *fan_out)``; its adapter is ``lora_A`` with shape
-``(*stacked, *fan_in, r)`` and ``lora_B`` with shape ``(*stacked, r, *fan_out)``,
-so that ``delta = scale * A @ B`` has the kernel's shape. PEFT's
+Shape conventions: a kernel's `Layout` gives each axis a role, stacked,
+fan-in or fan-out, in any storage order (a Flax Dense kernel ``(in, out)`` is
+``"io"``). Its adapter keeps the kernel's axis order: ``lora_A`` is the kernel
+with its fan-out axes replaced by one rank axis, ``lora_B`` the kernel with its
+fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
 ``lora_A.weight`` is ``(r, in)`` and ``lora_B.weight`` is ``(out, r)``.
 """
 
