@@ -26,9 +26,8 @@ from jlora._src.merge import merge
 
 
 def _detach(state: Any) -> Any:
-  # Rebuilding the tree makes a new Variable (flax >= 0.12) or VariableState
-  # (flax 0.11) around each array, so the result shares no mutable container
-  # with its source.
+  # Rebuilding the tree makes a new Variable around each array, so the result
+  # shares no mutable container with its source.
   return jax.tree_util.tree_map(lambda x: x, state)
 
 
@@ -73,7 +72,7 @@ def nnx_split(model: nnx.Module) -> tuple[Any, Any, Callable[..., Any]]:
     ...     return self.q_proj(x)
     >>> model = Block(nnx.Rngs(0))
     >>> graphdef, state, apply_fn = jlora.nnx_split(model)
-    >>> state["q_proj"]["kernel"] is model.q_proj.kernel  # True for nnx.split(model) on flax >= 0.12
+    >>> state["q_proj"]["kernel"] is model.q_proj.kernel  # True for nnx.split(model)
     False
     >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), init_lora_weights=False)
     >>> lora = jlora.init(state, cfg, key=jax.random.key(1))
