@@ -24,7 +24,8 @@ from jlora._src.merge import merge, unmerge
 from jlora._src.merged_export import save_merged
 from jlora._src.nnx_models import nnx_merge, nnx_split
 from jlora._src.optim import combine, freeze_base, split, trainable_mask
-from jlora._src.peft_io import export_peft, import_peft
+from jlora._src.peft_export import export_peft
+from jlora._src.peft_import import import_peft
 from jlora._src.peft_names import peft_module_name
 from jlora._src.sharding import adapter_specs
 from jlora._src.summary import count_params, summary

@@ -222,8 +222,10 @@ def exported(tmp_path):
 
 
 def _rewrite(directory, tensors=None, config=None):
-  if tensors is not None:
-    safetensors.numpy.save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
+  """Edits the files by hand, as a PEFT user would: the re-saved tensors carry no jlora checksum."""
+  if tensors is None:
+    _, tensors = _read(directory)
+  safetensors.numpy.save_file(tensors, os.path.join(directory, "adapter_model.safetensors"))
   if config is not None:
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
       json.dump(config, f)
@@ -420,3 +422,45 @@ def test_model_families_export_and_import_exactly(family, tmp_path):
   got = jlora.wrap(case.apply_fn, cfg2)(case.tree, lora2, case.inputs)
   want = jlora.wrap(case.apply_fn, case.config)(case.tree, lora, case.inputs)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["config", "weights"])
+def test_a_flipped_bit_in_an_exported_file_is_an_error(tmp_path, target):
+  tree = _linen_tree()
+  cfg = _cfg()
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  jlora.export_peft(tmp_path, lora, cfg, base=tree)
+  name = "adapter_config.json" if target == "config" else "adapter_model.safetensors"
+  path = os.path.join(tmp_path, name)
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
+  if target == "config":  # lora_alpha 6 -> 7: still valid JSON, a different adapter
+    i = data.index(b'"lora_alpha": 6')
+    data[i + len(b'"lora_alpha": ')] ^= 0x01
+  else:  # one bit of the last tensor's data
+    data[-3] ^= 0x10
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+  with pytest.raises(ValueError, match="fail the checksum jlora wrote"):
+    jlora.import_peft(tmp_path, tree)
+
+
+def test_gpt2_conv1d_kernels_need_the_model_or_a_layout(tmp_path):
+  # transformers' Flax GPT-2 stores Conv1D kernels (out, in); other code stores (in, out).
+  tree = {"transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.ones((12, 4))}}}}}}
+  cfg = jlora.LoraConfig(r=2, target_modules=("c_attn",))
+  with pytest.raises(ValueError, match=r"GPT-2 `Conv1D` weight.*apply_fn=.*'oi' for transformers' FlaxGPT2"):
+    jlora.init(tree, cfg, key=jax.random.key(0))
+  pinned = jlora.LoraConfig(
+    r=2, target_modules=("c_attn",), layout_pattern={"c_attn": "oi"}, init_lora_weights=False
+  )
+  lora = jlora.init(tree, pinned, key=jax.random.key(0))
+  assert lora["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]["lora_A"].shape == (2, 4)  # (r, in)
+  pcfg = jlora.export_peft(tmp_path, lora, pinned, base=tree)
+  assert pcfg["fan_in_fan_out"] is True and pcfg["target_modules"] == ["c_attn"]
+  with pytest.raises(
+    ValueError, match=r"PEFT module 'transformer.h.0.attn.c_attn' adapts a kernel whose layout"
+  ):
+    jlora.import_peft(tmp_path, tree)
+  lora2, cfg2 = jlora.import_peft(tmp_path, tree, layout_pattern={"c_attn": "oi"})
+  chex.assert_trees_all_close(jlora.merge(tree, lora2, cfg2), jlora.merge(tree, lora, pinned))

@@ -110,14 +110,7 @@ def _layout_for(cand: targets.Candidate, config: LoraConfig, inferred: Layouts) 
     return layout
   if cand.path in inferred:
     return inferred[cand.path]
-  if len(cand.shape) == 2:
-    return Layout("io")
-  raise ValueError(
-    f"Kernel {paths.to_str(cand.path)!r} has shape {cand.shape}: its stacked, fan-in and "
-    "fan-out axes cannot be told from the shape alone. Pass `apply_fn=model.apply, "
-    "example_args=(inputs,)` to `jlora.init` so it reads how the model uses the "
-    f"kernel, or set `layout_pattern` (e.g. {layouts.layout_hint(paths.to_str(cand.path), len(cand.shape))})."
-  )
+  return layouts.default_layout(cand.module, cand.shape, paths.to_str(cand.path))
 
 
 def _selected_layers(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 STACKED, IN, OUT = "s", "i", "o"
@@ -245,6 +246,36 @@ def from_uses(uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int
       "('s' stacked, 'i' fan-in, 'o' fan-out, '?' not seen), which give it no LoRA layout; "
       f"exclude it, or set `layout_pattern` (e.g. {layout_hint(where, len(shape))})."
     ) from None
+
+
+# transformers' Flax GPT-2 stores its `Conv1D` kernels (out, in) and computes x @ W.T, while other
+# code with the same module names stores (in, out): without the model, their layout is a guess.
+_GPT2_CONV1D = re.compile(r"(?:^|/)h/\d+/(?:attn/(?:c_attn|c_proj|q_attn)|mlp/(?:c_fc|c_proj))$")
+
+
+def default_layout(module: str, shape: Sequence[int], where: str) -> Layout:
+  """The layout of a kernel the model was not read for: ``"io"`` for 2-D kernels.
+
+  Raises:
+    ValueError: for kernels of three or more dimensions, and for GPT-2's
+      ``Conv1D`` kernels (stored either way round), naming the fixes.
+  """
+  fix = (
+    "Pass `apply_fn=model.apply, example_args=(inputs,)` so jlora reads how the model uses the kernel, "
+    f"or set `layout_pattern` (e.g. {layout_hint(where, len(shape))})"
+  )
+  if len(shape) != 2:
+    raise ValueError(
+      f"Kernel {where!r} has shape {tuple(shape)}: its stacked, fan-in and fan-out axes cannot be told "
+      f"from the shape alone. {fix}."
+    )
+  if _GPT2_CONV1D.search(module):
+    raise ValueError(
+      f"Kernel {where!r} of shape {tuple(shape)} is a GPT-2 `Conv1D` weight, which transformers' Flax GPT-2 "
+      "stores (out, in) and uses as x @ W.T, and other code stores (in, out): its layout cannot be told "
+      f"from the shape. {fix}; 'oi' for transformers' FlaxGPT2)."
+    )
+  return Layout(IN + OUT)
 
 
 def layout_hint(where: str, ndim: int) -> str:

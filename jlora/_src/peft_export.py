@@ -1,0 +1,231 @@
+"""`export_peft`: an adapter as a PEFT LoRA adapter directory (see `jlora._src.peft_io` for shapes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jlora._src import adapters, layouts, paths, peft_io, targets
+from jlora._src.atomic import write_atomic
+from jlora._src.config import LoraConfig
+from jlora._src.peft_config import exported_targets as _exported_targets
+from jlora._src.peft_config import peft_config_of
+from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
+from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys
+
+
+def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
+  """Adapter specs read from the factor shapes alone (no base tree)."""
+  collections = paths.is_collections(lora)
+  bound = []
+  for path, node in paths.adapter_items(lora):
+    if not paths.is_adapter(node):
+      continue
+    module = paths.module_path(path, collections)
+    cand = targets.Candidate(path, module, (), None)
+    a, b = node[paths.LORA_A], node[paths.LORA_B]
+    found = [
+      (lay, shape)
+      for lay, shape in layouts.kernels_for(a.shape, b.shape, config.rank_for(cand.names))
+      if adapters.layout_override(dataclasses.replace(cand, shape=shape), config.layout_for(cand.names))
+      in (None, lay)
+    ]
+    if len(found) != 1:
+      raise ValueError(
+        f"Cannot tell the layout of the adapter at {paths.to_str(path)!r} (lora_A {tuple(a.shape)}, "
+        f"lora_B {tuple(b.shape)}) from its shapes; pass `base=` (the base tree)."
+      )
+    layout, shape = found[0]
+    layers = None
+    if layout.stacked_axes and config.layers_to_transform is not None:
+      if targets.layer_index(module, config.layers_pattern) is None:
+        layers = tuple(config.layers_to_transform[: shape[layout.stacked_axes[0]]])
+    spec = adapters.AdapterSpec(
+      path, module, shape, layout, config.rank_for(cand.names), config.scale_for(cand.names), layers
+    )
+    bound.append(adapters.Bound(spec, None, a, b))
+  return bound
+
+
+@dataclasses.dataclass(frozen=True)
+class _Factors:
+  """One PEFT module's factors: ``a`` ``(r, in)`` and ``b`` ``(out, r)``."""
+
+  index: int | None  # entry of the stacked axis
+  a: np.ndarray
+  b: np.ndarray
+
+
+def _peft_factors(item: adapters.Bound) -> Iterator[_Factors]:
+  spec = item.spec
+  if len(spec.layout.stacked_axes) > 1:
+    raise ValueError(
+      f"Adapter at {spec.where!r} has {len(spec.layout.stacked_axes)} stacked axes (layout "
+      f"{spec.layout}); a PEFT module can carry one at most (exported as one module per entry)."
+    )
+  a, b = (np.asarray(x) for x in adapters.canonical(spec, item.a, item.b))
+  n_in, n_out = math.prod(spec.in_shape), math.prod(spec.out_shape)
+  if not spec.layout.stacked_axes:
+    yield _Factors(None, a.reshape(n_in, spec.rank).T, b.reshape(spec.rank, n_out).T)
+    return
+  ids = spec.layers if spec.layers is not None else range(a.shape[0])
+  for i, a_l, b_l in zip(ids, a, b):
+    yield _Factors(i, a_l.reshape(n_in, spec.rank).T, b_l.reshape(spec.rank, n_out).T)
+
+
+def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> set[str]:
+  """The PEFT names of every adaptable weight of ``base`` that the name map knows."""
+  by_path = {item.spec.path: item.spec.layout for item in bound}
+  names: set[str] = set()
+  for cand in targets.candidates(base):
+    layout = by_path.get(cand.path)
+    for lay in [layout] if layout is not None else peft_io.name_guesses(cand):
+      names.update(n for _, n in peft_io.safe_module_names(cand, lay, name_map))
+  return names
+
+
+def export_peft(
+  directory: str | os.PathLike,
+  lora: Any,
+  config: LoraConfig,
+  *,
+  name_map: NameMap | None = None,
+  base: Any = None,
+  base_model_name_or_path: str | None = None,
+  task_type: str | None = "CAUSAL_LM",
+  overwrite: bool = False,
+) -> dict[str, Any]:
+  """Writes an adapter as a PEFT LoRA adapter directory.
+
+  ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight``
+  ``(r, in)`` and ``...lora_B.weight`` ``(out, r)`` for each adapted module
+  (``lora_embedding_A`` ``(r, vocab)`` / ``lora_embedding_B`` ``(d, r)`` for
+  embeddings), one module per entry of a stacked kernel (a layer of a scanned
+  kernel; k and v of gemma's fused ``kv_einsum``), and the trained copies of
+  `modules_to_save` (``kernel`` transposed to ``weight``). Fan-in and fan-out
+  axes are flattened row-major in the kernel's axis order.
+  ``adapter_config.json`` keeps ``target_modules`` as the user wrote them
+  (``["q_proj", "v_proj"]``) when, with ``base`` given, they select exactly
+  the exported modules in PEFT's matching (else the PyTorch short names, else
+  the full module names), with ``rank_pattern``/``alpha_pattern`` where they
+  differ from ``r``/``lora_alpha``, and ``fan_in_fan_out=True`` for GPT-2's
+  ``Conv1D`` modules.
+
+  Args:
+    directory: output directory (created if needed).
+    lora: the adapter tree.
+    config: its config.
+    name_map: ``name_map(path, index) -> module name`` (without
+      ``base_model.model.``); default: the map of the model family the paths
+      belong to (Hugging Face Flax, gemma, tunix; see `peft_module_name`).
+    base: the base tree; used to check the adapter fits, to read each
+      kernel's layout, and to keep ``target_modules`` short.
+    base_model_name_or_path: recorded for PEFT (the Hub id of the base).
+    task_type: PEFT's ``task_type``.
+    overwrite: replace existing adapter files in ``directory``.
+
+  Returns:
+    The ``adapter_config.json`` contents written.
+
+  Raises:
+    FileExistsError: if adapter files exist and ``overwrite`` is false.
+    ValueError: for adapters PEFT cannot express (more than one stacked axis),
+      weights no name map knows, two adapters mapped to the same PEFT name,
+      or an adapter that does not fit ``base``.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, jlora
+    >>> params = {"params": {"model": {"layers_0": {"self_attn": {"q_proj": {"kernel": jnp.ones((8, 6))}}}}}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",))
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
+    >>> peft_cfg = jlora.export_peft(tempfile.mkdtemp(), lora, cfg, base=params)
+    >>> peft_cfg["target_modules"]
+    ['q_proj']
+  """
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
+  name_map = name_map or default_name_map
+  if base is not None:
+    bound, saved = adapters.bind(base, lora, config)
+  else:
+    bound = _without_base(lora, config)
+    saved = {p: x for p, x in paths.adapter_items(lora) if not paths.is_adapter(x)}
+  tensors: dict[str, np.ndarray] = {}
+  origin: dict[str, str] = {}
+  ranks: dict[str, int] = {}
+  alphas: dict[str, float] = {}
+
+  def put(key: str, value: np.ndarray, where: str) -> None:
+    if key in tensors:
+      raise ValueError(
+        f"Adapters at {origin[key]!r} and {where!r} both map to PEFT key {key!r}; pass a `name_map`."
+      )
+    tensors[key], origin[key] = np.ascontiguousarray(value), where
+
+  for item in bound:
+    spec = item.spec
+    embedding = peft_io.is_embedding(spec.path)
+    if embedding and (len(spec.in_shape) != 1 or len(spec.out_shape) != 1):
+      raise ValueError(
+        f"Embedding adapter at {spec.where!r} must be 2-D (vocab, d); got {spec.kernel_shape}."
+      )
+    for f in _peft_factors(item):
+      name = name_map(spec.path, f.index)
+      key_a, key_b = lora_keys(name, embedding)
+      put(key_a, f.a, spec.where)
+      put(key_b, f.b, spec.where)
+      ranks[name] = spec.rank
+      alphas[name] = config.alpha_for((spec.module, spec.param))
+  saved_modules = []
+  for path, leaf in saved.items():
+    where = paths.to_str(path)
+    leaf_name = str(path[-1])
+    arr = np.asarray(leaf)
+    if leaf_name not in peft_io.SAVED_LEAVES or (leaf_name == "kernel" and arr.ndim != 2):
+      raise ValueError(
+        f"`modules_to_save` leaf {where!r} (shape {arr.shape}) has no PyTorch equivalent jlora knows; "
+        f"only {sorted(peft_io.SAVED_LEAVES)} leaves (2-D kernels) are exported."
+      )
+    torch_name, transpose = peft_io.SAVED_LEAVES[leaf_name]
+    module = name_map(path, None)
+    put(f"{PREFIX}{module}.{torch_name}", arr.T if transpose else arr, where)
+    saved_modules.append(module)
+
+  known = _known_names(base, bound, name_map) if base is not None else None
+  peft_config = peft_config_of(
+    config,
+    ranks=ranks,
+    alphas=alphas,
+    saved_modules=saved_modules,
+    targets=_exported_targets(config, sorted(ranks), known),
+    base_model_name_or_path=base_model_name_or_path,
+    task_type=task_type,
+  )
+  _write(os.fspath(directory), tensors, peft_config, overwrite)
+  return peft_config
+
+
+def _write(directory: str, tensors: dict[str, np.ndarray], peft_config: dict, overwrite: bool) -> None:
+  """The two files, each written whole or not at all, with jlora's checksum in the safetensors metadata."""
+  import safetensors.numpy  # noqa: PLC0415
+
+  os.makedirs(directory, exist_ok=True)
+  outs = [os.path.join(directory, n) for n in (WEIGHTS_NAME, CONFIG_NAME)]
+  if not overwrite and any(os.path.exists(p) for p in outs):
+    raise FileExistsError(
+      f"{directory!r} already holds a PEFT adapter; pass `overwrite=True` or choose another directory."
+    )
+  metadata = {"format": "pt", peft_io.CHECKSUM_KEY: peft_io.checksum(peft_config, tensors)}
+  write_atomic(outs[0], lambda p: safetensors.numpy.save_file(tensors, p, metadata=metadata), overwrite=True)
+
+  def write_json(p: str) -> None:
+    with open(p, "w") as f:
+      json.dump(peft_config, f, indent=2, sort_keys=True)
+
+  write_atomic(outs[1], write_json, overwrite=True)

@@ -1,0 +1,445 @@
+"""`import_peft`: a PEFT LoRA adapter directory as a jlora adapter tree, checked before it is read.
+
+Phases: the config (`peft_config.read_peft_config`), the tensor index (`_open_weights`),
+each weight's layout (`_import_layouts`), the PEFT modules of each weight
+(`_find_modules`), their shapes and ranks (`_check_module`), the jlora config
+(`_import_config`), and only then the tensors (`_read_factors`). See
+`jlora._src.peft_io` for shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jlora._src import adapters, layouts, paths, peft_config, peft_io, targets
+from jlora._src.config import LoraConfig, freeze_layout_pattern, longest_match
+from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
+from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys
+
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _open_weights(directory: str) -> tuple[Any, dict[str, tuple[tuple[int, ...], str]]]:
+  import safetensors  # noqa: PLC0415
+
+  path = os.path.join(directory, WEIGHTS_NAME)
+  if not os.path.isfile(path):
+    pickled = os.path.join(directory, "adapter_model.bin")
+    if os.path.isfile(pickled):
+      raise ValueError(
+        f"{directory!r} holds only a pickled adapter_model.bin; jlora never unpickles files. Re-save "
+        "the adapter with PEFT's `save_pretrained(..., safe_serialization=True)`."
+      )
+    raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory!r}.")
+  try:
+    handle = safetensors.safe_open(path, framework="numpy")
+    info = {}
+    for key in handle.keys():
+      sl = handle.get_slice(key)
+      info[key] = (tuple(sl.get_shape()), sl.get_dtype())
+  except Exception as e:  # safetensors raises SafetensorError and others on bad headers
+    raise ValueError(
+      f"{path!r} is not a readable safetensors file ({e}); it is truncated or corrupted."
+    ) from e
+  return handle, info
+
+
+@dataclasses.dataclass(frozen=True)
+class _Match:
+  """A weight of the tree and the PEFT modules of the file that adapt it."""
+
+  cand: targets.Candidate
+  layout: layouts.Layout
+  names: tuple[tuple[int | None, str], ...]  # (entry of the stacked axis, module name), in the file
+  embedding: bool
+  rank: int
+  alpha: float
+
+  @property
+  def layer_axis(self) -> bool:
+    """Whether the stacked axis is cut to the entries in the file (`layers_to_transform`)."""
+    return bool(self.layout.stacked_axes) and targets.layer_index(self.cand.module, None) is None
+
+
+def _import_layouts(
+  tree: Any,
+  cands: list[targets.Candidate],
+  layout_pattern: Any,
+  read: Callable[[], dict[paths.Path, layouts.Layout]],
+) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, str]]:
+  """Each weight's layout: ``layout_pattern``, else the model's use (``read``), else the default
+  (`layouts.default_layout`); and, for the weights with none, why."""
+  try:
+    overrides = freeze_layout_pattern(layout_pattern or ())
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"`layout_pattern` is invalid: {e}") from e
+  inferred = read()
+  out, unknown = {}, {}
+  for cand in cands:
+    hit = longest_match(overrides, cand.names)
+    layout = adapters.layout_override(cand, hit[1]) if hit else inferred.get(cand.path)
+    if layout is None:
+      try:
+        layout = layouts.default_layout(cand.module, cand.shape, paths.to_str(cand.path))
+      except ValueError as e:
+        unknown[cand.path] = str(e)
+        continue
+    out[cand.path] = layout
+  return out, unknown
+
+
+def _find_modules(
+  cands: list[targets.Candidate],
+  lays: tuple[Mapping[paths.Path, layouts.Layout], Mapping[paths.Path, str]],
+  name_map: NameMap,
+  info: Mapping[str, Any],
+  weights_path: str,
+) -> tuple[list[tuple[targets.Candidate, layouts.Layout, list[tuple[int | None, str]]]], str | None]:
+  """The weights the file adapts, with their module names; and the first weight no name map knows."""
+  known, unknown = lays
+  found, unmapped = [], None
+  for cand in cands:
+    layout = known.get(cand.path)
+    if layout is None:
+      names = {
+        n for lay in peft_io.name_guesses(cand) for _, n in peft_io.safe_module_names(cand, lay, name_map)
+      }
+      hit = next((n for n in sorted(names) if lora_keys(n, peft_io.is_embedding(cand.path))[0] in info), None)
+      if hit is not None:
+        raise ValueError(
+          f"PEFT module {hit!r} adapts a kernel whose layout jlora does not know: {unknown[cand.path]}"
+        )
+      continue
+    try:
+      names = peft_io.module_names(cand.path, layout, cand.shape, name_map)
+    except ValueError:
+      unmapped = unmapped or paths.to_str(cand.path)
+      continue
+    embedding = peft_io.is_embedding(cand.path)
+    hits = []
+    for index, name in names:
+      key_a, key_b = lora_keys(name, embedding)
+      if (key_a in info) != (key_b in info):
+        has, lacks = (key_a, key_b) if key_a in info else (key_b, key_a)
+        raise ValueError(
+          f"{weights_path!r} has {has!r} but not {lacks!r}: the adapter of module {name!r} is "
+          "incomplete (the file is truncated or was edited)."
+        )
+      if key_a in info:
+        hits.append((index, name))
+    if hits:
+      found.append((cand, layout, hits))
+  return found, unmapped
+
+
+def _check_module(
+  cand: targets.Candidate,
+  *,
+  layout: layouts.Layout,
+  hits: list[tuple[int | None, str]],
+  info: Mapping[str, Any],
+  pcfg: Mapping[str, Any],
+  weights_path: str,
+) -> _Match:
+  """Checks the shapes, dtypes and rank of one weight's PEFT tensors against the weight."""
+  embedding = peft_io.is_embedding(cand.path)
+  in_shape = tuple(cand.shape[i] for i in layout.in_axes)
+  out_shape = tuple(cand.shape[i] for i in layout.out_axes)
+  if embedding and (len(in_shape) != 1 or len(out_shape) != 1):
+    raise ValueError(f"Embedding {paths.to_str(cand.path)!r} must be 2-D to take PEFT's embedding LoRA.")
+  rank = None
+  for _, name in hits:
+    keys = lora_keys(name, embedding)
+    (sa, da), (sb, db) = info[keys[0]], info[keys[1]]
+    rank = rank if rank is not None else (sa[0] if len(sa) == 2 else None)
+    want = ((rank, math.prod(in_shape)), (math.prod(out_shape), rank))
+    for key, got, w in zip(keys, (sa, sb), want):
+      if rank is None or tuple(got) != w:
+        raise ValueError(
+          f"{weights_path!r}: tensor {key!r} has shape {tuple(got)}, but kernel "
+          f"{paths.to_str(cand.path)!r} of shape {cand.shape} (layout {layout}: fan-in {in_shape}, "
+          f"fan-out {out_shape}) needs {w} (PEFT: lora_A (r, in), lora_B (out, r)). Wrong base model or "
+          "`name_map`?"
+        )
+    if da != db:
+      raise ValueError(f"{weights_path!r}: {keys[0]!r} is {da} but {keys[1]!r} is {db}; they must match.")
+  torch_name = hits[0][1]
+  cfg_rank = peft_config.pattern_value(pcfg.get("rank_pattern") or {}, torch_name, pcfg.get("r", 8))
+  if rank != cfg_rank:
+    raise ValueError(
+      f"{weights_path!r}: the adapter of {torch_name!r} has rank {rank}, but adapter_config.json gives "
+      f"rank {cfg_rank} for it (`r`/`rank_pattern`); the files do not belong together."
+    )
+  alpha = peft_config.pattern_value(pcfg.get("alpha_pattern") or {}, torch_name, pcfg.get("lora_alpha", 8))
+  return _Match(cand, layout, tuple(hits), embedding, rank, alpha)
+
+
+def _saved_leaves(
+  tree: Any, name_map: NameMap, info: Mapping[str, Any], claimed: set[str], weights_path: str
+) -> dict[paths.Path, str]:
+  """`modules_to_save` leaves: any leaf whose PyTorch parameter is in the file."""
+  saved = {}
+  for path, leaf in targets.param_leaves(tree):
+    leaf_name = str(path[-1])
+    if leaf_name not in peft_io.SAVED_LEAVES:
+      continue
+    try:
+      key = f"{PREFIX}{name_map(path, None)}.{peft_io.SAVED_LEAVES[leaf_name][0]}"
+    except ValueError:
+      continue
+    if key not in info or key in claimed:
+      continue
+    shape = tuple(getattr(leaf, "shape", ()))
+    want = shape[::-1] if peft_io.SAVED_LEAVES[leaf_name][1] else shape
+    if info[key][0] != want:
+      raise ValueError(
+        f"{weights_path!r}: tensor {key!r} has shape {info[key][0]}, but leaf {paths.to_str(path)!r} "
+        f"(shape {shape}) needs {want}."
+      )
+    saved[path] = key
+  return saved
+
+
+def _check_peft_targets(pcfg: Mapping[str, Any], matches: list[_Match], known: set[str], where: str) -> None:
+  """Every module PEFT's ``target_modules`` selects must have tensors in the file."""
+  target = pcfg.get("target_modules")
+  if not target:
+    return
+  layers = pcfg.get("layers_to_transform")
+  layers = [layers] if isinstance(layers, int) else layers
+  present = {name for m in matches for _, name in m.names}
+  missing = sorted(n for n in known - present if peft_io.peft_selects(target, layers, n))
+  if missing:
+    raise ValueError(
+      f"{where!r}: `target_modules`={target!r} selects module {missing[0]!r}"
+      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+      + f", but {WEIGHTS_NAME} has no tensors for it: the adapter is incomplete."
+    )
+
+
+def _import_config(
+  pcfg: Mapping[str, Any],
+  *,
+  matches: list[_Match],
+  cands: list[targets.Candidate],
+  saved_modules: list[str],
+  layout_pattern: Any,
+  dtype: str | None,
+  where: str,
+) -> LoraConfig:
+  """The jlora config that reproduces the file: adapted weights by exact path, ranks and alphas."""
+  per_module: dict[str, int] = {}
+  for c in cands:
+    per_module[c.module] = per_module.get(c.module, 0) + 1
+  r, alpha = pcfg.get("r", 8), pcfg.get("lora_alpha", 8)
+  names = [m.cand.module if per_module[m.cand.module] == 1 else m.cand.param for m in matches]
+  layer_sets = {tuple(i for i, _ in m.names) for m in matches if m.layer_axis}
+  if len(layer_sets) > 1:
+    raise ValueError(
+      f"Stacked kernels are adapted on different layer sets {sorted(layer_sets)}; a jlora config "
+      "has one `layers_to_transform`."
+    )
+  ltt = None
+  if layer_sets:
+    (layer_set,) = layer_sets
+    sizes = {m.cand.shape[m.layout.stacked_axes[0]] for m in matches if m.layer_axis}
+    if layer_set != tuple(range(min(sizes))) or len(sizes) > 1:
+      ltt = layer_set
+  try:
+    return LoraConfig(
+      r=r,
+      lora_alpha=alpha,
+      lora_dropout=pcfg.get("lora_dropout", 0.0),
+      use_rslora=pcfg.get("use_rslora", False),
+      init_lora_weights=pcfg.get("init_lora_weights", True),
+      target_modules=tuple(f"^{re.escape(n)}$"[1:-1] for n in names),
+      layers_to_transform=ltt,
+      rank_pattern={re.escape(n): m.rank for n, m in zip(names, matches) if m.rank != r},
+      alpha_pattern={re.escape(n): m.alpha for n, m in zip(names, matches) if m.alpha != alpha},
+      modules_to_save=tuple(dict.fromkeys(saved_modules)) or None,
+      layout_pattern=layout_pattern or (),
+      dtype=dtype,
+    )
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{where!r} has an invalid value: {e}") from e
+
+
+def _read_factors(handle: Any, m: _Match, weights_path: str) -> tuple[np.ndarray, np.ndarray]:
+  """The canonical factors of one weight, read from the file (zeros for missing fused parts)."""
+
+  def get(key: str) -> np.ndarray:
+    try:
+      return handle.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for a truncated file
+      raise ValueError(f"{weights_path!r}: cannot read tensor {key!r} ({e}); the file is truncated.") from e
+
+  in_shape = tuple(m.cand.shape[i] for i in m.layout.in_axes)
+  out_shape = tuple(m.cand.shape[i] for i in m.layout.out_axes)
+  parts = {}
+  for index, name in m.names:
+    key_a, key_b = lora_keys(name, m.embedding)
+    parts[index] = (get(key_a).T.reshape(in_shape + (m.rank,)), get(key_b).T.reshape((m.rank,) + out_shape))
+  if not m.layout.stacked_axes:
+    return parts[None]
+  ids = [i for i, _ in m.names] if m.layer_axis else range(m.cand.shape[m.layout.stacked_axes[0]])
+  zero = tuple(np.zeros_like(x) for x in next(iter(parts.values())))
+  a = np.stack([parts.get(i, zero)[0] for i in ids])
+  b = np.stack([parts.get(i, zero)[1] for i in ids])
+  return a, b
+
+
+def import_peft(
+  directory: str | os.PathLike,
+  tree: Any,
+  *,
+  name_map: NameMap | None = None,
+  apply_fn: Callable[..., Any] | None = None,
+  example_args: Sequence[Any] = (),
+  example_kwargs: Mapping[str, Any] | None = None,
+  layout_pattern: Mapping[str, Any] | None = None,
+) -> tuple[dict, LoraConfig]:
+  """Reads a PEFT LoRA adapter directory into a jlora adapter tree for ``tree``.
+
+  For every adaptable weight of ``tree`` the PEFT module names are computed
+  with ``name_map`` (one per entry of a stacked axis) and looked up among the
+  safetensors keys; every key must be claimed by a weight (or a
+  `modules_to_save` leaf) and have the shape the weight implies
+  (``lora_A.weight`` ``(r, in)``, ``lora_B.weight`` ``(out, r)``, ``in``/``out``
+  the weight's fan-in/fan-out axes flattened row-major), and every module the
+  file's ``target_modules`` selects must have tensors. All tensors are checked
+  before any is read: the result is complete or an error is raised. Parts of a
+  fused kernel that PEFT did not adapt (``v_proj`` without ``k_proj`` on
+  gemma's ``kv_einsum``) get zero factors, which compute what PEFT computes.
+
+  The returned config lists the adapted weights by exact path in
+  ``target_modules`` and encodes per-module ranks and alphas as exact-path
+  patterns, so ``jlora.wrap``/``merge`` reproduce PEFT's model.
+
+  Args:
+    directory: a PEFT adapter directory (``adapter_config.json`` +
+      ``adapter_model.safetensors``).
+    tree: the Flax base tree with the same weights as PEFT's base model.
+    name_map: ``name_map(path, index) -> module name``; default: the map of
+      the model family (see `export_peft`).
+    apply_fn: the model's apply function, to read each weight's layout from
+      use (needed for kernels of 3+ dimensions and transposed 2-D kernels).
+    example_args: example inputs for ``apply_fn``.
+    example_kwargs: example keyword inputs for ``apply_fn``.
+    layout_pattern: ``{pattern: layout}`` instead of ``apply_fn`` (see
+      `LoraConfig.layout_pattern`).
+
+  Returns:
+    ``(lora, config)``.
+
+  Raises:
+    FileNotFoundError: if a file is missing.
+    ValueError: for unknown or unsupported config fields, unreadable files,
+      keys no weight maps to, modules missing from the file, wrong shapes or
+      dtypes (each naming the key or module), or N-D kernels of unknown layout.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, jlora
+    >>> params = {"model": {"layers_0": {"self_attn": {"q_proj": {"kernel": jnp.ones((8, 6))}}}}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), init_lora_weights=False)
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
+    >>> d = tempfile.mkdtemp()
+    >>> _ = jlora.export_peft(d, lora, cfg, base=params)
+    >>> lora2, cfg2 = jlora.import_peft(d, params)
+    >>> q = lambda tree: tree["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    >>> bool(jnp.allclose(q(jlora.merge(params, lora2, cfg2)), q(jlora.merge(params, lora, cfg))))
+    True
+  """
+  from jlora._src.wrap import infer_layouts  # noqa: PLC0415
+
+  directory = os.fspath(directory)
+  name_map = name_map or default_name_map
+  pcfg = peft_config.read_peft_config(os.path.join(directory, CONFIG_NAME))
+  handle, info = _open_weights(directory)
+  weights_path = os.path.join(directory, WEIGHTS_NAME)
+  for key, (_, dtype) in info.items():
+    if dtype not in _ST_DTYPES:
+      raise ValueError(
+        f"{weights_path!r}: tensor {key!r} has dtype {dtype}; LoRA weights must be one of "
+        f"{sorted(_ST_DTYPES)}."
+      )
+  _verify_checksum(handle, info, pcfg, directory)
+  cands = targets.candidates(tree)
+  read = lambda: infer_layouts(apply_fn, tree, *example_args, **(example_kwargs or {})) if apply_fn else {}  # noqa: E731
+  lays, unknown = _import_layouts(tree, cands, layout_pattern, read)
+  found, unmapped = _find_modules(cands, (lays, unknown), name_map, info, weights_path)
+  matches = [
+    _check_module(c, layout=lay, hits=hits, info=info, pcfg=pcfg, weights_path=weights_path)
+    for c, lay, hits in found
+  ]
+  claimed = {k for m in matches for _, n in m.names for k in lora_keys(n, m.embedding)}
+  saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
+  unclaimed = sorted(set(info) - claimed - set(saved.values()))
+  if unclaimed:
+    hint = f"no name map jlora knows names weight {unmapped!r}; " if unmapped else ""
+    raise ValueError(
+      f"{weights_path!r}: no leaf of the given tree maps to tensor {unclaimed[0]!r}"
+      + (f" (and {len(unclaimed) - 1} more)" if len(unclaimed) > 1 else "")
+      + f". {hint}Pass a `name_map(path, index)` that gives PEFT's module names, or "
+      "`apply_fn`/`layout_pattern` for kernels whose layout is not (in, out)."
+    )
+  if not matches:
+    raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
+  known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
+  _check_peft_targets(pcfg, matches, known, os.path.join(directory, CONFIG_NAME))
+  dtypes = {_ST_DTYPES[info[k][1]] for k in claimed}
+  kernel_dtypes = {jnp.dtype(m.cand.dtype).name for m in matches}
+  collections = paths.is_collections(tree)
+  config = _import_config(
+    pcfg,
+    matches=matches,
+    cands=cands,
+    saved_modules=[paths.module_path(p, collections) for p in saved],
+    layout_pattern=layout_pattern,
+    dtype=next(iter(dtypes)) if len(dtypes) == 1 and dtypes != kernel_dtypes else None,
+    where=os.path.join(directory, CONFIG_NAME),
+  )
+  lora: dict = {}
+  for m in matches:
+    a, b = _read_factors(handle, m, weights_path)
+    spec = adapters.AdapterSpec(m.cand.path, m.cand.module, m.cand.shape, m.layout, m.rank, 1.0, None)
+    a, b = adapters.from_canonical(spec, jnp.asarray(a), jnp.asarray(b))
+    paths.nested_set(lora, m.cand.path, {paths.LORA_A: a, paths.LORA_B: b})
+  leaves = dict(paths.leaves_with_paths(tree))
+  for path in targets.saved_module_paths(tree, config):
+    if path in saved:
+      arr = _read_saved(handle, saved[path], weights_path)
+      arr = arr.T if peft_io.SAVED_LEAVES[str(path[-1])][1] else arr
+      paths.nested_set(lora, path, jnp.asarray(arr, dtype=leaves[path].dtype))
+    else:  # a leaf PyTorch's module does not have: keep the base value, as PEFT's copy does
+      paths.nested_set(lora, path, jnp.array(leaves[path], copy=True))
+  adapters.bind(tree, lora, config, lambda: lays)
+  return lora, config
+
+
+def _verify_checksum(handle: Any, info: Mapping[str, Any], pcfg: Mapping[str, Any], directory: str) -> None:
+  """Checks jlora's checksum over both files, when the adapter was written by `export_peft`."""
+  want = (handle.metadata() or {}).get(peft_io.CHECKSUM_KEY)
+  if want is None:
+    return  # written by PEFT or by hand: nothing to check against
+  weights_path = os.path.join(directory, WEIGHTS_NAME)
+  tensors = {key: _read_saved(handle, key, weights_path) for key in info}
+  if peft_io.checksum(pcfg, tensors) != want:
+    raise ValueError(
+      f"{directory!r}: {CONFIG_NAME} and {WEIGHTS_NAME} fail the checksum jlora wrote with them: a file "
+      "was corrupted (or edited) after `export_peft`. Re-export the adapter, or restore the files."
+    )
+
+
+def _read_saved(handle: Any, key: str, weights_path: str) -> np.ndarray:
+  try:
+    return handle.get_tensor(key)
+  except Exception as e:  # safetensors raises its own error types for a truncated file
+    raise ValueError(f"{weights_path!r}: cannot read tensor {key!r} ({e}); the file is truncated.") from e
