@@ -1,0 +1,162 @@
+"""PEFT files for real model families, checked against PEFT on PyTorch with the same base weights.
+
+Hugging Face Flax GPT-2 (``Conv1D`` kernels stored ``(out, in)``, used as
+``x @ W.T``; PEFT's ``fan_in_fan_out=True``) and Llama against their
+``transformers`` PyTorch twins: jlora -> PEFT and PEFT -> jlora logits agree to
+1e-5 (fp32), and jlora's trainable count equals PEFT's. gemma-style einsum
+weights (`tests.zoo.GemmaStyle`: ``q_einsum`` ``(N, D, H)``, fused ``kv_einsum``,
+``gating_einsum``) against PEFT on ``nn.Linear`` modules under the Hugging Face
+Gemma names: the merged weights PEFT builds from jlora's file equal jlora's
+merged kernels. Needs torch, peft and transformers < 4.58 (the last with Flax
+models); skipped otherwise.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlora
+from tests import zoo
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "FlaxGPT2LMHeadModel"):
+  pytest.skip("transformers >= 4.58 has no Flax models", allow_module_level=True)
+from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model  # noqa: E402
+
+pytestmark = pytest.mark.slow
+TOKENS = np.array([[5, 9, 1, 33, 12, 63, 7, 2], [3, 3, 40, 22, 17, 8, 51, 6]], np.int32)
+R, ALPHA = 4, 8
+
+
+def _family(kind):
+  if kind == "gpt2":
+    config = transformers.GPT2Config(
+      vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=64,
+      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    flax_cls, torch_cls, extra = (
+      transformers.FlaxGPT2LMHeadModel,
+      transformers.GPT2LMHeadModel,
+      {"fan_in_fan_out": True},
+    )
+    names = ["c_attn", "c_proj", "c_fc"]
+  else:
+    config = transformers.LlamaConfig(
+      vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    flax_cls, torch_cls, extra = transformers.FlaxLlamaForCausalLM, transformers.LlamaForCausalLM, {}
+    names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+  config.attn_implementation = "eager"
+  model = flax_cls(config, seed=0, dtype=jnp.float32)
+  keys = iter(jax.random.split(jax.random.key(9), 1000))
+  params = jax.tree_util.tree_map(  # non-trivial biases and norms
+    lambda x: x + 0.2 * jax.random.normal(next(keys), x.shape) if x.ndim == 1 else x, model.params
+  )
+
+  def apply_fn(p, ids):
+    return model(ids, params=p).logits
+
+  def torch_model():
+    m = torch_cls(config)
+    load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
+    return m.eval()
+
+  return params, apply_fn, torch_model, names, extra
+
+
+def _logits(m):
+  with torch.no_grad():
+    return m(torch.tensor(TOKENS, dtype=torch.long)).logits.numpy()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def family(request):
+  return request.param, *_family(request.param)
+
+
+def test_export_loads_in_peft_with_the_same_logits(family, tmp_path):
+  kind, params, apply_fn, torch_model, names, extra = family
+  x = (jnp.asarray(TOKENS),)
+  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=tuple(names), init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    count, _ = peft.get_peft_model(
+      torch_model(), peft.LoraConfig(r=R, target_modules=names, **extra)
+    ).get_nb_trainable_parameters()
+  assert jlora.count_params(lora) == count
+  pcfg = jlora.export_peft(tmp_path, lora, cfg, base=params)
+  assert pcfg["target_modules"] == names and pcfg["fan_in_fan_out"] is (kind == "gpt2")
+  pm = peft.PeftModel.from_pretrained(torch_model(), tmp_path).eval()
+  want = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, *x))
+  assert np.max(np.abs(want - _logits(torch_model()))) > 1e-2, "the adapter must change the logits"
+  np.testing.assert_allclose(_logits(pm), want, atol=1e-5, rtol=0)
+
+
+def test_peft_adapter_imports_with_the_same_logits(family, tmp_path):
+  kind, params, apply_fn, torch_model, names, extra = family
+  torch.manual_seed(5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pcfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=names[:2], init_lora_weights=False, **extra)
+    pm = peft.get_peft_model(torch_model(), pcfg).eval()
+  pm.save_pretrained(tmp_path)
+  x = (jnp.asarray(TOKENS),)
+  lora, cfg = jlora.import_peft(tmp_path, params, apply_fn=apply_fn, example_args=x)
+  np.testing.assert_allclose(
+    np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, *x)), _logits(pm), atol=1e-5, rtol=0
+  )
+
+
+def test_gemma_style_einsums_merge_as_peft_merges_them(tmp_path):
+  case = zoo.BUILDERS["gemma_style"]()
+  lora = jlora.init(
+    case.tree, case.config, key=jax.random.key(2), apply_fn=case.apply_fn, example_args=(case.inputs,)
+  )
+  pcfg = jlora.export_peft(tmp_path, lora, case.config, base=case.tree, task_type=None)
+  merged = jlora.merge(case.tree, lora, case.config)["params"]
+  base = case.tree["params"]
+  dh, kv = zoo.D // zoo.HEADS, zoo.KV_HEADS
+
+  def linear(w):  # torch nn.Linear weight (out, in)
+    return torch.tensor(np.asarray(w, np.float32).T.copy())
+
+  # The Hugging Face Gemma modules as nn.Linear, from each einsum weight (in, out) -> (out, in).
+  as_linear = {
+    "self_attn.q_proj": lambda p: p["attn"]["q_einsum"]["w"].transpose(1, 0, 2).reshape(zoo.D, -1),
+    "self_attn.k_proj": lambda p: p["attn"]["kv_einsum"]["w"][0].transpose(1, 0, 2).reshape(zoo.D, kv * dh),
+    "self_attn.v_proj": lambda p: p["attn"]["kv_einsum"]["w"][1].transpose(1, 0, 2).reshape(zoo.D, kv * dh),
+    "self_attn.o_proj": lambda p: p["attn"]["attn_vec_einsum"]["w"].reshape(-1, zoo.D),
+    "mlp.gate_proj": lambda p: p["mlp"]["gating_einsum"][0].T,
+    "mlp.up_proj": lambda p: p["mlp"]["gating_einsum"][1].T,
+    "mlp.down_proj": lambda p: p["mlp"]["linear"],
+  }
+  model = torch.nn.Module()
+  model.model = torch.nn.Module()
+  model.model.layers = torch.nn.ModuleList()
+  for i in range(zoo.LAYERS):
+    layer = torch.nn.Module()
+    for name, fn in as_linear.items():
+      group, proj = name.split(".")
+      if not hasattr(layer, group):
+        setattr(layer, group, torch.nn.Module())
+      w = fn(base[f"layer_{i}"])
+      lin = torch.nn.Linear(w.shape[0], w.shape[1], bias=False)
+      lin.weight.data = linear(w)
+      setattr(getattr(layer, group), proj, lin)
+    model.model.layers.append(layer)
+  pm = peft.PeftModel.from_pretrained(model, tmp_path).merge_and_unload()
+  assert sorted(pcfg["target_modules"]) == sorted(n.split(".")[1] for n in as_linear)
+  for i in range(zoo.LAYERS):
+    for name, fn in as_linear.items():
+      group, proj = name.split(".")
+      got = getattr(getattr(pm.model.layers[i], group), proj).weight.detach().numpy()
+      want = linear(fn(merged[f"layer_{i}"])).numpy()
+      assert np.max(np.abs(want - linear(fn(base[f"layer_{i}"])).numpy())) > 1e-3, name
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"layer {i} {name}")
