@@ -16,6 +16,7 @@ from jlora._src.checkpoint import (
   load_adapter,
   save_adapter,
 )
+from jlora._src.checkpoint_lock import CheckpointBusyError
 from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
 from jlora._src.interpreter import MaterializationWarning
@@ -39,6 +40,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout wit
 
 __all__ = [
   "AdapterCheckpointManager",
+  "CheckpointBusyError",
   "Layout",
   "LoraConfig",
   "MaterializationWarning",
