@@ -345,8 +345,8 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig, *,
   `save_adapter` to it while one is running raises `CheckpointBusyError`
   naming the other's pid and host.
 
-  Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
-  ``(*stacked, *fan_in, r)`` and ``lora_B`` ``(*stacked, r, *fan_out)``.
+  Shapes: the factors keep their kernel's axis order (`jlora.Layout`): a
+  Dense kernel ``(in, out)`` has ``lora_A`` ``(in, r)`` and ``lora_B`` ``(r, out)``.
 
   Args:
     directory: where to save; created if missing.
@@ -355,6 +355,9 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig, *,
     base: the base tree; recommended: the adapter is checked against it and
       its fingerprint (paths, shapes, dtypes of the adapted kernels) is saved
       so that `load_adapter` can refuse a base that does not fit.
+
+  Returns:
+    ``None``; the adapter is on disk when the call returns.
 
   Raises:
     TypeError: if ``config`` is not a `LoraConfig` or ``lora`` not an adapter tree.
@@ -402,6 +405,21 @@ def load_adapter(
     ValueError: if it is truncated, corrupted or does not fit ``base``.
     CheckpointBusyError: if a writer replaced it while it was read, again
       and again (a single replacement is retried).
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp, jlora
+    >>> params = {"q_proj": {"kernel": jnp.ones((4, 3))}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), init_lora_weights=False)
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
+    >>> path = tempfile.mkdtemp()
+    >>> jlora.save_adapter(path, lora, cfg, base=params)
+    >>> lora2, cfg2 = jlora.load_adapter(path, base=params)
+    >>> bool((lora2["q_proj"]["kernel"]["lora_B"] == lora["q_proj"]["kernel"]["lora_B"]).all()), cfg2 == cfg
+    (True, True)
+    >>> jlora.load_adapter(path, base={"q_proj": {"kernel": jnp.ones((5, 3))}})
+    Traceback (most recent call last):
+    ...
+    ValueError: ...
   """
   with AdapterCheckpointManager(directory, read_only=True) as mngr:
     restored = mngr.restore(step, base=base, shardings=shardings)

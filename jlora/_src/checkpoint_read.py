@@ -62,7 +62,15 @@ def retrying(fn: Any, attempts: int = _READ_ATTEMPTS) -> Any:
 
 
 class RestoredAdapter(NamedTuple):
-  """What `AdapterCheckpointManager.restore` returns."""
+  """What `AdapterCheckpointManager.restore` returns.
+
+  Attributes:
+    lora: the adapter tree.
+    config: the `LoraConfig` it was saved with.
+    opt_state: the optimizer state restored into the template given to
+      ``restore(opt_state=...)``, or ``None``.
+    step: the step that was read.
+  """
 
   lora: dict
   config: LoraConfig

@@ -40,9 +40,9 @@ def save_merged(
   ``"orbax"`` writes a standard orbax checkpoint of the merged tree to
   ``directory`` (restore it with ``ocp.StandardCheckpointer().restore``);
   ``"safetensors"`` writes ``directory/model.safetensors`` with one tensor
-  per leaf, named by its path joined with ``/`` (Flax layout: kernels are
-  ``(fan_in..., fan_out...)``). Both are written to a temporary name first
-  and renamed into place.
+  per leaf, named by its path joined with ``/`` (each kernel in its own
+  storage order). Both are written to a temporary name first and renamed
+  into place.
 
   Args:
     directory: the output; must not exist yet (orbax) or must not hold a
@@ -59,6 +59,16 @@ def save_merged(
     FileExistsError: if the output exists.
     TypeError: if ``config`` is not a `LoraConfig`.
     ValueError: for an unknown ``format`` or an adapter that does not fit.
+
+  Example:
+    >>> import os, tempfile, jax, jax.numpy as jnp, safetensors.numpy, jlora
+    >>> params = {"q_proj": {"kernel": jnp.ones((4, 3))}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), init_lora_weights=False)
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
+    >>> path = jlora.save_merged(tempfile.mkdtemp(), params, lora, cfg, format="safetensors")
+    >>> merged = safetensors.numpy.load_file(path)["q_proj/kernel"]
+    >>> bool(jnp.allclose(merged, jlora.merge(params, lora, cfg)["q_proj"]["kernel"]))
+    True
   """
   if format not in ("orbax", "safetensors"):
     raise ValueError(f"`format` must be 'orbax' or 'safetensors'; got {format!r}.")
