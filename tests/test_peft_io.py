@@ -464,3 +464,15 @@ def test_gpt2_conv1d_kernels_need_the_model_or_a_layout(tmp_path):
     jlora.import_peft(tmp_path, tree)
   lora2, cfg2 = jlora.import_peft(tmp_path, tree, layout_pattern={"c_attn": "oi"})
   chex.assert_trees_all_close(jlora.merge(tree, lora2, cfg2), jlora.merge(tree, lora, pinned))
+
+
+def test_a_weight_no_name_map_knows_is_an_error_naming_it(tmp_path):
+  tree = {"blocks": {"attn": {"wq": {"w": jnp.ones((8, 4))}}}}
+  cfg = jlora.LoraConfig(r=2, target_modules=("wq",))
+  lora = jlora.init(tree, cfg, key=jax.random.key(0))
+  with pytest.raises(
+    ValueError, match=r"No PEFT name map jlora knows names the weight 'blocks/attn/wq/w'.*name_map="
+  ):
+    jlora.export_peft(tmp_path, lora, cfg, base=tree)
+  pcfg = jlora.export_peft(tmp_path, lora, cfg, base=tree, name_map=lambda path, index: "model.wq")
+  assert pcfg["target_modules"] == ["wq"]

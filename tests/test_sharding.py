@@ -103,6 +103,22 @@ def test_specs_of_a_dense_kernel_from_partition_specs(mesh_fsdp_tp):
   assert short["blk"]["q_proj"]["kernel"] == {"lora_A": P("fsdp", None), "lora_B": P(None, None)}
 
 
+@pytest.mark.parametrize(
+  "layout, shape, spec, want_a, want_b",
+  [
+    ("oi", (32, 16), P("tp", "fsdp"), P(None, "fsdp"), P("tp", None)),  # GPT-2 (out, in): A (r, in)
+    ("iso", (16, 3, 32), P("fsdp", None, "tp"), P("fsdp", None, None), P(None, None, "tp")),  # (in, L, out)
+    ("soio", (2, 4, 16, 8), P(None, "tp", "fsdp", None), P(None, None, "fsdp"), P(None, "tp", None, None)),
+  ],
+)
+def test_specs_follow_any_storage_order(layout, shape, spec, want_a, want_b):
+  params = {"blk": {"proj": {"kernel": jnp.zeros(shape)}}}
+  cfg = jlora.LoraConfig(r=4, target_modules=("proj",), layout_pattern={"proj": layout})
+  lora = jlora.init(params, cfg, key=jax.random.key(0))
+  got = jlora.adapter_specs(params, lora, cfg, specs={"blk": {"proj": {"kernel": spec}}})
+  assert got["blk"]["proj"]["kernel"] == {"lora_A": want_a, "lora_B": want_b}
+
+
 def test_specs_of_nd_and_stacked_kernels_from_logical_metadata(small):
   """DenseGeneral (L, embed, heads, hd) / (L, heads, hd, embed), scanned (L, in, out), embedding."""
   got = jlora.adapter_specs(small["boxed"], small["lora"], small["cfg"], rules=FSDP_TP_RULES)
