@@ -21,6 +21,7 @@ from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
 from jlora._src.interpreter import MaterializationWarning
 from jlora._src.layouts import Layout
+from jlora._src.loraplus import loraplus, loraplus_labels
 from jlora._src.merge import merge, unmerge
 from jlora._src.merged_export import save_merged
 from jlora._src.nnx_models import nnx_merge, nnx_split
@@ -54,6 +55,8 @@ __all__ = [
   "infer_layouts",
   "init",
   "load_adapter",
+  "loraplus",
+  "loraplus_labels",
   "merge",
   "module_paths",
   "nnx_merge",
