@@ -1,35 +1,31 @@
 """The jaxpr interpreter behind `jlora.wrap`: factorized LoRA wherever a kernel is used.
 
 The model is traced once to a jaxpr (``jax.make_jaxpr``); the interpreter then
-re-evaluates it with each adapted kernel replaced by a `LoraValue`. View
-primitives (reshape, transpose, casts, slices, squeeze) move the adapter
-factors along with the kernel; the primitives that *use* a kernel compute the
-LoRA branch factorized:
+re-evaluates it with each adapted kernel replaced by a `LoraValue`. Each
+primitive that meets a kernel view has a rule:
 
-* ``dot_general`` (Dense, DenseGeneral, einsum, batched contractions):
-  ``x @ W + scale * ((drop(x) @ A) @ B)``, the rank-r product first;
-* ``conv_general_dilated``: a convolution with ``A`` (r output channels),
-  then ``B`` as a 1x1 map;
-* ``gather`` (embedding lookup): rows of ``A`` gathered, then ``@ B``; the
-  ``vocab x d`` update is never formed.
+* view primitives (reshape, transpose, casts, slices, squeeze) move the adapter
+  factors along with the kernel (`jlora._src.interpreter_views`);
+* the primitives that *use* a kernel compute the LoRA branch factorized:
+  ``dot_general``, ``conv_general_dilated`` and ``gather``
+  (`jlora._src.interpreter_products`);
+* control flow is followed (here): ``jit``/``pjit`` and ``closed_call`` bodies
+  are inlined, ``remat`` bodies stay rematerialised, ``scan`` slices the factors
+  of scanned (stacked) kernels per step, ``while`` and ``cond`` close over them,
+  and ``custom_jvp``/``custom_vjp`` functions that take an adapted kernel are
+  evaluated through their primal (so autodiff, not their custom rule, gives
+  their derivative).
 
-Control flow is followed: ``jit``/``pjit`` and ``closed_call`` bodies are
-inlined, ``remat`` bodies stay rematerialised, ``scan`` slices the factors of
-scanned (stacked) kernels per step, ``while`` and ``cond`` close over them, and
-``custom_jvp``/``custom_vjp`` functions that take an adapted kernel are
-evaluated through their primal (so autodiff, not their custom rule, gives
-their derivative). Any other use materialises ``W + scale * A @ B`` for that
-use only and warns once, naming the parameter path.
+Any other use materialises ``W + scale * A @ B`` for that use only and warns
+once, naming the parameter path. A rule is ``rule(eqn, invals, ctx)`` and
+returns the outputs, or ``None`` to ask for that materialisation.
 
 The same walk, run on `Probe` values, reads how a model contracts each kernel
-(`infer_layouts`).
+(`infer_layouts`). Primitives are re-bound through `jlora._src.jax_compat`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,78 +35,19 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-try:
-  from jax._src import source_info_util  # HLO op names; internal, so optional
-except ImportError:  # pragma: no cover
-  source_info_util = None
-
-from jlora._src import layouts
+from jlora._src import interpreter_products, interpreter_views, jax_compat, layouts
 from jlora._src import values as V
-from jlora._src.values import LoraValue, Probe
+from jlora._src.interpreter_context import Context
+from jlora._src.interpreter_products import PendingSum, settle
+from jlora._src.values import LoraValue, Probe, Special, is_special
+
+__all__ = ["Context", "MaterializationWarning", "eval_jaxpr", "materialize", "plain_outputs"]
 
 P = jex.primitives
-
-Special = LoraValue | Probe
 
 
 class MaterializationWarning(UserWarning):
   """An adapted kernel had to be materialised as ``W + scale * A @ B`` for one use."""
-
-
-@dataclasses.dataclass
-class Context:
-  """Per-call state of one interpretation."""
-
-  strategy: str  # "auto" | "factorized"
-  differentiated: bool
-  dropout_rate: float
-  key: jax.Array | None
-  warned: set[str]
-  roles: dict[str, list[tuple[str, dict[int, str]]]] | None = None  # probe mode
-  counter: int = 0
-
-  def child(self, key: jax.Array | None) -> Context:
-    return dataclasses.replace(self, key=key, counter=0)
-
-  def next_key(self) -> jax.Array | None:
-    if self.key is None:
-      return None
-    self.counter += 1
-    return jax.random.fold_in(self.key, self.counter)
-
-
-def _is_special(x: Any) -> bool:
-  return isinstance(x, (LoraValue, Probe))
-
-
-@dataclasses.dataclass(frozen=True)
-class _PendingSum:
-  """A ``dot_general``'s base product and LoRA branch, not yet added.
-
-  The sum is formed at the value's first use. If that use is an ``add`` (a
-  Dense bias), the bias joins the base product first, ``(x @ W + b) + lora``:
-  the association a hand-written layer has, which lets XLA keep one
-  pre-activation residual instead of both products (see the benchmarks).
-  """
-
-  base: jax.Array
-  lora: jax.Array
-
-
-def _settle(x: Any) -> Any:
-  return x.base + x.lora if isinstance(x, _PendingSum) else x
-
-
-def _bind(eqn: Any, invals: Sequence[Any], **overrides: Any) -> list[Any]:
-  """Binds ``eqn``'s primitive on new inputs (``overrides`` replace params)."""
-  params = eqn.primitive.get_bind_params({**eqn.params, **overrides})
-  with eqn.ctx.manager:
-    out = eqn.primitive.bind(*invals, **params)
-  return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _base(x: Any) -> Any:
-  return x.w if _is_special(x) else x
 
 
 def materialize(x: Any, ctx: Context, why: str) -> Any:
@@ -131,34 +68,27 @@ def materialize(x: Any, ctx: Context, why: str) -> Any:
   return x.dense()
 
 
-def _is_output(x: Any) -> bool:
-  return isinstance(x, Probe) and x.output
+def plain_outputs(outs: Sequence[Any], ctx: Context, why: str) -> list[Any]:
+  """``outs`` as plain arrays (materialising, with a warning, any kernel view among them)."""
+  return [materialize(o, ctx, why) for o in outs]
 
 
 def _eval_eqn(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
-  pending = [x for x in invals if isinstance(x, _PendingSum)]
-  if eqn.primitive is P.add_p and len(pending) == 1 and not any(_is_special(x) for x in invals):
+  pending = [x for x in invals if isinstance(x, PendingSum)]
+  if eqn.primitive is P.add_p and len(pending) == 1 and not any(is_special(x) for x in invals):
     p = pending[0]  # (x @ W) + b + lora: the bias joins the base product first
-    return [_bind(eqn, [p.base if x is p else x for x in invals])[0] + p.lora]
-  invals = [_settle(x) for x in invals]
-  if eqn.primitive not in _OUTPUT_VIEWS:
-    invals = [x.w if _is_output(x) else x for x in invals]
-  if not any(_is_special(x) for x in invals):
-    return _bind(eqn, invals)
+    return [jax_compat.bind(eqn, [p.base if x is p else x for x in invals])[0] + p.lora]
+  invals = [settle(x) for x in invals]
+  if eqn.primitive not in interpreter_views.OUTPUT_VIEWS:
+    invals = [x.w if isinstance(x, Probe) and x.output else x for x in invals]
+  if not any(is_special(x) for x in invals):
+    return jax_compat.bind(eqn, invals)
   rule = _RULES.get(eqn.primitive)
   outs = rule(eqn, invals, ctx) if rule is not None else None
   if outs is None:
     why = f"primitive `{eqn.primitive.name}`"
-    outs = _bind(eqn, [materialize(x, ctx, why) for x in invals])
+    outs = jax_compat.bind(eqn, [materialize(x, ctx, why) for x in invals])
   return outs
-
-
-def _source_context(eqn: Any) -> Any:
-  """Re-enters ``eqn``'s name stack, so HLO metadata and profiles keep the model's module names."""
-  if source_info_util is None:  # pragma: no cover - a jax without this module
-    return contextlib.nullcontext()
-  name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
-  return source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack)
 
 
 def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
@@ -173,263 +103,12 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Cont
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
   for eqn in jaxpr.eqns:
-    with _source_context(eqn):
+    with jax_compat.source_context(eqn):
       outs = _eval_eqn(eqn, [read(v) for v in eqn.invars], ctx)
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, jex.DropVar):
         env[v] = x
-  return [_settle(read(v)) for v in jaxpr.outvars]
-
-
-def plain_outputs(outs: Sequence[Any], ctx: Context, why: str) -> list[Any]:
-  return [materialize(o, ctx, why) for o in outs]
-
-
-# -- view primitives -----------------------------------------------------------
-
-
-def _view(fn: Callable[..., Special | None]):
-  def rule(eqn, invals, ctx):
-    if not _is_special(invals[0]) or any(_is_special(x) for x in invals[1:]):
-      return None
-    w = _bind(eqn, [invals[0].w, *invals[1:]])[0]
-    out = fn(invals[0], w, eqn.params, ctx, *invals[1:])
-    return None if out is None else [out]
-
-  return rule
-
-
-def _transpose(x, w, params, ctx):
-  return x.transpose(params["permutation"], w)
-
-
-def _reshape(x, w, params, ctx, *dyn):
-  if params.get("dimensions") is not None or dyn:
-    return None
-  return x.reshape(tuple(w.shape), w)
-
-
-def _broadcast(x, w, params, ctx, *dyn):
-  # Only broadcasts that add unit axes (expand_dims) are views.
-  dims = params["broadcast_dimensions"]
-  if dyn or list(dims) != sorted(dims) or any(w.shape[d] != s for d, s in zip(dims, x.shape)):
-    return None
-  if any(w.shape[j] != 1 for j in range(w.ndim) if j not in dims):
-    return None
-  return x.reshape(tuple(w.shape), w)
-
-
-def _convert(x, w, params, ctx):
-  if isinstance(x, Probe):
-    return dataclasses.replace(x, w=w)
-  return x.cast(params["new_dtype"], w)
-
-
-def _same_view(x, w, params, ctx, *dyn):
-  return dataclasses.replace(x, w=w)
-
-
-def _probe_index(x: Probe, w: Any, ctx: Context, starts: Sequence[Any]) -> Probe:
-  """Axes a slice cuts down to one entry (``w[i]``) are read as stacked layer axes; on a
-  product (an output probe), as the fan-out axes the model takes apart entry by entry."""
-  cut = [ax for ax in range(len(x.shape)) if w.shape[ax] == 1 < x.shape[ax]]
-  if x.output:
-    picked = {ax: f"{layouts.SPLIT}{starts[ax]}" for ax in cut if isinstance(starts[ax], int)}
-  else:
-    picked = {ax: layouts.STACKED for ax in cut}
-  if picked:
-    _record(ctx, x, picked, "index")
-  return dataclasses.replace(x, w=w)
-
-
-def _slice(x, w, params, ctx):
-  if isinstance(x, Probe):
-    return _probe_index(x, w, ctx, params["start_indices"])
-  strides = params["strides"] or (1,) * w.ndim
-  out = x
-  for ax, (lo, hi, st) in enumerate(zip(params["start_indices"], params["limit_indices"], strides)):
-    if (lo, hi, st) != (0, x.shape[ax], 1):
-      out = out.map_axis(ax, lambda f, d, lo=lo, hi=hi, st=st: lax.slice_in_dim(f, lo, hi, st, d))
-  return dataclasses.replace(out, w=w)
-
-
-def _dynamic_slice(x, w, params, ctx, *starts):
-  if isinstance(x, Probe):
-    return _probe_index(x, w, ctx, [None] * len(starts))
-  out = x
-  for ax, (start, size) in enumerate(zip(starts, params["slice_sizes"])):
-    if size != x.shape[ax]:
-      out = out.map_axis(ax, lambda f, d, s=start, n=size: lax.dynamic_slice_in_dim(f, s, n, d))
-  return dataclasses.replace(out, w=w)
-
-
-def _rev(x, w, params, ctx):
-  if isinstance(x, Probe):
-    return dataclasses.replace(x, w=w)
-  out = x
-  for ax in params["dimensions"]:
-    out = out.map_axis(ax, lambda f, d: lax.rev(f, (d,)))
-  return dataclasses.replace(out, w=w)
-
-
-def _squeeze(x, w, params, ctx):
-  return x.reshape(tuple(w.shape), w)
-
-
-# -- consumers -----------------------------------------------------------------
-
-
-def _record(ctx: Context, probe: Probe, view_roles: dict[int, str], op: str) -> None:
-  """Probe mode: notes that primitive ``op`` gives the kernel's axes these roles."""
-  assert ctx.roles is not None
-  ctx.roles.setdefault(probe.site, []).append((op, V.axis_roles(probe.origin, view_roles)))
-
-
-def _dropout(x: jax.Array, ctx: Context) -> jax.Array:
-  key = ctx.next_key()
-  if key is None or ctx.dropout_rate == 0.0:
-    return x
-  keep = 1.0 - ctx.dropout_rate
-  mask = jax.random.bernoulli(key, keep, x.shape)
-  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-
-
-def _dot_general(eqn, invals, ctx):
-  lhs, rhs = invals
-  if _is_special(lhs) and _is_special(rhs):
-    return None
-  k_is_lhs = _is_special(lhs)
-  kv, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  kc, xc, kb, xb = (lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)
-  base = _bind(eqn, [kv.w, rhs] if k_is_lhs else [lhs, kv.w])[0]
-  if isinstance(kv, Probe):
-    roles = {i: layouts.OUT for i in range(len(kv.shape))}
-    roles.update({i: layouts.IN for i in kc})
-    roles.update({i: layouts.STACKED for i in kb})
-    _record(ctx, kv, roles, "dot_general")
-    k_free = [kv.origin[i] for i in range(len(kv.shape)) if i not in kc and i not in kb]
-    x_free = [() for j in range(x.ndim) if j not in xc and j not in xb]
-    origin = [kv.origin[i] for i in kb] + (k_free + x_free if k_is_lhs else x_free + k_free)
-    return [Probe(base, tuple(origin), kv.site, output=True)]
-
-  nk = len(kv.shape)
-  lab = V.letters(nk + x.ndim + 1)
-  k_lab = lab[:nk]
-  x_lab = lab[nk : nk + x.ndim]
-  r = lab[-1]
-  for i, j in zip(kc, xc):
-    x_lab[j] = k_lab[i]
-  for i, j in zip(kb, xb):
-    x_lab[j] = k_lab[i]
-  k_free = [k_lab[i] for i in range(nk) if i not in kc and i not in kb]
-  x_free = [x_lab[j] for j in range(x.ndim) if j not in xc and j not in xb]
-  out_lab = [k_lab[i] for i in kb] + (k_free + x_free if k_is_lhs else x_free + k_free)
-  a_lab = [k_lab[i] for i in kv.a_axes] + [r]
-  b_lab = [k_lab[i] for i in kv.b_axes] + [r]
-  contracted = {k_lab[i] for i in kc}
-  if contracted <= set(a_lab):
-    first, second, first_lab, second_lab = kv.a, kv.b, a_lab, b_lab
-  elif contracted <= set(b_lab):
-    first, second, first_lab, second_lab = kv.b, kv.a, b_lab, a_lab
-  else:
-    return None  # contraction spans both factors: materialise
-
-  m = math.prod(kv.shape[i] for i in kc)
-  n = math.prod(kv.shape) // max(m, 1)
-  tokens = math.prod(x.shape) // max(m, 1)
-  if (
-    ctx.strategy == "auto"
-    and not ctx.differentiated
-    and ctx.key is None
-    and V.flops_merged(m, n, kv.rank) < V.flops_factorized(tokens, m, n, kv.rank)
-  ):
-    return _bind(eqn, [kv.dense(), rhs] if k_is_lhs else [lhs, kv.dense()])
-
-  dtype = base.dtype
-  keep = set(second_lab) | set(out_lab)
-  t_lab = [c for c in dict.fromkeys(x_lab + first_lab) if c in keep]
-  precision = eqn.params.get("precision")
-  pet = eqn.params.get("preferred_element_type")
-  xd = _dropout(x, ctx)
-  t = jnp.einsum(
-    f"{''.join(x_lab)},{''.join(first_lab)}->{''.join(t_lab)}",
-    xd,
-    first.astype(xd.dtype),
-    precision=precision,
-    preferred_element_type=pet,
-  )
-  t = t * jnp.asarray(kv.scale, t.dtype)
-  lora = jnp.einsum(
-    f"{''.join(t_lab)},{''.join(second_lab)}->{''.join(out_lab)}",
-    t,
-    second.astype(t.dtype),
-    precision=precision,
-    preferred_element_type=pet,
-  )
-  return [_PendingSum(base, lora.astype(dtype))]
-
-
-def _conv(eqn, invals, ctx):
-  x, kv = invals
-  if _is_special(x) or not _is_special(kv):
-    return None
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  base = _bind(eqn, [x, kv.w])[0]
-  o_axis, i_axis, *spatial = dn.rhs_spec
-  if isinstance(kv, Probe):
-    roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
-    roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else "grouped"
-    _record(ctx, kv, roles, "conv_general_dilated")
-    return [base]
-  if (
-    p["feature_group_count"] != 1
-    or p["batch_group_count"] != 1
-    or tuple(kv.b_axes) != (o_axis,)
-    or set(kv.a_axes) != {i_axis, *spatial}
-  ):
-    return None
-  a_k = kv.factor_in_view("a", o_axis)
-  xd = _dropout(x, ctx)
-  y = _bind(eqn, [xd, a_k.astype(xd.dtype)])[0]
-  f = dn.out_spec[1]
-  y = y * jnp.asarray(kv.scale, y.dtype)
-  lora = jnp.moveaxis(jnp.tensordot(y, kv.b.astype(y.dtype), axes=([f], [1])), -1, f)
-  return [base + lora.astype(base.dtype)]
-
-
-def _gather(eqn, invals, ctx):
-  kv, idx = invals
-  if _is_special(idx) or not _is_special(kv):
-    return None
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  base = _bind(eqn, [kv.w, idx])[0]
-  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
-  full = [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
-  if isinstance(kv, Probe):
-    roles = {ax: layouts.OUT for ax in full}
-    roles.update({ax: layouts.IN for ax in range(len(kv.shape)) if ax not in full})
-    _record(ctx, kv, roles, "gather")
-    return [base]
-  b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
-  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in full:
-    return None
-  d = b_only[0]
-  a_g = kv.factor_in_view("a", d)
-  sizes = list(p["slice_sizes"])
-  sizes[d] = kv.rank
-  g = _bind(eqn, [a_g, idx], slice_sizes=tuple(sizes))[0]
-  kept = [
-    ax
-    for ax in range(len(kv.shape))
-    if ax not in dn.collapsed_slice_dims and ax not in dn.operand_batching_dims
-  ]
-  pos = dn.offset_dims[kept.index(d)]
-  g = g * jnp.asarray(kv.scale, g.dtype)
-  lora = jnp.moveaxis(jnp.tensordot(g, kv.b.astype(g.dtype), axes=([pos], [1])), -1, pos)
-  return [base + lora.astype(base.dtype)]
+  return [settle(read(v)) for v in jaxpr.outvars]
 
 
 # -- control flow --------------------------------------------------------------
@@ -498,10 +177,10 @@ def _scan(eqn, invals, ctx):
   xs_in = invals[nc + nk :]
   packed, invariant, rebuilds = [], [], []
   for x in xs_in:
-    if _is_special(x):
+    if is_special(x):
       xs, inv, rebuild = _split_scanned(x)
       if isinstance(x, Probe):
-        _record(ctx, x, {0: layouts.STACKED}, "scan")
+        ctx.record(x, {0: layouts.STACKED}, "scan")
     else:
       xs, inv, rebuild = x, None, None
     packed.append(xs)
@@ -561,33 +240,9 @@ def _cond(eqn, invals, ctx):
   return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], key))
 
 
-# Primitives an output probe follows (the others see the plain product).
-_OUTPUT_VIEWS = frozenset(
-  {
-    P.transpose_p,
-    P.reshape_p,
-    P.squeeze_p,
-    P.convert_element_type_p,
-    P.copy_p,
-    P.sharding_constraint_p,
-    P.slice_p,
-  }
-)
-
 _RULES: dict[Any, Callable[..., list[Any] | None]] = {
-  P.transpose_p: _view(_transpose),
-  P.reshape_p: _view(_reshape),
-  P.squeeze_p: _view(_squeeze),
-  P.broadcast_in_dim_p: _view(_broadcast),
-  P.convert_element_type_p: _view(_convert),
-  P.copy_p: _view(_same_view),
-  P.sharding_constraint_p: _view(_same_view),
-  P.slice_p: _view(_slice),
-  P.dynamic_slice_p: _view(_dynamic_slice),
-  P.rev_p: _view(_rev),
-  P.dot_general_p: _dot_general,
-  P.conv_general_dilated_p: _conv,
-  P.gather_p: _gather,
+  **interpreter_views.RULES,
+  **interpreter_products.RULES,
   P.jit_p: _inline("jaxpr"),
   P.closed_call_p: _inline("call_jaxpr"),
   P.remat_p: _remat,

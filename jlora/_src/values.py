@@ -220,6 +220,14 @@ class Probe:
     return dataclasses.replace(self, w=w, origin=tuple(origin))
 
 
+Special = LoraValue | Probe
+
+
+def is_special(x: Any) -> bool:
+  """Whether ``x`` is a kernel view (`LoraValue` or `Probe`) rather than a plain value."""
+  return isinstance(x, (LoraValue, Probe))
+
+
 def axis_roles(origin: Sequence[Axes], roles: dict[int, str]) -> dict[int, str]:
   """Kernel-axis roles from view-axis roles."""
   out: dict[int, str] = {}

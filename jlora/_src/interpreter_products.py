@@ -1,0 +1,212 @@
+"""Interpreter rules for the primitives that use a kernel: the LoRA branch, factorized.
+
+* ``dot_general`` (Dense, DenseGeneral, einsum, batched contractions):
+  ``x @ W + scale * ((drop(x) @ A) @ B)``, the rank-r product first; under
+  ``strategy="auto"`` with neither gradient nor dropout, ``x @ (W + scale * A @ B)``
+  where that costs fewer FLOPs;
+* ``conv_general_dilated``: a convolution with ``A`` (r output channels), then
+  ``B`` as a 1x1 map;
+* ``gather`` (embedding lookup): rows of ``A`` gathered, then ``@ B``; the
+  ``vocab x d`` update is never formed.
+
+On a `Probe` each rule records the role the use gives each kernel axis instead.
+A rule returns ``None`` where the use cannot be factored; the interpreter then
+materialises the kernel for that use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex
+
+from jlora._src import jax_compat, layouts
+from jlora._src import values as V
+from jlora._src.interpreter_context import Context
+from jlora._src.values import LoraValue, Probe, is_special
+
+P = jex.primitives
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingSum:
+  """A ``dot_general``'s base product and LoRA branch, not yet added.
+
+  The sum is formed at the value's first use. If that use is an ``add`` (a
+  Dense bias), the bias joins the base product first, ``(x @ W + b) + lora``:
+  the association a hand-written layer has, which lets XLA keep one
+  pre-activation residual instead of both products (see the benchmarks).
+  """
+
+  base: jax.Array
+  lora: jax.Array
+
+
+def settle(x: Any) -> Any:
+  """``x`` with a `PendingSum` added up."""
+  return x.base + x.lora if isinstance(x, PendingSum) else x
+
+
+def _dropout(x: jax.Array, ctx: Context) -> jax.Array:
+  key = ctx.next_key()
+  if key is None or ctx.dropout_rate == 0.0:
+    return x
+  keep = 1.0 - ctx.dropout_rate
+  mask = jax.random.bernoulli(key, keep, x.shape)
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Dot:
+  """A ``dot_general`` seen from the kernel: which operand it is, and its axes on each side."""
+
+  k_is_lhs: bool
+  kc: Sequence[int]  # kernel contracting axes
+  xc: Sequence[int]  # input contracting axes
+  kb: Sequence[int]  # kernel batch axes
+  xb: Sequence[int]  # input batch axes
+
+  def out_order(self, k_axes: Sequence[Any], x_axes: Sequence[Any]) -> list[Any]:
+    """The output's axes from per-axis entries of each operand: batch, then lhs free, rhs free."""
+    k_free = [k_axes[i] for i in range(len(k_axes)) if i not in self.kc and i not in self.kb]
+    x_free = [x_axes[j] for j in range(len(x_axes)) if j not in self.xc and j not in self.xb]
+    return [k_axes[i] for i in self.kb] + (k_free + x_free if self.k_is_lhs else x_free + k_free)
+
+
+def _bind_dot(eqn: Any, dot: _Dot, kernel: jax.Array, x: Any) -> list[Any]:
+  return jax_compat.bind(eqn, [kernel, x] if dot.k_is_lhs else [x, kernel])
+
+
+def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: _Dot, ctx: Context) -> list[Any]:
+  roles = {i: layouts.OUT for i in range(len(kv.shape))}
+  roles.update({i: layouts.IN for i in dot.kc})
+  roles.update({i: layouts.STACKED for i in dot.kb})
+  ctx.record(kv, roles, "dot_general")
+  origin = dot.out_order(kv.origin, [()] * x.ndim)
+  return [Probe(_bind_dot(eqn, dot, kv.w, x)[0], tuple(origin), kv.site, output=True)]
+
+
+def _merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
+  if ctx.strategy != "auto" or ctx.differentiated or ctx.key is not None:
+    return False
+  m = math.prod(kv.shape[i] for i in dot.kc)
+  n = math.prod(kv.shape) // max(m, 1)
+  tokens = math.prod(x.shape) // max(m, 1)
+  return V.flops_merged(m, n, kv.rank) < V.flops_factorized(tokens, m, n, kv.rank)
+
+
+def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[Any] | None:
+  nk = len(kv.shape)
+  lab = V.letters(nk + x.ndim + 1)
+  k_lab, x_lab, r = lab[:nk], lab[nk : nk + x.ndim], lab[-1]
+  for i, j in zip([*dot.kc, *dot.kb], [*dot.xc, *dot.xb]):
+    x_lab[j] = k_lab[i]
+  out_lab = dot.out_order(k_lab, x_lab)
+  a_lab = [k_lab[i] for i in kv.a_axes] + [r]
+  b_lab = [k_lab[i] for i in kv.b_axes] + [r]
+  contracted = {k_lab[i] for i in dot.kc}
+  if contracted <= set(a_lab):
+    first, second, first_lab, second_lab = kv.a, kv.b, a_lab, b_lab
+  elif contracted <= set(b_lab):
+    first, second, first_lab, second_lab = kv.b, kv.a, b_lab, a_lab
+  else:
+    return None  # the contraction spans both factors: materialise
+  if _merged_is_cheaper(kv, x, dot, ctx):
+    return _bind_dot(eqn, dot, kv.dense(), x)
+
+  keep = set(second_lab) | set(out_lab)
+  t_lab = [c for c in dict.fromkeys(x_lab + first_lab) if c in keep]
+  opts = dict(
+    precision=eqn.params.get("precision"), preferred_element_type=eqn.params.get("preferred_element_type")
+  )
+  base = _bind_dot(eqn, dot, kv.w, x)[0]
+  xd = _dropout(x, ctx)
+  spec = f"{''.join(x_lab)},{''.join(first_lab)}->{''.join(t_lab)}"
+  t = jnp.einsum(spec, xd, first.astype(xd.dtype), **opts)
+  t = t * jnp.asarray(kv.scale, t.dtype)
+  spec = f"{''.join(t_lab)},{''.join(second_lab)}->{''.join(out_lab)}"
+  lora = jnp.einsum(spec, t, second.astype(t.dtype), **opts)
+  return [PendingSum(base, lora.astype(base.dtype))]
+
+
+def _dot_general(eqn, invals, ctx):
+  lhs, rhs = invals
+  if is_special(lhs) == is_special(rhs):
+    return None
+  k_is_lhs = is_special(lhs)
+  kv, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  dot = _Dot(k_is_lhs, *((lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)))
+  if isinstance(kv, Probe):
+    return _probe_dot(eqn, kv, x, dot, ctx)
+  return _lora_dot(eqn, kv, x, dot, ctx)
+
+
+def _plus_b_branch(base: jax.Array, y: jax.Array, kv: LoraValue, axis: int) -> jax.Array:
+  """``base + scale * (y @ B)``, where ``y``'s ``axis`` is the rank axis (``y``: input through ``A``)."""
+  y = y * jnp.asarray(kv.scale, y.dtype)
+  lora = jnp.moveaxis(jnp.tensordot(y, kv.b.astype(y.dtype), axes=([axis], [1])), -1, axis)
+  return base + lora.astype(base.dtype)
+
+
+def _conv(eqn, invals, ctx):
+  x, kv = invals
+  if is_special(x) or not is_special(kv):
+    return None
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  base = jax_compat.bind(eqn, [x, kv.w])[0]
+  o_axis, i_axis, *spatial = dn.rhs_spec
+  if isinstance(kv, Probe):
+    roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
+    roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else "grouped"
+    ctx.record(kv, roles, "conv_general_dilated")
+    return [base]
+  if (
+    p["feature_group_count"] != 1
+    or p["batch_group_count"] != 1
+    or tuple(kv.b_axes) != (o_axis,)
+    or set(kv.a_axes) != {i_axis, *spatial}
+  ):
+    return None
+  xd = _dropout(x, ctx)
+  y = jax_compat.bind(eqn, [xd, kv.factor_in_view("a", o_axis).astype(xd.dtype)])[0]
+  return [_plus_b_branch(base, y, kv, dn.out_spec[1])]
+
+
+def _gather(eqn, invals, ctx):
+  kv, idx = invals
+  if is_special(idx) or not is_special(kv):
+    return None
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  base = jax_compat.bind(eqn, [kv.w, idx])[0]
+  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+  full = [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
+  if isinstance(kv, Probe):
+    roles = {ax: layouts.OUT for ax in full}
+    roles.update({ax: layouts.IN for ax in range(len(kv.shape)) if ax not in full})
+    ctx.record(kv, roles, "gather")
+    return [base]
+  b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
+  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in full:
+    return None
+  d = b_only[0]
+  sizes = list(p["slice_sizes"])
+  sizes[d] = kv.rank
+  g = jax_compat.bind(eqn, [kv.factor_in_view("a", d), idx], slice_sizes=tuple(sizes))[0]
+  dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+  kept = [ax for ax in range(len(kv.shape)) if ax not in dropped]
+  return [_plus_b_branch(base, g, kv, dn.offset_dims[kept.index(d)])]
+
+
+RULES: dict[Any, Callable[..., list[Any] | None]] = {
+  P.dot_general_p: _dot_general,
+  P.conv_general_dilated_p: _conv,
+  P.gather_p: _gather,
+}

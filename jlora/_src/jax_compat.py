@@ -1,0 +1,148 @@
+"""The JAX internals jlora relies on, in one place; the rest of jlora imports only public JAX.
+
+The interpreter (`jlora._src.interpreter`) re-evaluates a model's jaxpr through the
+public extension API, `jax.extend.core` (jaxprs, equations, literals, primitives).
+Three things it needs are not public. Each is wrapped here, and each behaves in a
+stated way when a JAX release moves it, never silently:
+
+* `bind` re-binds an equation's primitive on new inputs. It needs
+  ``Primitive.get_bind_params`` (an equation's params back into bind arguments,
+  e.g. a ``jit`` equation's jaxpr; one value, the params, since jax 0.10) and
+  ``JaxprEqn.ctx.manager`` (re-enters the equation's context: its abstract mesh,
+  compute type, XLA metadata). jlora cannot run a model without them, so a JAX
+  lacking either fails at ``import jlora`` with an `ImportError` naming the JAX
+  versions jlora supports.
+* `source_context` re-enters an equation's name stack (``jax._src.source_info_util``),
+  so the HLO metadata and profiles of a wrapped model keep the model's module names.
+  Cosmetic: without it jlora runs unchanged, without those names, and
+  ``import jlora`` warns once (`JaxCompatWarning`).
+* `differentiated` tells whether gradients flow into a tree in the current trace,
+  from the autodiff and batching tracer types (``jax._src.interpreters.ad.JVPTracer``,
+  ``LinearizeTracer``, ``jax._src.interpreters.batching.BatchTracer``);
+  ``strategy="auto"`` stays factorized where it is true. Without them it is always
+  true: ``"auto"`` is factorized everywhere (correct, and memory-safe for training;
+  slower for serving many tokens, where ``strategy="merged"`` helps), and
+  ``import jlora`` warns once (`JaxCompatWarning`).
+
+`MISSING` lists the internals this JAX lacks (empty on a supported JAX);
+``tests/test_jax_compat.py`` checks each one is present and behaves as jlora relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from jax.extend import core as jex
+
+
+class JaxCompatWarning(UserWarning):
+  """This JAX moved an internal jlora uses; jlora runs in a documented degraded mode."""
+
+
+def _supported() -> str:
+  """The JAX requirement jlora declares (one home: pyproject.toml), e.g. ``jax>=0.10``."""
+  try:
+    requires = importlib.metadata.requires("jlora") or []
+  except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree, not installed
+    requires = []
+  return next((r.split(";")[0].strip() for r in requires if r.startswith("jax>")), "jax>=0.10")
+
+
+def _moved(what: str) -> str:
+  return (
+    f"jlora: this JAX ({jax.__version__}) has no {what}. jlora supports {_supported()}, "
+    "the versions its CI tests; install one of those (or a jlora release that supports this JAX)."
+  )
+
+
+# -- bind: required ----------------------------------------------------------------------
+
+try:
+  from jax._src.core import JaxprEqnContext as _EqnContext
+except ImportError as e:  # pragma: no cover - a JAX that moved it
+  raise ImportError(_moved("`jax._src.core.JaxprEqnContext`")) from e
+if not hasattr(_EqnContext, "manager"):  # pragma: no cover
+  raise ImportError(_moved("`JaxprEqnContext.manager`"))
+if not hasattr(jex.Primitive, "get_bind_params"):  # pragma: no cover
+  raise ImportError(_moved("`jax.extend.core.Primitive.get_bind_params`"))
+
+
+def bind(eqn: Any, invals: Sequence[Any], **overrides: Any) -> list[Any]:
+  """Binds ``eqn``'s primitive on ``invals`` in ``eqn``'s context (``overrides`` replace params)."""
+  params = eqn.primitive.get_bind_params({**eqn.params, **overrides})
+  if not isinstance(params, dict):  # pragma: no cover - the pre-0.10 (subfuns, params) convention
+    raise ImportError(_moved("one-value `Primitive.get_bind_params`"))
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+# -- optional internals: a degraded mode, announced once at import ----------------------
+
+_missing: list[str] = []
+
+try:
+  from jax._src import source_info_util as _source_info
+except ImportError:  # pragma: no cover - a JAX that moved it
+  _source_info = None
+if not all(hasattr(_source_info, f) for f in ("current_name_stack", "user_context")):  # pragma: no cover
+  _source_info = None
+  _missing.append("jax._src.source_info_util")
+
+try:
+  from jax._src.interpreters.ad import JVPTracer as _JVPTracer
+  from jax._src.interpreters.ad import LinearizeTracer as _LinearizeTracer
+  from jax._src.interpreters.batching import BatchTracer as _BatchTracer
+except ImportError:  # pragma: no cover - a JAX that moved them
+  _JVPTracer = _LinearizeTracer = _BatchTracer = None
+  _missing.append("jax._src.interpreters.ad.JVPTracer/LinearizeTracer, batching.BatchTracer")
+
+MISSING: tuple[str, ...] = tuple(_missing)
+
+if _source_info is None:  # pragma: no cover
+  warnings.warn(
+    _moved("`jax._src.source_info_util`")
+    + " Until then the HLO metadata of a wrapped model does not keep its module names.",
+    JaxCompatWarning,
+    stacklevel=2,
+  )
+if _JVPTracer is None:  # pragma: no cover
+  warnings.warn(
+    _moved("`jax._src.interpreters.ad.JVPTracer`/`LinearizeTracer` or `batching.BatchTracer`")
+    + ' Until then strategy="auto" computes every LoRA branch factorized, as under training '
+    '(correct; slower for serving many tokens, where strategy="merged" helps).',
+    JaxCompatWarning,
+    stacklevel=2,
+  )
+
+
+def source_context(eqn: Any) -> contextlib.AbstractContextManager:
+  """Re-enters ``eqn``'s name stack below the current one, for the ops bound inside."""
+  if _source_info is None:  # pragma: no cover
+    return contextlib.nullcontext()
+  name_stack = _source_info.current_name_stack() + eqn.source_info.name_stack
+  return _source_info.user_context(eqn.source_info.traceback, name_stack=name_stack)
+
+
+def differentiated(tree: Any) -> bool:
+  """Whether gradients flow into any leaf of ``tree`` in the current trace.
+
+  True under ``jax.grad``/``value_and_grad``/``vjp``/``jvp``/``linearize``, also
+  inside ``jax.vmap`` either side of them; False outside autodiff, and inside a
+  ``jax.jit`` that is itself differentiated from outside (the jitted function
+  traces before autodiff reaches it).
+  """
+  if _JVPTracer is None:  # pragma: no cover - degraded mode, announced at import
+    return True
+  for leaf in jax.tree_util.tree_leaves(tree):
+    t = leaf
+    while isinstance(t, jax.core.Tracer):
+      if isinstance(t, (_JVPTracer, _LinearizeTracer)):
+        return True
+      t = t.val if isinstance(t, _BatchTracer) else None
+  return False
