@@ -29,6 +29,7 @@ from jlora._src.optim import combine, freeze_base, split, trainable_mask
 from jlora._src.peft_export import export_peft
 from jlora._src.peft_import import import_peft
 from jlora._src.peft_names import peft_module_name
+from jlora._src.quantize import QuantizedArray, dequantize, quantize
 from jlora._src.sharding import adapter_specs
 from jlora._src.summary import count_params, summary
 from jlora._src.targets import module_paths
@@ -45,10 +46,12 @@ __all__ = [
   "Layout",
   "LoraConfig",
   "MaterializationWarning",
+  "QuantizedArray",
   "RestoredAdapter",
   "adapter_specs",
   "combine",
   "count_params",
+  "dequantize",
   "export_peft",
   "freeze_base",
   "import_peft",
@@ -62,6 +65,7 @@ __all__ = [
   "nnx_merge",
   "nnx_split",
   "peft_module_name",
+  "quantize",
   "save_adapter",
   "save_merged",
   "split",
