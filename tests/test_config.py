@@ -109,3 +109,24 @@ def test_from_dict_rejects_unknown_and_invalid_fields():
     jlora.LoraConfig.from_dict({"target_modules": ["q"], "r": -4})
   with pytest.raises(TypeError, match="must be a JSON object"):
     jlora.LoraConfig.from_dict(["q"])
+
+
+def test_layers_to_transform_type_and_overlap_with_modules_to_save():
+  with pytest.raises(
+    TypeError, match=r"`layers_to_transform` must be an int or a list of ints .*got float: 1.5"
+  ):
+    jlora.LoraConfig(target_modules=("q",), layers_to_transform=1.5)
+  assert jlora.LoraConfig(target_modules=("q",), layers_to_transform=range(2)).layers_to_transform == (0, 1)
+  with pytest.raises(ValueError, match=r"both name \['head'\].*`modules_to_save`"):
+    jlora.LoraConfig(target_modules=("q", "head"), modules_to_save="head")
+
+
+def test_check_config_says_how_to_build_one():
+  from jlora._src.config import check_config  # noqa: PLC0415
+
+  cfg = jlora.LoraConfig(target_modules=("q",))
+  assert check_config(cfg) is cfg
+  with pytest.raises(TypeError, match=r"got dict\. Build one with .*LoraConfig.from_dict"):
+    check_config(cfg.to_dict())
+  with pytest.raises(TypeError, match=r"got NoneType"):
+    check_config(None)

@@ -179,11 +179,23 @@ class LoraConfig:
       set_(name, value)
     if self.exclude_modules == ALL_LINEAR:
       raise ValueError("`exclude_modules` cannot be 'all-linear'.")
+    if isinstance(self.target_modules, tuple) and self.modules_to_save is not None:
+      both = [m for m in self.target_modules if m in self.modules_to_save]
+      if both:
+        raise ValueError(
+          f"`target_modules` and `modules_to_save` both name {both}: a module is either adapted with "
+          "LoRA (`target_modules`) or trained in full (`modules_to_save`), not both; remove it from one."
+        )
 
     ltt = self.layers_to_transform
     if ltt is not None:
-      if isinstance(ltt, bool):
-        raise TypeError(f"`layers_to_transform` must be an int or ints; got {ltt!r}.")
+      if (
+        isinstance(ltt, bool) or not isinstance(ltt, (int, Sequence, set, frozenset)) or isinstance(ltt, str)
+      ):
+        raise TypeError(
+          "`layers_to_transform` must be an int or a list of ints (layer indices, e.g. 3 or [0, 1]); "
+          f"got {type(ltt).__name__}: {ltt!r}."
+        )
       ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt)
       if not ltt or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ltt):
         raise ValueError(
@@ -279,6 +291,16 @@ class LoraConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def check_config(config: Any, where: str = "config") -> LoraConfig:
+  """``config`` if it is a `LoraConfig`; else a `TypeError` that says how to build one."""
+  if isinstance(config, LoraConfig):
+    return config
+  fix = "jlora.LoraConfig(r=..., target_modules=...)"
+  if isinstance(config, Mapping):
+    fix = "jlora.LoraConfig(**d), or jlora.LoraConfig.from_dict(d) for a saved `to_dict()`"
+  raise TypeError(f"`{where}` must be a jlora.LoraConfig; got {type(config).__name__}. Build one with {fix}.")
 
 
 def longest_match(items: Iterable[tuple[str, Any]], names: str | Sequence[str]) -> tuple[str, Any] | None:
