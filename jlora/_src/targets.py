@@ -72,6 +72,29 @@ def _is_adaptable(leaf_name: str, leaf: Any) -> bool:
   return leaf_name not in _NEVER_ADAPTED and jnp.issubdtype(dtype, np.floating)
 
 
+def _integer_kernels(tree: Any) -> list[Candidate]:
+  """Leaves of two or more dimensions with an integer dtype (quantized kernels): never adaptable."""
+  collections = paths.is_collections(tree)
+  return [
+    Candidate(path, paths.module_path(path, collections), tuple(leaf.shape), leaf.dtype)
+    for path, leaf in param_leaves(tree)
+    if len(getattr(leaf, "shape", ())) >= 2
+    and getattr(leaf, "dtype", None) is not None
+    and jnp.issubdtype(leaf.dtype, np.integer)
+    and str(path[-1]) not in _NEVER_ADAPTED
+  ]
+
+
+def integer_kernel_error(where: str, dtype: Any, what: str) -> ValueError:
+  """The error for LoRA on an integer (quantized) kernel."""
+  return ValueError(
+    f"{what} {where!r}, an integer ({jnp.dtype(dtype).name}) kernel: LoRA cannot adapt an integer "
+    "(quantized) kernel, since W + scale * A @ B does not fit an integer dtype (a merge would saturate "
+    "or wrap around). Dequantize it to a float dtype first, or leave its module out of `target_modules` "
+    "(or add it to `exclude_modules`)."
+  )
+
+
 def candidates(tree: Any) -> list[Candidate]:
   """Every adaptable leaf of ``tree`` (Linen: only in the ``params`` collection)."""
   collections = paths.is_collections(tree)
@@ -175,8 +198,8 @@ def match_targets(
 
   Raises:
     ValueError: if a `target_modules` entry matches no module (listing close
-      names and a sample of real module paths), or matches only modules with
-      no adaptable kernel.
+      names and a sample of real module paths), matches an integer
+      (quantized) kernel, or matches only modules with no adaptable kernel.
   """
   cands = candidates(tree)
   modules = all_module_paths(tree)
@@ -190,8 +213,20 @@ def match_targets(
   else:
     entries = (spec,) if isinstance(spec, str) else spec
     params = [c.param for c in cands]
+    skip = tuple(m for m in (config.exclude_modules, config.modules_to_save) if m is not None)
+    integer = [c for c in _integer_kernels(tree) if not any(name_matches(m, c.names) for m in skip)]
+    floats = {c.module for c in cands}
     for entry in entries:
       sub = entry if isinstance(spec, str) else (entry,)
+      # An integer kernel named by its parameter path, or the only kernel of a module named.
+      ints = [
+        c
+        for c in integer
+        if name_matches(sub, c.param) or (name_matches(sub, c.module) and c.module not in floats)
+      ]
+      if ints:
+        what = f"`target_modules` entry {entry!r} matches"
+        raise integer_kernel_error(paths.to_str(ints[0].path), ints[0].dtype, what)
       if not any(name_matches(sub, m) for m in modules + params):
         raise _unmatched_error("target_modules", entry, modules + params)
       if not any(name_matches(sub, c.names) for c in cands):
@@ -213,8 +248,10 @@ def match_targets(
     )
   if not chosen:
     raise ValueError(
-      f"`target_modules`={spec!r} with `exclude_modules`={config.exclude_modules!r} "
-      f"leaves nothing to adapt. Some module paths that exist: {modules[:12]}."
+      f"`target_modules`={spec!r} with `exclude_modules`={config.exclude_modules!r} and "
+      f"`modules_to_save`={config.modules_to_save!r} leaves nothing to adapt (a module in "
+      "`modules_to_save` is trained in full, not adapted). Some module paths that exist: "
+      f"{modules[:12]}."
     )
   return chosen
 
