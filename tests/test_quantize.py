@@ -7,6 +7,7 @@ import pytest
 from jax.scipy.special import ndtri
 
 import jlora
+from jlora._src import qarray
 from jlora._src import quantize as Q
 
 
@@ -17,8 +18,8 @@ def test_nf4_is_the_qlora_code():
   neg = -np.asarray(ndtri(np.linspace(0.9677083, 0.5, 8)[:-1]))
   derived = np.sort(np.concatenate([pos, [0.0], neg]))
   derived /= np.abs(derived).max()
-  np.testing.assert_allclose(Q.NF4, derived, atol=3e-7)
-  assert Q.NF4[7] == 0.0 and Q.NF4[0] == -1.0 and Q.NF4[-1] == 1.0
+  np.testing.assert_allclose(qarray.NF4, derived, atol=3e-7)
+  assert qarray.NF4[7] == 0.0 and qarray.NF4[0] == -1.0 and qarray.NF4[-1] == 1.0
 
 
 def test_nf4_round_trip_error_is_the_code_s():
@@ -28,7 +29,7 @@ def test_nf4_round_trip_error_is_the_code_s():
   # Every value maps to its nearest code point times its block's absmax.
   blocks = np.asarray(x).reshape(256, 16, 64)
   absmax = np.abs(blocks).max(-1, keepdims=True)
-  nearest = Q.NF4[np.abs(blocks[..., None] / absmax[..., None] - Q.NF4).argmin(-1)] * absmax
+  nearest = qarray.NF4[np.abs(blocks[..., None] / absmax[..., None] - qarray.NF4).argmin(-1)] * absmax
   np.testing.assert_allclose(np.asarray(back).reshape(256, 16, 64), nearest, rtol=1e-6, atol=1e-6)
   rel = float(jnp.sqrt(jnp.mean((back - x) ** 2)) / jnp.std(x))
   assert 0.05 < rel < 0.12, rel  # 4-bit normal-float error on Gaussian weights
@@ -78,7 +79,9 @@ def test_double_quantization_changes_scales_little():
 def test_a_quantized_tree_is_a_pytree_jit_and_eval_shape_see():
   params = {"layer": {"kernel": jax.random.normal(jax.random.key(4), (32, 64)), "bias": jnp.zeros(64)}}
   q = jlora.quantize(params, qtype="nf4", block_size=32)
-  assert isinstance(q["layer"]["kernel"], Q.QuantizedArray) and q["layer"]["bias"] is params["layer"]["bias"]
+  assert (
+    isinstance(q["layer"]["kernel"], qarray.QuantizedArray) and q["layer"]["bias"] is params["layer"]["bias"]
+  )
   shapes = jax.eval_shape(lambda t: t, q)
   assert shapes["layer"]["kernel"].codes.shape == (32, 32)
   out = jax.jit(lambda t: jlora.dequantize(t)["layer"]["kernel"])(q)
@@ -94,9 +97,9 @@ def test_default_targets_skip_embeddings_and_the_head():
     "lm_head": {"kernel": jnp.ones((8, 10))},
   }
   q = jlora.quantize(params, qtype="int8", block_size=None)
-  assert [k for k in params if Q.is_quantized(q[k][next(iter(q[k]))])] == ["q_proj"]
+  assert [k for k in params if qarray.is_quantized(q[k][next(iter(q[k]))])] == ["q_proj"]
   only = jlora.quantize(params, qtype="int8", block_size=None, targets=("lm_head",))
-  assert Q.is_quantized(only["lm_head"]["kernel"]) and not Q.is_quantized(only["q_proj"]["kernel"])
+  assert qarray.is_quantized(only["lm_head"]["kernel"]) and not qarray.is_quantized(only["q_proj"]["kernel"])
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ from typing import Any
 
 import jax
 
+from jlora._src.qarray import is_quantized
+
 PathKey = str | int
 Path = tuple[PathKey, ...]
 
@@ -63,8 +65,9 @@ def module_path(path: Path, collections: bool) -> str:
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
-  """``(path, leaf)`` for every leaf of ``tree``, in flattening order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  """``(path, leaf)`` for every leaf of ``tree``, in flattening order; a quantized weight
+  (`QuantizedArray`) is one leaf."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
   return [(normalize(kp), leaf) for kp, leaf in flat]
 
 

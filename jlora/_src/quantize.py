@@ -20,117 +20,14 @@ at block size 64).
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlora._src import paths
 from jlora._src import targets as target_rules
-
-# NormalFloat4 (QLoRA, Dettmers et al. 2023, appendix E; bitsandbytes' table).
-NF4 = np.array(
-  [
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-  ],
-  np.float32,
-)
-QTYPES = ("nf4", "int4", "int8")
-_QMAX = {"nf4": 1.0, "int4": 7.0, "int8": 127.0}
-_SCALE_BLOCK = 256  # double quantization: scales per int8 block
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedArray:
-  """A quantized weight (see the module doc): codes and scales, and what they stand for.
-
-  Attributes:
-    codes: ``uint8`` (4-bit formats: two codes per byte along the last axis)
-      or ``int8``.
-    scales: float32 scales, or with double quantization their int8 codes.
-    scale_scales: double quantization: float32 scale of each block of 256
-      scales; else ``None``.
-    scale_offset: double quantization: the mean subtracted from the scales.
-    qtype: ``"nf4"``, ``"int4"`` or ``"int8"``.
-    shape: the weight's shape.
-    dtype: the weight's dtype name (what `dequantize` returns).
-    block_size: entries per scale along the last axis; ``None``: per channel.
-  """
-
-  codes: jax.Array
-  scales: jax.Array
-  scale_scales: jax.Array | None
-  scale_offset: jax.Array | None
-  qtype: str = dataclasses.field(metadata=dict(static=True))
-  shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
-  dtype: str = dataclasses.field(metadata=dict(static=True))
-  block_size: int | None = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes held: codes and scales."""
-    parts = (self.codes, self.scales, self.scale_scales, self.scale_offset)
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in parts if x is not None)
-
-  def dequantize(self, dtype: Any = None) -> jax.Array:
-    """The weight, ``codes * scales``, in ``dtype`` (default: the original dtype)."""
-    values = _unpack(self.codes, self.qtype)
-    scales = _block_scales(self)
-    if self.block_size is None:
-      w = values * scales
-    else:
-      n = self.shape[-1]
-      blocks = values.reshape(*self.shape[:-1], n // self.block_size, self.block_size)
-      w = (blocks * scales[..., None]).reshape(self.shape)
-    return w.astype(dtype or self.dtype)
-
-
-def _unpack(codes: jax.Array, qtype: str) -> jax.Array:
-  if qtype == "int8":
-    return codes.astype(jnp.float32)
-  lo, hi = codes & 0x0F, codes >> 4
-  nibbles = jnp.stack([lo, hi], axis=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
-  if qtype == "nf4":
-    return jnp.asarray(NF4)[nibbles]
-  return nibbles.astype(jnp.float32) - 8.0
-
-
-def _block_scales(q: QuantizedArray) -> jax.Array:
-  if q.scale_scales is None:
-    return q.scales
-  n = math.prod(_scales_shape(q.shape, q.block_size))
-  blocks = q.scales.reshape(-1, _SCALE_BLOCK).astype(jnp.float32) * q.scale_scales[:, None]
-  return (blocks.reshape(-1)[:n] + q.scale_offset).reshape(_scales_shape(q.shape, q.block_size))
-
-
-def _scales_shape(shape: Sequence[int], block_size: int | None) -> tuple[int, ...]:
-  if block_size is None:
-    return (shape[-1],)
-  return (*shape[:-1], shape[-1] // block_size)
+from jlora._src.qarray import NF4, QMAX, QTYPES, SCALE_BLOCK, QuantizedArray, is_quantized
 
 
 def _codes(x: jax.Array, qtype: str) -> jax.Array:
@@ -138,7 +35,7 @@ def _codes(x: jax.Array, qtype: str) -> jax.Array:
   if qtype == "nf4":
     mids = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)
     return jnp.searchsorted(mids, x).astype(jnp.uint8)
-  q = jnp.clip(jnp.round(x), -_QMAX[qtype], _QMAX[qtype])
+  q = jnp.clip(jnp.round(x), -QMAX[qtype], QMAX[qtype])
   return q.astype(jnp.int8) if qtype == "int8" else (q + 8).astype(jnp.uint8)
 
 
@@ -150,8 +47,8 @@ def _pack(codes: jax.Array) -> jax.Array:
 def _quantize_scales(scales: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   flat = scales.reshape(-1)
   offset = jnp.mean(flat)
-  pad = -flat.shape[0] % _SCALE_BLOCK
-  blocks = jnp.pad(flat - offset, (0, pad)).reshape(-1, _SCALE_BLOCK)
+  pad = -flat.shape[0] % SCALE_BLOCK
+  blocks = jnp.pad(flat - offset, (0, pad)).reshape(-1, SCALE_BLOCK)
   s = jnp.max(jnp.abs(blocks), axis=1) / 127.0
   codes = jnp.round(blocks / jnp.where(s == 0, 1.0, s)[:, None]).astype(jnp.int8)
   return codes.reshape(-1), s, offset
@@ -164,11 +61,11 @@ def quantize_array(
   shape = tuple(x.shape)
   w = jnp.asarray(x, jnp.float32)
   if block_size is None:
-    scales = jnp.max(jnp.abs(w).reshape(-1, shape[-1]), axis=0) / _QMAX[qtype]
+    scales = jnp.max(jnp.abs(w).reshape(-1, shape[-1]), axis=0) / QMAX[qtype]
     normed = w / jnp.where(scales == 0, 1.0, scales)
   else:
     blocks = w.reshape(*shape[:-1], shape[-1] // block_size, block_size)
-    scales = jnp.max(jnp.abs(blocks), axis=-1) / _QMAX[qtype]
+    scales = jnp.max(jnp.abs(blocks), axis=-1) / QMAX[qtype]
     normed = (blocks / jnp.where(scales == 0, 1.0, scales)[..., None]).reshape(shape)
   codes = _codes(normed, qtype)
   if qtype != "int8":
@@ -177,10 +74,6 @@ def quantize_array(
   return QuantizedArray(
     codes, scales, scale_scales, offset, qtype, shape, jnp.dtype(x.dtype).name, block_size
   )
-
-
-def is_quantized(x: Any) -> bool:
-  return isinstance(x, QuantizedArray)
 
 
 def _check_args(qtype: Any, block_size: Any, double_quant: Any) -> None:
@@ -264,12 +157,14 @@ def quantize(
   _check_args(qtype, block_size, double_quant)
   if double_quant and block_size is None:
     raise ValueError("`double_quant=True` quantizes block scales: it needs a `block_size`.")
-  done = [paths.to_str(p) for p, x in leaves(tree) if is_quantized(x)]
+  done = [paths.to_str(p) for p, x in paths.leaves_with_paths(tree) if is_quantized(x)]
   if done:
     raise ValueError(f"The tree is already quantized (at {done[0]!r}); quantize a full-precision tree once.")
   chosen = _selected(tree, targets)
   if not chosen:
-    ints = [(paths.to_str(p), x.dtype) for p, x in leaves(tree) if getattr(x, "ndim", 0) >= 2]
+    ints = [
+      (paths.to_str(p), x.dtype) for p, x in paths.leaves_with_paths(tree) if getattr(x, "ndim", 0) >= 2
+    ]
     why = f" (leaf {ints[0][0]!r} is {ints[0][1]}; integer arrays are not quantized)" if ints else ""
     raise ValueError(f"The tree has no floating weight of two or more dimensions to quantize{why}.")
 
@@ -310,9 +205,3 @@ def dequantize(tree: Any) -> Any:
   return jax.tree_util.tree_map(
     lambda x: x.dequantize() if is_quantized(x) else x, tree, is_leaf=is_quantized
   )
-
-
-def leaves(tree: Any) -> list[tuple[paths.Path, Any]]:
-  """``(path, leaf)`` with each `QuantizedArray` as one leaf."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
-  return [(paths.normalize(kp), leaf) for kp, leaf in flat]
