@@ -208,3 +208,45 @@ def test_a_rank_equal_to_the_width_is_read_from_the_model_or_refused():
     jlora.merge(params, lora, cfg)
   pinned = jlora.LoraConfig(**{**cfg.to_dict(), "layout_pattern": {"c_proj": "oi"}})
   np.testing.assert_allclose(fn(jlora.merge(params, lora, pinned), x), want, rtol=1e-5, atol=1e-5)
+
+
+K0 = jax.random.key(0)
+
+
+def test_bind_agrees_with_layer_selection_on_stacked_and_indexed_kernels():
+  tree = {
+    "scan": {"up": {"kernel": jnp.ones((3, 4, 5))}},  # stacked over 3 layers, no index in the path
+    "layers_0": {"up": {"kernel": jnp.ones((4, 5))}},
+    "layers_2": {"up": {"kernel": jnp.ones((4, 5))}},
+    "head": {"up": {"kernel": jnp.ones((4, 5))}},  # 2-D, no layer index: never selected
+  }
+  cfg = jlora.LoraConfig(
+    r=2, target_modules=("up",), layers_to_transform=(0, 2), layout_pattern={"scan/up": "sio"}
+  )
+  lora = jlora.init(tree, cfg, key=jax.random.key(0))
+  assert set(lora) == {"scan", "layers_0", "layers_2"}
+  assert lora["scan"]["up"]["kernel"]["lora_A"].shape == (2, 4, 2)
+  jlora.merge(tree, lora, cfg)
+  missing = {k: v for k, v in lora.items() if k != "layers_2"}
+  with pytest.raises(ValueError, match=r"no adapter for \['layers_2/up/kernel'\]"):
+    jlora.merge(tree, missing, cfg)
+  full = jlora.init(
+    tree, jlora.LoraConfig(r=2, target_modules=("up",), layout_pattern={"scan/up": "sio"}), key=K0
+  )
+  with pytest.raises(
+    ValueError, match=r"adapter at 'head/up/kernel', but `layers_to_transform`.*no layer index"
+  ):
+    jlora.merge(tree, {**lora, "head": full["head"]}, cfg)
+  with pytest.raises(ValueError, match=r"'scan/up/kernel' covers 3 of the kernel's 3 stacked layers"):
+    jlora.merge(tree, {**lora, "scan": full["scan"]}, cfg)
+
+
+def test_all_linear_merge_accepts_adapters_found_by_use_and_requires_none():
+  params = {"enc": {"kernel": jnp.ones((8, 4)), "w": jnp.ones((4, 4))}, "head": {"kernel": jnp.ones((4, 2))}}
+  fn = lambda p, x: ((x @ p["enc"]["kernel"]) @ p["enc"]["w"]) @ p["head"]["kernel"]  # noqa: E731
+  cfg = jlora.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=K0, apply_fn=fn, example_args=(jnp.ones((1, 8)),))
+  assert set(lora["enc"]) == {"kernel", "w"} and "head" not in lora
+  merged = jlora.merge(params, lora, cfg)  # the model is unknown to merge: `w` is accepted
+  assert not np.allclose(merged["enc"]["w"], params["enc"]["w"])
+  jlora.merge(params, {"enc": {"w": lora["enc"]["w"]}}, cfg)  # and none is required

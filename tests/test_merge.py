@@ -80,3 +80,24 @@ def test_modules_to_save_replaced_on_merge():
   lora["mlp"]["up"]["kernel"] = lora["mlp"]["up"]["kernel"] + 1.0
   merged = jlora.merge(tree, lora, cfg)
   np.testing.assert_array_equal(merged["mlp"]["up"]["kernel"], tree["mlp"]["up"]["kernel"] + 1.0)
+
+
+def test_safe_merge_passes_a_finite_fp16_merge_and_names_an_overflow():
+  tree = {"q_proj": {"kernel": jnp.full((4, 3), 1000.0, jnp.float16)}}
+  cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), dtype="float32")
+  lora = {"q_proj": {"kernel": {"lora_A": jnp.full((4, 2), 10.0), "lora_B": jnp.full((2, 3), 10.0)}}}
+  # scale 4 (alpha 8 / r 2): 1000 + 4 * 2 * 100 = 1800, finite in fp16.
+  np.testing.assert_array_equal(jlora.merge(tree, lora, cfg, safe_merge=True)["q_proj"]["kernel"], 1800.0)
+  big = jax.tree_util.tree_map(lambda a: a * 10.0, lora)  # 1000 + 80000: past fp16's 65504
+  assert np.isinf(np.asarray(jlora.merge(tree, big, cfg)["q_proj"]["kernel"])).all()
+  with pytest.raises(ValueError, match=r"merged kernel at 'q_proj/kernel' \(float16\).*exceeds the range"):
+    jlora.merge(tree, big, cfg, safe_merge=True)
+
+
+def test_integer_kernel_is_refused_not_saturated():
+  tree = {"q_proj": {"kernel": jnp.full((4, 3), 100, jnp.int8)}, "v_proj": {"kernel": jnp.ones((4, 3))}}
+  lora = {"q_proj": {"kernel": {"lora_A": jnp.ones((4, 2)), "lora_B": jnp.full((2, 3), 7.5)}}}
+  with pytest.raises(ValueError, match=r"'q_proj/kernel', an integer \(int8\) kernel"):
+    jlora.merge(tree, lora, jlora.LoraConfig(r=2, target_modules=("v_proj",)))
+  with pytest.raises(ValueError, match=r"integer \(int8\) kernel"):
+    jlora.merge(tree, lora, jlora.LoraConfig(r=2, target_modules=("q_proj",)))

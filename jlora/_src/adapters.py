@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import layouts, paths, targets
-from jlora._src.config import LoraConfig
+from jlora._src import agreement, layouts, paths, targets
+from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.layouts import Layout
 
 Layouts = Mapping[paths.Path, Layout]
@@ -265,7 +265,7 @@ def _read_layout(
 
 
 def _check_reading(cand: targets.Candidate, reading: layouts.Reading, config: LoraConfig) -> tuple | None:
-  """The selected layers of a checked reading (rank and layer count against the config)."""
+  """The selected layers of a checked reading (rank, layer selection and count against the config)."""
   where = paths.to_str(cand.path)
   want_rank = config.rank_for(cand.names)
   if reading.rank != want_rank:
@@ -273,7 +273,19 @@ def _check_reading(cand: targets.Candidate, reading: layouts.Reading, config: Lo
       f"Adapter at {where!r} has rank {reading.rank} but the config gives rank {want_rank} for module "
       f"{cand.module!r}; use the config the adapter was made with."
     )
-  _, layers = _selected_layers(cand, reading.layout, config)
+  adapted, layers = _selected_layers(cand, reading.layout, config)
+  if not adapted:
+    index = targets.layer_index(cand.module, config.layers_pattern)
+    which = (
+      f"layer {index}"
+      if index is not None
+      else "a kernel whose path has no layer index ('layers_3', 'layers/3') and no stacked layer axis"
+    )
+    raise ValueError(
+      f"The adapter tree has an adapter at {where!r}, but `layers_to_transform`="
+      f"{config.layers_to_transform} does not select it ({which}). Use the config the adapter was made "
+      "with, or drop that entry from the adapter tree."
+    )
   want = None if layers is None else len(layers)
   if reading.layers != want:
     n = cand.shape[reading.layout.stacked_axes[0]]
@@ -284,10 +296,50 @@ def _check_reading(cand: targets.Candidate, reading: layouts.Reading, config: Lo
   return layers
 
 
+def _base_leaf(leaves: Mapping[paths.Path, Any], path: paths.Path) -> Any:
+  """The base leaf under an adapter-tree entry, or an error naming the path."""
+  if path in leaves:
+    return leaves[path]
+  where = paths.to_str(path)
+  if path and path[-1] in (paths.LORA_A, paths.LORA_B) and path[:-1] in leaves:
+    raise ValueError(
+      f"The adapter at {paths.to_str(path[:-1])!r} is not a dict of exactly 'lora_A' and 'lora_B' (it has "
+      f"{path[-1]!r} but lacks the other, or holds more keys); make it with `jlora.init`."
+    )
+  close = [paths.to_str(p) for p in leaves if p[-2:] == path[-2:]][:3]
+  raise ValueError(
+    f"The adapter tree has an entry at {where!r} but the base tree has no leaf there"
+    + (f" (similar paths: {close})" if close else "")
+    + ". Was the adapter made for another model, or for a tree with another top level "
+    "(a Linen variables dict vs. its 'params')?"
+  )
+
+
+def _saved_leaf(
+  path: paths.Path, node: Any, kernel: Any, expect: agreement.Expected, config: LoraConfig
+) -> Any:
+  """A `modules_to_save` copy, checked against the config and its base leaf."""
+  agreement.check_saved(path, expect, config)
+  if getattr(node, "shape", None) != getattr(kernel, "shape", None):
+    raise ValueError(
+      f"Saved-module leaf {paths.to_str(path)!r} has shape {getattr(node, 'shape', None)}, but the base "
+      f"leaf has shape {kernel.shape}."
+    )
+  return node
+
+
 def bind(
-  tree: Any, lora: Any, config: LoraConfig, layouts: Callable[[], Layouts] | None = None
+  tree: Any,
+  lora: Any,
+  config: LoraConfig,
+  layouts: Callable[[], Layouts] | None = None,
+  linear: Callable[[], Collection[paths.Path]] | None = None,
 ) -> tuple[list[Bound], dict[paths.Path, Any]]:
   """Pairs each adapter of ``lora`` with its kernel in ``tree``, reading its layout.
+
+  The adapter tree must agree with ``config`` both ways (`jlora._src.agreement`):
+  an adapter on every kernel the config adapts, none elsewhere, and a copy of
+  exactly the `modules_to_save` leaves.
 
   Args:
     tree: the base tree.
@@ -295,16 +347,26 @@ def bind(
     config: its config.
     layouts: called (at most once) when an adapter's shapes fit more than one
       layout, to get the layouts the model's use gives.
+    linear: for ``"all-linear"``, called (once) to get the weights the model
+      uses as linear layers, each of which must then have an adapter;
+      without it (the model unknown) none is required.
 
   Returns:
     The bound adapters, and ``{path: array}`` for the `modules_to_save` leaves.
 
   Raises:
-    ValueError: naming the path, if an adapter has no kernel in ``tree`` or
-      shapes that do not fit it.
+    TypeError: if ``config`` is not a `LoraConfig` or ``lora`` not a mapping.
+    ValueError: naming the path, if ``lora`` holds no adapter, an adapter has
+      no kernel in ``tree``, sits on an integer kernel or one the config does
+      not adapt, has shapes that do not fit its kernel, or if an adapter or
+      saved copy the config calls for is missing.
   """
+  config = check_config(config)
+  items = agreement.check_adapter_tree(lora)
   leaves = dict(paths.leaves_with_paths(tree))
   collections = paths.is_collections(tree)
+  all_linear = config.target_modules == ALL_LINEAR
+  expect = agreement.expected(tree, config, linear() if linear is not None and all_linear else None)
   cache: list[Layouts] = []
 
   def hint() -> Layouts:
@@ -313,33 +375,21 @@ def bind(
     return cache[0]
 
   bound, saved = [], {}
-  for path, node in paths.adapter_items(lora):
-    where = paths.to_str(path)
-    if path not in leaves:
-      close = [paths.to_str(p) for p in leaves if p[-2:] == path[-2:]][:3]
-      raise ValueError(
-        f"The adapter tree has an entry at {where!r} but the base tree has no leaf there"
-        + (f" (similar paths: {close})" if close else "")
-        + ". Was the adapter made for another model, or for a tree with another top level "
-        "(a Linen variables dict vs. its 'params')?"
-      )
-    kernel = leaves[path]
+  for path, node in items:
+    kernel = _base_leaf(leaves, path)
     if not paths.is_adapter(node):
-      if getattr(node, "shape", None) != getattr(kernel, "shape", None):
-        raise ValueError(
-          f"Saved-module leaf {where!r} has shape {getattr(node, 'shape', None)}, but the base "
-          f"leaf has shape {kernel.shape}."
-        )
-      saved[path] = node
+      saved[path] = _saved_leaf(path, node, kernel, expect, config)
       continue
     a, b = node[paths.LORA_A], node[paths.LORA_B]
     cand = targets.Candidate(path, paths.module_path(path, collections), tuple(kernel.shape), kernel.dtype)
+    agreement.check_targeted(cand, expect, config)
     reading = _read_layout(cand, a, b, config, hint)
     layers = _check_reading(cand, reading, config)
     spec = AdapterSpec(
       path, cand.module, cand.shape, reading.layout, reading.rank, config.scale_for(cand.names), layers
     )
     bound.append(Bound(spec, kernel, a, b))
+  agreement.check_complete(expect, {item.spec.path for item in bound}, saved, config)
   return bound, saved
 
 

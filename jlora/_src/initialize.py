@@ -9,7 +9,7 @@ import jax
 
 from jlora._src import adapters, paths, sharding, targets
 from jlora._src import layouts as layouts_
-from jlora._src.config import ALL_LINEAR, LoraConfig
+from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.wrap import infer_layouts, linear_weights, read_uses
 
 
@@ -69,6 +69,7 @@ def init(
     The adapter tree.
 
   Raises:
+    TypeError: if ``config`` is not a `LoraConfig`.
     ValueError: if a target matches nothing (listing close names and real
       module paths), an N-D kernel's layout is unknown or ambiguous, or
       ``shardings`` does not have the adapter tree's structure.
@@ -82,6 +83,7 @@ def init(
     >>> jax.tree_util.tree_map(jnp.shape, lora)
     {'layers_0': {'q_proj': {'kernel': {'lora_A': (16, 4), 'lora_B': (4, 32)}}}}
   """
+  config = check_config(config)
   layouts, linear = None, None
   if apply_fn is not None:
     layouts, linear = read_model(apply_fn, tree, config, example_args, example_kwargs or {})

@@ -9,39 +9,56 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._src import adapters, paths
-from jlora._src.config import LoraConfig
+from jlora._src.config import LoraConfig, check_config
 
 
-def _check_finite(bound: list[adapters.Bound]) -> None:
-  for item in bound:
-    for name, arr in ((paths.LORA_A, item.a), (paths.LORA_B, item.b)):
-      if isinstance(arr, jax.core.Tracer):
-        raise TypeError(
-          "`safe_merge=True` inspects the adapter's values, so it cannot run under "
-          "`jax.jit`/`grad`; call `jlora.merge` outside of transformations."
-        )
-      if not bool(np.all(np.isfinite(np.asarray(arr, dtype=np.float32)))):
-        raise ValueError(
-          f"Refusing to merge: {name} of the adapter at {item.spec.where!r} contains NaN or Inf. "
-          "The adapter is broken (diverged training?); nothing was merged."
-        )
+def _concrete(arr: Any) -> np.ndarray:
+  if isinstance(arr, jax.core.Tracer):
+    raise TypeError(
+      "`safe_merge=True` inspects the adapter's values, so it cannot run under "
+      "`jax.jit`/`grad`; call `jlora.merge` outside of transformations."
+    )
+  return np.asarray(arr, dtype=np.float32)
+
+
+def _check_finite(item: adapters.Bound, merged: Any) -> None:
+  """PEFT's ``safe_merge``: the factors, then the merged kernel in its own dtype, must be finite."""
+  for name, arr in ((paths.LORA_A, item.a), (paths.LORA_B, item.b)):
+    if not bool(np.all(np.isfinite(_concrete(arr)))):
+      raise ValueError(
+        f"Refusing to merge: {name} of the adapter at {item.spec.where!r} contains NaN or Inf. "
+        "The adapter is broken (diverged training?); nothing was merged."
+      )
+  if not bool(np.all(np.isfinite(_concrete(merged)))):
+    dtype = jnp.dtype(merged.dtype).name
+    base_ok = bool(np.all(np.isfinite(_concrete(item.kernel))))
+    why = (
+      f"the finite kernel plus the finite update scale * A @ B exceeds the range of {dtype} "
+      f"(largest finite value {float(jnp.finfo(merged.dtype).max):g})"
+      if base_ok
+      else "the base kernel itself holds NaN or Inf"
+    )
+    raise ValueError(
+      f"Refusing to merge: the merged kernel at {item.spec.where!r} ({dtype}) would contain NaN or Inf: "
+      f"{why}. Nothing was merged; serve it unmerged with `jlora.wrap`, or merge into a wider dtype "
+      "(cast the base tree to float32 first)."
+    )
 
 
 def _apply(tree: Any, lora: Any, config: LoraConfig, sign: float, safe: bool) -> Any:
-  bound, saved = adapters.bind(tree, lora, config)
-  if safe:
-    _check_finite(bound)
-  by_path = {item.spec.path: item for item in bound}
+  bound, saved = adapters.bind(tree, lora, check_config(config))
+  merged = {}
+  for item in bound:
+    d = adapters.delta(item.spec, item.a, item.b)
+    merged[item.spec.path] = (item.kernel.astype(jnp.float32) + sign * d).astype(item.kernel.dtype)
+    if safe:
+      _check_finite(item, merged[item.spec.path])
 
   def replace(key_path, leaf):
     path = paths.normalize(key_path)
     if path in saved:
       return saved[path] if sign > 0 else leaf
-    item = by_path.get(path)
-    if item is None:
-      return leaf
-    d = adapters.delta(item.spec, item.a, item.b)
-    return (leaf.astype(jnp.float32) + sign * d).astype(leaf.dtype)
+    return merged.get(path, leaf)
 
   return jax.tree_util.tree_map_with_path(replace, tree)
 
@@ -61,15 +78,20 @@ def merge(tree: Any, lora: Any, config: LoraConfig, *, safe_merge: bool = False)
     tree: the base tree the adapter was made for.
     lora: the adapter tree from `jlora.init` (or training).
     config: the config the adapter was made with.
-    safe_merge: first check every adapter weight is finite and raise instead
-      of merging NaN/Inf (PEFT's ``safe_merge``). Needs concrete arrays.
+    safe_merge: check that every adapter weight, and then every merged
+      kernel in its own dtype, is finite, and raise instead of returning
+      NaN/Inf (PEFT's ``safe_merge``: an fp16 kernel overflows when the
+      update exceeds fp16's range). Needs concrete arrays.
 
   Returns:
     The merged tree.
 
   Raises:
-    ValueError: if the adapter does not fit ``tree`` (naming the path), or,
-      with ``safe_merge``, holds a non-finite value.
+    TypeError: if ``config`` is not a `LoraConfig`, or ``lora`` not a dict.
+    ValueError: naming the path, if the adapter tree does not agree with
+      ``config`` and ``tree`` (an adapter missing, extra, on an integer
+      kernel, or of the wrong shape), or, with ``safe_merge``, a factor or a
+      merged kernel is not finite.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -98,7 +120,9 @@ def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
     The base tree, up to rounding.
 
   Raises:
-    ValueError: if the adapter does not fit ``tree`` (naming the path).
+    TypeError: if ``config`` is not a `LoraConfig`, or ``lora`` not a dict.
+    ValueError: naming the path, if the adapter tree does not agree with
+      ``config`` and ``tree`` (see `merge`).
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
