@@ -36,6 +36,7 @@ import numpy as np
 
 from jlora._src import adapters, paths
 from jlora._src.config import LoraConfig
+from jlora._src.qarray import is_quantized
 
 FORMAT = "jlora.adapter"
 FORMAT_VERSION = 2
@@ -44,6 +45,7 @@ _FIELDS_V1 = frozenset({"format", "format_version", "jlora_version", "config", "
 _FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {META_CRC}}
 _LEAF_FIELDS = frozenset({"path", "shape", "dtype", "crc32"})
 _BASE_FIELDS = frozenset({"path", "kind", "shape", "dtype"})
+_QUANT_FIELD = "quant"  # optional: the format of a quantized base weight (`QuantizedArray.format`)
 
 
 class CorruptCheckpointError(ValueError):
@@ -151,12 +153,16 @@ def leaf_records(lora: Any) -> list[dict[str, Any]]:
 
 
 def fingerprint(base: Any, lora: Any, config: LoraConfig) -> list[dict[str, Any]]:
-  """Path, kind, shape and dtype of each base leaf the adapter touches, sorted by path."""
+  """Path, kind, shape and dtype of each base leaf the adapter touches (and, for a quantized
+  weight, its format), sorted by path."""
   bound, saved = adapters.bind(base, lora, config)
   leaves = dict(paths.leaves_with_paths(base))
 
   def record(path: paths.Path, kind: str, leaf: Any) -> dict[str, Any]:
-    return {"path": list(path), "kind": kind, "shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name}
+    rec = {"path": list(path), "kind": kind, "shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name}
+    if is_quantized(leaf):
+      rec[_QUANT_FIELD] = leaf.format
+    return rec
 
   out = [record(b.spec.path, "lora", b.kernel) for b in bound]
   out += [record(path, "saved", leaves[path]) for path in saved]
@@ -280,7 +286,8 @@ def _check_base_records(recs: Any, where: str) -> tuple[Mapping[str, Any], ...]:
   for i, rec in enumerate(recs):
     ok = (
       isinstance(rec, Mapping)
-      and set(rec) == _BASE_FIELDS
+      and set(rec) - {_QUANT_FIELD} == _BASE_FIELDS
+      and (_QUANT_FIELD not in rec or isinstance(rec[_QUANT_FIELD], str))
       and _is_path(rec["path"])
       and rec["kind"] in ("lora", "saved")
       and _is_shape(rec["shape"])
@@ -331,6 +338,12 @@ def check_base(meta: Metadata, base: Any, where: str) -> None:
       )
     leaf = leaves[path]
     shape, dtype = tuple(getattr(leaf, "shape", ())), jnp.dtype(getattr(leaf, "dtype", None)).name
+    if is_quantized(leaf) and leaf.format != rec.get(_QUANT_FIELD, leaf.format):
+      raise ValueError(
+        f"The adapter in {where} was trained on {name!r} quantized as {rec[_QUANT_FIELD]!r}, but the given "
+        f"base holds it as {leaf.format!r}. Pass the quantized base it was trained on, or the "
+        "full-precision original."
+      )
     if shape != tuple(rec["shape"]) or dtype != rec["dtype"]:
       raise ValueError(
         f"The adapter in {where} does not fit the given base at {name!r}: it was saved for shape "

@@ -74,6 +74,14 @@ class QuantizedArray:
     return len(self.shape)
 
   @property
+  def format(self) -> str:
+    """``"nf4/64"``, ``"int8/channel"``, ``"nf4/64/dq"`` (double quantization)."""
+    parts = [self.qtype, str(self.block_size or "channel")] + (
+      ["dq"] if self.scale_scales is not None else []
+    )
+    return "/".join(parts)
+
+  @property
   def nbytes(self) -> int:
     """Bytes held: codes and scales."""
     parts = (self.codes, self.scales, self.scale_scales, self.scale_offset)
