@@ -11,7 +11,8 @@ stated way when a JAX release moves it, never silently:
   ``JaxprEqn.ctx.manager`` (re-enters the equation's context: its abstract mesh,
   compute type, XLA metadata). jlora cannot run a model without them, so a JAX
   lacking either fails at ``import jlora`` with an `ImportError` naming the JAX
-  versions jlora supports.
+  versions jlora supports (a ``get_bind_params`` that returns another shape
+  raises `RuntimeError` with the same message at the first bind).
 * `source_context` re-enters an equation's name stack (``jax._src.source_info_util``),
   so the HLO metadata and profiles of a wrapped model keep the model's module names.
   Cosmetic: without it jlora runs unchanged, without those names, and
@@ -31,7 +32,6 @@ stated way when a JAX release moves it, never silently:
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -39,23 +39,17 @@ from typing import Any
 import jax
 from jax.extend import core as jex
 
+# The JAX versions jlora supports: pyproject.toml's requirement (tests/test_jax_compat.py checks they agree).
+SUPPORTED_JAX = "jax>=0.10"
+
 
 class JaxCompatWarning(UserWarning):
   """This JAX moved an internal jlora uses; jlora runs in a documented degraded mode."""
 
 
-def _supported() -> str:
-  """The JAX requirement jlora declares (one home: pyproject.toml), e.g. ``jax>=0.10``."""
-  try:
-    requires = importlib.metadata.requires("jlora") or []
-  except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree, not installed
-    requires = []
-  return next((r.split(";")[0].strip() for r in requires if r.startswith("jax>")), "jax>=0.10")
-
-
 def _moved(what: str) -> str:
   return (
-    f"jlora: this JAX ({jax.__version__}) has no {what}. jlora supports {_supported()}, "
+    f"jlora: this JAX ({jax.__version__}) has no {what}. jlora supports {SUPPORTED_JAX}, "
     "the versions its CI tests; install one of those (or a jlora release that supports this JAX)."
   )
 
@@ -64,7 +58,7 @@ def _moved(what: str) -> str:
 
 try:
   from jax._src.core import JaxprEqnContext as _EqnContext
-except ImportError as e:  # pragma: no cover - a JAX that moved it
+except ImportError as e:  # a JAX that moved it
   raise ImportError(_moved("`jax._src.core.JaxprEqnContext`")) from e
 if not hasattr(_EqnContext, "manager"):  # pragma: no cover
   raise ImportError(_moved("`JaxprEqnContext.manager`"))
@@ -76,7 +70,7 @@ def bind(eqn: Any, invals: Sequence[Any], **overrides: Any) -> list[Any]:
   """Binds ``eqn``'s primitive on ``invals`` in ``eqn``'s context (``overrides`` replace params)."""
   params = eqn.primitive.get_bind_params({**eqn.params, **overrides})
   if not isinstance(params, dict):  # pragma: no cover - the pre-0.10 (subfuns, params) convention
-    raise ImportError(_moved("one-value `Primitive.get_bind_params`"))
+    raise RuntimeError(_moved("one-value `Primitive.get_bind_params`"))
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*invals, **params)
   return list(out) if eqn.primitive.multiple_results else [out]
@@ -88,7 +82,7 @@ _missing: list[str] = []
 
 try:
   from jax._src import source_info_util as _source_info
-except ImportError:  # pragma: no cover - a JAX that moved it
+except ImportError:  # a JAX that moved it
   _source_info = None
 if not all(hasattr(_source_info, f) for f in ("current_name_stack", "user_context")):  # pragma: no cover
   _source_info = None
@@ -98,20 +92,20 @@ try:
   from jax._src.interpreters.ad import JVPTracer as _JVPTracer
   from jax._src.interpreters.ad import LinearizeTracer as _LinearizeTracer
   from jax._src.interpreters.batching import BatchTracer as _BatchTracer
-except ImportError:  # pragma: no cover - a JAX that moved them
+except ImportError:  # a JAX that moved them
   _JVPTracer = _LinearizeTracer = _BatchTracer = None
   _missing.append("jax._src.interpreters.ad.JVPTracer/LinearizeTracer, batching.BatchTracer")
 
 MISSING: tuple[str, ...] = tuple(_missing)
 
-if _source_info is None:  # pragma: no cover
+if _source_info is None:
   warnings.warn(
     _moved("`jax._src.source_info_util`")
     + " Until then the HLO metadata of a wrapped model does not keep its module names.",
     JaxCompatWarning,
     stacklevel=2,
   )
-if _JVPTracer is None:  # pragma: no cover
+if _JVPTracer is None:
   warnings.warn(
     _moved("`jax._src.interpreters.ad.JVPTracer`/`LinearizeTracer` or `batching.BatchTracer`")
     + ' Until then strategy="auto" computes every LoRA branch factorized, as under training '
@@ -123,7 +117,7 @@ if _JVPTracer is None:  # pragma: no cover
 
 def source_context(eqn: Any) -> contextlib.AbstractContextManager:
   """Re-enters ``eqn``'s name stack below the current one, for the ops bound inside."""
-  if _source_info is None:  # pragma: no cover
+  if _source_info is None:  # degraded mode, announced at import
     return contextlib.nullcontext()
   name_stack = _source_info.current_name_stack() + eqn.source_info.name_stack
   return _source_info.user_context(eqn.source_info.traceback, name_stack=name_stack)
@@ -137,7 +131,7 @@ def differentiated(tree: Any) -> bool:
   ``jax.jit`` that is itself differentiated from outside (the jitted function
   traces before autodiff reaches it).
   """
-  if _JVPTracer is None:  # pragma: no cover - degraded mode, announced at import
+  if _JVPTracer is None:  # degraded mode, announced at import
     return True
   for leaf in jax.tree_util.tree_leaves(tree):
     t = leaf
