@@ -108,7 +108,7 @@ class WriterLock:
     except BaseException:
       os.close(fd)
       raise
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, info, 0)
