@@ -328,10 +328,13 @@ def test_dropout():
 
 
 def test_dropout_inside_scan_differs_per_layer():
+  # Two identical layers, each applied to the same input: their outputs differ only if each layer
+  # draws its own dropout mask.
   def fn(p, x):
-    return lax.scan(lambda h, w: (h @ w, None), x, p["layers"]["kernel"])[0]
+    return lax.scan(lambda h, w: (h, x @ w), x, p["layers"]["kernel"])[1]
 
-  params = {"layers": {"kernel": _w(2, 8, 8)}}
+  w = _w(8, 8)
+  params = {"layers": {"kernel": jnp.stack([w, w])}}
   cfg = jlora.LoraConfig(
     r=4,
     target_modules=("layers",),
@@ -340,10 +343,15 @@ def test_dropout_inside_scan_differs_per_layer():
     layout_pattern={"layers": (1, 1)},
   )
   lora = jlora.init(params, cfg, key=K[1])
+  lora = jax.tree_util.tree_map(lambda f: jnp.stack([f[0], f[0]]), lora)  # same adapter in both layers
   apply = jlora.wrap(fn, cfg)
+  evaluation = apply(params, lora, X)
+  np.testing.assert_array_equal(evaluation[0], evaluation[1])  # without dropout the layers agree
   out = apply(params, lora, X, lora_dropout_key=K[5])
-  assert out.shape == X.shape and bool(jnp.all(jnp.isfinite(out)))
-  assert not np.allclose(out, apply(params, lora, X))
+  assert out.shape == (2, *X.shape)
+  for layer in (0, 1):  # dropout reaches each layer's LoRA branch...
+    assert not np.allclose(out[layer], evaluation[layer], atol=1e-4)
+  assert not np.allclose(out[0], out[1], atol=1e-4)  # ...with a mask of its own
 
 
 def test_init_is_exactly_the_base_model():
@@ -368,9 +376,18 @@ def test_no_retrace_across_steps():
 
   for _ in range(4):
     lora = step(lora)
-  # Eager calls reuse the traced jaxpr too.
-  apply(case.tree, lora, case.inputs)
-  apply(case.tree, lora, case.inputs)
+  # Eager calls reuse the traced jaxpr too: the model is traced once, at the first.
+  traces = []
+
+  def counted(tree, x):
+    traces.append(x.shape)
+    return case.apply_fn(tree, x)
+
+  eager = jlora.wrap(counted, cfg)
+  first = eager(case.tree, lora, case.inputs)
+  assert len(traces) == 1
+  np.testing.assert_array_equal(eager(case.tree, lora, case.inputs), first)
+  assert len(traces) == 1
 
 
 def _out_shapes(jaxpr):
@@ -434,3 +451,48 @@ def test_hlo_keeps_the_model_module_names():
   lora = jlora.init(case.tree, cfg, key=K[1])
   text = jax.jit(jlora.wrap(case.apply_fn, cfg)).lower(case.tree, lora, case.inputs).as_text(debug_info=True)
   assert "Llama/layers_0/q_proj/" in text and "Llama/layers_1/q_proj/" in text
+
+
+def test_signature_inserts_lora_and_the_dropout_key():
+  import inspect  # noqa: PLC0415
+
+  def fn(params, x, *, train: bool = False, **kwargs):
+    return x
+
+  got = inspect.signature(jlora.wrap(fn, jlora.LoraConfig(target_modules=("q",))))
+  assert list(got.parameters) == ["params", "lora", "x", "train", "lora_dropout_key", "kwargs"]
+  assert got.parameters["lora"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+  assert got.parameters["lora_dropout_key"].kind is inspect.Parameter.KEYWORD_ONLY
+  assert got.parameters["lora_dropout_key"].default is None
+  model = nn.Dense(3)
+  names = list(inspect.signature(jlora.wrap(model.apply, jlora.LoraConfig(target_modules=("q",)))).parameters)
+  assert names[:3] == ["variables", "lora", "args"] and names[-2:] == ["lora_dropout_key", "kwargs"]
+  positional_only = inspect.signature(jlora.wrap(lambda p, /, x: x, jlora.LoraConfig(target_modules=("q",))))
+  assert positional_only.parameters["lora"].kind is inspect.Parameter.POSITIONAL_ONLY
+  # A signature that cannot be extended (no first positional parameter): the wrapper's own.
+  plain = inspect.signature(jlora.wrap(lambda *a: a, jlora.LoraConfig(target_modules=("q",))))
+  assert list(plain.parameters) == ["tree", "lora", "args", "lora_dropout_key", "kwargs"]
+
+
+def test_all_linear_requires_the_linear_weights_of_this_call_only():
+  params = {"enc": {"kernel": jnp.ones((8, 4)) * 0.1, "w": jnp.ones((4, 4)) * 0.2}}
+  full = lambda p, x: (x @ p["enc"]["kernel"]) @ p["enc"]["w"]  # noqa: E731
+  half = lambda p, x: x @ p["enc"]["kernel"]  # noqa: E731
+  x = X[0]
+  cfg = jlora.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=K[1], apply_fn=full, example_args=(x,))
+  assert set(lora["enc"]) == {"kernel", "w"}  # `w` is found by its use
+  for fn in (full, half):  # an adapter on a weight this call does not use is allowed
+    np.testing.assert_allclose(
+      jlora.wrap(fn, cfg)(params, lora, x), fn(jlora.merge(params, lora, cfg), x), rtol=1e-5, atol=1e-6
+    )
+  without_w = {"enc": {"kernel": lora["enc"]["kernel"]}}
+  np.testing.assert_allclose(
+    jlora.wrap(half, cfg)(params, without_w, x), half(jlora.merge(params, lora, cfg), x), rtol=1e-5, atol=1e-6
+  )
+  with pytest.raises(ValueError, match=r"no adapter for \['enc/w'\].*given the model"):
+    jlora.wrap(full, cfg)(params, without_w, x)
+  # Under jit the check runs at trace time, once.
+  jitted = jax.jit(chex.assert_max_traces(jlora.wrap(full, cfg), n=1))
+  jitted(params, lora, x)
+  jitted(params, lora, x + 1.0)

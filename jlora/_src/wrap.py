@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import numpy as np
 
-from jlora._src import adapters, interpreter, layouts, paths, targets, values
-from jlora._src.config import LoraConfig
+from jlora._src import adapters, agreement, interpreter, layouts, paths, targets, values
+from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.merge import merge
 
 Strategy = Literal["auto", "factorized", "merged"]
@@ -114,9 +115,11 @@ def wrap(
   """Wraps a model's apply function so it runs with a LoRA adapter tree.
 
   The result is called as ``apply(tree, lora, *args, **kwargs)`` where
-  ``apply_fn(tree, *args, **kwargs)`` is the model's own call (a Linen
-  ``model.apply``, ``lambda state, x: nnx.merge(graphdef, state)(x)`` for NNX,
-  or a plain function of a params dict). It computes exactly what
+  ``apply_fn(tree, *args, **kwargs)`` is the model's own call: a Linen
+  ``model.apply``; for NNX, the ``apply_fn`` of ``graphdef, state, apply_fn =
+  jlora.nnx_split(model)`` (not ``lambda state, x: nnx.merge(graphdef,
+  state)(x)``, whose state shares its variables with the model); or a plain
+  function of a params dict. It computes exactly what
   ``apply_fn(jlora.merge(tree, lora, config), *args, **kwargs)`` computes, but
   without forming the merged kernels: each adapted kernel's contribution is
   computed factorized, ``x @ W + scale * ((dropout(x) @ A) @ B)``, where the
@@ -148,9 +151,16 @@ def wrap(
     given (training); without it (evaluation) there is none. The function is
     pure and traces once under ``jax.jit``.
 
+    Its ``inspect.signature`` is ``apply_fn``'s with ``lora`` after the first
+    parameter and a keyword-only ``lora_dropout_key``.
+
   Raises:
-    ValueError: for an unknown ``strategy``; when called, if the adapter does
-      not fit the tree (naming the path).
+    ValueError: for an unknown ``strategy``; when called, if the adapter tree
+      does not agree with ``config`` and the tree (an adapter missing, extra or
+      of the wrong shape, naming the path; for ``"all-linear"`` every weight
+      the model uses as a linear layer in the call needs one), or the base and
+      adapter trees are swapped.
+    TypeError: if ``config`` is not a `LoraConfig`.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -169,13 +179,32 @@ def wrap(
     raise ValueError(f"`strategy` must be one of {_STRATEGIES}; got {strategy!r}.")
   if not callable(apply_fn):
     raise TypeError(f"`apply_fn` must be callable; got {type(apply_fn).__name__}.")
+  config = check_config(config)
   warned: set[str] = set()
   cache: dict = {}
+  linear_cache: dict = {}
+
+  def linear(tree: Any, args: tuple, kwargs: dict) -> Callable[[], set[paths.Path]] | None:
+    """For "all-linear": the weights this call uses as linear layers (read once per input signature)."""
+    if config.target_modules != ALL_LINEAR:
+      return None
+    flat, treedef = jax.tree_util.tree_flatten((tree, args, kwargs))
+    key = (treedef, tuple(jax.typeof(x) if _is_array(x) else x for x in flat))
+    try:
+      hash(key)
+    except TypeError:
+      return lambda: linear_weights(read_uses(apply_fn, tree, args, kwargs))
+    if key not in linear_cache:
+      if len(linear_cache) >= _CACHE_SIZE:
+        linear_cache.pop(next(iter(linear_cache)))
+      linear_cache[key] = linear_weights(read_uses(apply_fn, tree, args, kwargs))
+    return lambda: linear_cache[key]
 
   @functools.wraps(apply_fn)
   def apply(
     tree: Any, lora: Any, *args: Any, lora_dropout_key: jax.Array | None = None, **kwargs: Any
   ) -> Any:
+    agreement.check_call_order(tree, lora, args)
     dropout = lora_dropout_key is not None and config.lora_dropout > 0.0
     if strategy == "merged":
       if dropout:
@@ -183,8 +212,16 @@ def wrap(
           "LoRA dropout needs the factorized path: use strategy='auto' or 'factorized' "
           "for training with `lora_dropout_key`."
         )
+      if config.target_modules == ALL_LINEAR:  # merge() cannot see the model's linear layers
+        adapters.bind(tree, lora, config, linear=linear(tree, args, kwargs))
       return apply_fn(merge(tree, lora, config), *args, **kwargs)
-    bound, saved = adapters.bind(tree, lora, config, lambda: infer_layouts(apply_fn, tree, *args, **kwargs))
+    bound, saved = adapters.bind(
+      tree,
+      lora,
+      config,
+      lambda: infer_layouts(apply_fn, tree, *args, **kwargs),
+      linear=linear(tree, args, kwargs),
+    )
     traced = _trace(apply_fn, _with_saved(tree, saved), args, kwargs, cache)
     vals = list(traced.dynamic)
     for item in bound:
@@ -203,6 +240,7 @@ def wrap(
     outs = interpreter.plain_outputs(outs, ctx, "the model's output")
     return jax.tree_util.tree_unflatten(traced.out_tree, outs)
 
+  apply.__signature__ = agreement.call_signature(apply_fn, inspect.signature(apply, follow_wrapped=False))
   return apply
 
 
