@@ -476,3 +476,19 @@ def test_a_weight_no_name_map_knows_is_an_error_naming_it(tmp_path):
     jlora.export_peft(tmp_path, lora, cfg, base=tree)
   pcfg = jlora.export_peft(tmp_path, lora, cfg, base=tree, name_map=lambda path, index: "model.wq")
   assert pcfg["target_modules"] == ["wq"]
+
+
+def test_keras_hub_gemma_names_and_unknown_kernels():
+  from jlora._src.peft_names import default_name_map  # noqa: PLC0415
+
+  # keras-hub Gemma variables nested by their `path`.
+  assert (
+    default_name_map(("decoder_block_1", "attention", "query", "kernel")) == "model.layers.1.self_attn.q_proj"
+  )
+  assert default_name_map(("decoder_block_0", "ffw_gating_2", "kernel")) == "model.layers.0.mlp.up_proj"
+  # A `kernel` outside any layer container or known top-level module is not taken for an HF name.
+  with pytest.raises(
+    ValueError, match=r"No PEFT name map jlora knows names the weight 'encoder/proj/kernel'"
+  ):
+    default_name_map(("encoder", "proj", "kernel"))
+  assert default_name_map(("params", "lm_head", "kernel")) == "lm_head"

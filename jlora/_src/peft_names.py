@@ -8,9 +8,11 @@ the part of a fused kernel: gemma's ``kv_einsum`` entry 0 is ``k_proj``, 1 is
 
 `default_name_map` knows, by their parameter names, the model families jlora
 is tested on: Hugging Face Flax models (the Flax tree mirrors PyTorch's
-module tree: `peft_module_name`), gemma's ``gm.nn.Transformer`` and tunix's
-NNX Llama/Qwen/Gemma (mapped to the Hugging Face ``transformers`` module names
-of the same architecture). A weight none of them knows is an error that names
+module tree: `peft_module_name`; paths with a layer container such as
+``layers_3`` or ``h/0``, or a top-level ``lm_head``/``embed_tokens``), gemma's
+``gm.nn.Transformer``, tunix's NNX Llama/Qwen/Gemma and keras-hub's Gemma
+(mapped to the Hugging Face ``transformers`` module names of the same
+architecture). A weight none of them knows is an error that names
 it and the ``name_map=`` fix.
 """
 
@@ -36,10 +38,20 @@ _LAYER_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
   (r"mlp/gating_einsum", ("mlp.gate_proj", "mlp.up_proj")),
   (r"mlp/linear", ("mlp.down_proj",)),
   (r"mlp/(gate|up|down)_proj/kernel", (r"mlp.\1_proj",)),
+  # keras-hub Gemma (`decoder_block_3/...`), its variables nested by their `path`
+  (r"attention/query/kernel", ("self_attn.q_proj",)),
+  (r"attention/key/kernel", ("self_attn.k_proj",)),
+  (r"attention/value/kernel", ("self_attn.v_proj",)),
+  (r"attention/attention_output/kernel", ("self_attn.o_proj",)),
+  (r"ffw_gating/kernel", ("mlp.gate_proj",)),
+  (r"ffw_gating_2/kernel", ("mlp.up_proj",)),
+  (r"ffw_linear/kernel", ("mlp.down_proj",)),
 )
-_LAYER_PREFIX = r"(?:params/)?(?:layer_|layers/)(\d+)/"
+_LAYER_PREFIX = r"(?:params/)?(?:layer_|layers/|decoder_block_)(\d+)/"
 _TOP_RULES = ((r"(?:params/)?embedder/input_embedding", "model.embed_tokens"), (r"lm_head/w", "lm_head"))
 _HF_LEAVES = frozenset({"kernel", "embedding", "bias", "scale"})
+# Modules of Hugging Face models outside the layer stack.
+_HF_TOP = frozenset({"lm_head", "embed_tokens", "wte", "wpe", "score", "classifier", "embed_in", "embed_out"})
 # PyTorch modules that GPT-2 builds as `Conv1D` (weight stored (in, out)): PEFT wants
 # `fan_in_fan_out=True` for them.
 _CONV1D = re.compile(r"(?:^|\.)h\.\d+\.(?:attn\.c_attn|attn\.c_proj|attn\.q_attn|mlp\.c_fc|mlp\.c_proj)$")
@@ -130,6 +142,20 @@ def _family_name(path: paths.Path, index: int | None) -> str | None:
   return None
 
 
+def _hf_like(path: paths.Path, index: int | None) -> bool:
+  """Whether a path reads as a Hugging Face module tree: a layer container (``layers_3``,
+  ``h/0``; or, for a stacked kernel, ``layers``) or a known top-level module."""
+  entries = [str(e) for e in path[:-1]]
+  for i, e in enumerate(entries):
+    m = re.fullmatch(r"(.+)_(\d+)", e)
+    numbered = m is not None and m.group(1) in _LAYER_NAMES  # layers_3
+    followed = e in _LAYER_NAMES and i + 1 < len(entries) and entries[i + 1].isdigit()  # layers/3
+    scanned = e in _LAYER_NAMES and index is not None  # layers, one module per layer
+    if numbered or followed or scanned:
+      return True
+  return bool(entries) and entries[-1] in _HF_TOP
+
+
 def default_name_map(path: paths.Path, index: int | None = None) -> str:
   """The name map `export_peft` and `import_peft` use when given none (see module doc).
 
@@ -147,7 +173,7 @@ def default_name_map(path: paths.Path, index: int | None = None) -> str:
   name = _family_name(path, index)
   if name is not None:
     return name
-  if str(path[-1]) in _HF_LEAVES and (index is None or len(path) > 1):
+  if str(path[-1]) in _HF_LEAVES and _hf_like(path, index):
     return peft_module_name(path, index)
   raise ValueError(
     f"No PEFT name map jlora knows names the weight {paths.to_str(path)!r}"
