@@ -333,6 +333,7 @@ def sharded(request, small):
   )
 
 
+@pytest.mark.slow  # compiles a training step on two 8-device meshes
 def test_sharded_step_matches_one_device(sharded, one_device, small):
   for (lora, loss, grads), (lora1, loss1, grads1) in zip(sharded["out"], one_device):
     np.testing.assert_allclose(loss, loss1, rtol=RTOL)
@@ -355,6 +356,7 @@ def _all_gathers(hlo: str) -> list[tuple[int, ...]]:
   return [tuple(int(d) for d in dims.split(",") if d) for _, dims in _ALL_GATHER.findall(hlo)]
 
 
+@pytest.mark.slow  # compiles a training step on two 8-device meshes
 def test_lora_step_gathers_no_more_base_weight_than_the_base_forward_backward(sharded, small):
   """All-gathers of the LoRA step vs. the base model's own forward + backward to its input
   embeddings (gradient w.r.t. the embedding table only): the same whole-kernel-shaped gathers at
@@ -382,6 +384,7 @@ def test_lora_step_gathers_no_more_base_weight_than_the_base_forward_backward(sh
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # compiles a training step on two 8-device meshes
 def test_checkpoint_restores_onto_another_mesh(sharded, small, tmp_path):
   """Saved from the training mesh with `jlora.save_adapter`, loaded onto a (4, 2) fsdp x tp mesh."""
   lora, cfg = sharded["out"][-1][0], small["cfg"]
