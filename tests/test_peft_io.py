@@ -449,7 +449,9 @@ def test_gpt2_conv1d_kernels_need_the_model_or_a_layout(tmp_path):
   # transformers' Flax GPT-2 stores Conv1D kernels (out, in); other code stores (in, out).
   tree = {"transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": jnp.ones((12, 4))}}}}}}
   cfg = jlora.LoraConfig(r=2, target_modules=("c_attn",))
-  with pytest.raises(ValueError, match=r"GPT-2 `Conv1D` weight.*apply_fn=.*'oi' for transformers' FlaxGPT2"):
+  with pytest.raises(
+    ValueError, match=r"GPT-2 `Conv1D` weight.*apply_fn=.*'c_attn': 'oi'}` for transformers' FlaxGPT2"
+  ):
     jlora.init(tree, cfg, key=jax.random.key(0))
   pinned = jlora.LoraConfig(
     r=2, target_modules=("c_attn",), layout_pattern={"c_attn": "oi"}, init_lora_weights=False

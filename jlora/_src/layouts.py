@@ -260,25 +260,24 @@ def default_layout(module: str, shape: Sequence[int], where: str) -> Layout:
     ValueError: for kernels of three or more dimensions, and for GPT-2's
       ``Conv1D`` kernels (stored either way round), naming the fixes.
   """
-  fix = (
-    "Pass `apply_fn=model.apply, example_args=(inputs,)` so jlora reads how the model uses the kernel, "
-    f"or set `layout_pattern` (e.g. {layout_hint(where, len(shape))})"
-  )
   if len(shape) != 2:
     raise ValueError(
       f"Kernel {where!r} has shape {tuple(shape)}: its stacked, fan-in and fan-out axes cannot be told "
-      f"from the shape alone. {fix}."
+      "from the shape alone. Pass `apply_fn=model.apply, example_args=(inputs,)` so jlora reads how the "
+      f"model uses the kernel, or set `layout_pattern` (e.g. {layout_hint(where, len(shape))})."
     )
   if _GPT2_CONV1D.search(module):
+    name = where.rsplit("/", 2)[-2]
     raise ValueError(
       f"Kernel {where!r} of shape {tuple(shape)} is a GPT-2 `Conv1D` weight, which transformers' Flax GPT-2 "
       "stores (out, in) and uses as x @ W.T, and other code stores (in, out): its layout cannot be told "
-      f"from the shape. {fix}; 'oi' for transformers' FlaxGPT2)."
+      "from the shape. Pass `apply_fn=model.apply, example_args=(inputs,)` so jlora reads how the model "
+      f"uses it, or set `layout_pattern={{{name!r}: 'oi'}}` for transformers' FlaxGPT2 ('io' for (in, out))."
     )
   return Layout(IN + OUT)
 
 
 def layout_hint(where: str, ndim: int) -> str:
-  """A ``layout_pattern`` example for a kernel, for error messages."""
+  """A ``layout_pattern`` template for a kernel, for error messages (the roles are the user's to say)."""
   name = where.rsplit("/", 2)[-2] if where.count("/") >= 1 else where
-  return "{" + repr(name) + ": " + repr("i" + "o" * (ndim - 1)) + "}"
+  return "{" + repr(name) + ": '" + "?" * ndim + "'}, each '?' one of 's', 'i', 'o'"

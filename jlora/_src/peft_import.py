@@ -118,9 +118,8 @@ def _find_modules(
           f"PEFT module {hit!r} adapts a kernel whose layout jlora does not know: {unknown[cand.path]}"
         )
       continue
-    try:
-      names = peft_io.module_names(cand.path, layout, cand.shape, name_map)
-    except ValueError:
+    names = peft_io.safe_module_names(cand, layout, name_map)
+    if not names:
       unmapped = unmapped or paths.to_str(cand.path)
       continue
     embedding = peft_io.is_embedding(cand.path)
@@ -193,7 +192,7 @@ def _saved_leaves(
       continue
     try:
       key = f"{PREFIX}{name_map(path, None)}.{peft_io.SAVED_LEAVES[leaf_name][0]}"
-    except ValueError:
+    except (ValueError, LookupError):  # a name map that does not know this leaf
       continue
     if key not in info or key in claimed:
       continue

@@ -92,8 +92,9 @@ def name_guesses(cand: targets.Candidate) -> list[layouts.Layout | None]:
 
 
 def safe_module_names(cand: targets.Candidate, layout: layouts.Layout | None, name_map: NameMap) -> list:
-  """`module_names`, or none when the name map does not know the weight."""
+  """`module_names`, or none when the name map does not know the weight (raises `ValueError`
+  or a `LookupError` such as a user map's `KeyError`)."""
   try:
     return module_names(cand.path, layout, cand.shape, name_map)
-  except (ValueError, IndexError):
+  except (ValueError, LookupError):
     return []
