@@ -10,7 +10,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import numpy as np
 
-from jlora._src import adapters, agreement, interpreter, layouts, paths, targets, values
+from jlora._src import adapters, agreement, interpreter, jax_compat, layouts, paths, targets, values
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.merge import merge
 
@@ -74,18 +74,8 @@ def _trace(
 
 
 def _differentiated(lora: Any) -> bool:
-  """Whether gradients flow into ``lora`` in the current trace (JVP or linearize)."""
-  try:
-    from jax._src.interpreters import ad, batching  # noqa: PLC0415
-  except ImportError:  # pragma: no cover - a jax without these: assume training
-    return True
-  for leaf in jax.tree_util.tree_leaves(lora):
-    t = leaf
-    while isinstance(t, jax.core.Tracer):
-      if isinstance(t, (ad.JVPTracer, ad.LinearizeTracer)):
-        return True
-      t = t.val if isinstance(t, batching.BatchTracer) else None
-  return False
+  """Whether gradients flow into ``lora`` in the current trace (see `jax_compat.differentiated`)."""
+  return jax_compat.differentiated(lora)
 
 
 def _lora_value(item: adapters.Bound) -> values.LoraValue:
