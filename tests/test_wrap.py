@@ -328,10 +328,13 @@ def test_dropout():
 
 
 def test_dropout_inside_scan_differs_per_layer():
+  # Two identical layers, each applied to the same input: their outputs differ only if each layer
+  # draws its own dropout mask.
   def fn(p, x):
-    return lax.scan(lambda h, w: (h @ w, None), x, p["layers"]["kernel"])[0]
+    return lax.scan(lambda h, w: (h, x @ w), x, p["layers"]["kernel"])[1]
 
-  params = {"layers": {"kernel": _w(2, 8, 8)}}
+  w = _w(8, 8)
+  params = {"layers": {"kernel": jnp.stack([w, w])}}
   cfg = jlora.LoraConfig(
     r=4,
     target_modules=("layers",),
@@ -340,10 +343,15 @@ def test_dropout_inside_scan_differs_per_layer():
     layout_pattern={"layers": (1, 1)},
   )
   lora = jlora.init(params, cfg, key=K[1])
+  lora = jax.tree_util.tree_map(lambda f: jnp.stack([f[0], f[0]]), lora)  # same adapter in both layers
   apply = jlora.wrap(fn, cfg)
+  evaluation = apply(params, lora, X)
+  np.testing.assert_array_equal(evaluation[0], evaluation[1])  # without dropout the layers agree
   out = apply(params, lora, X, lora_dropout_key=K[5])
-  assert out.shape == X.shape and bool(jnp.all(jnp.isfinite(out)))
-  assert not np.allclose(out, apply(params, lora, X))
+  assert out.shape == (2, *X.shape)
+  for layer in (0, 1):  # dropout reaches each layer's LoRA branch...
+    assert not np.allclose(out[layer], evaluation[layer], atol=1e-4)
+  assert not np.allclose(out[0], out[1], atol=1e-4)  # ...with a mask of its own
 
 
 def test_init_is_exactly_the_base_model():
@@ -368,9 +376,18 @@ def test_no_retrace_across_steps():
 
   for _ in range(4):
     lora = step(lora)
-  # Eager calls reuse the traced jaxpr too.
-  apply(case.tree, lora, case.inputs)
-  apply(case.tree, lora, case.inputs)
+  # Eager calls reuse the traced jaxpr too: the model is traced once, at the first.
+  traces = []
+
+  def counted(tree, x):
+    traces.append(x.shape)
+    return case.apply_fn(tree, x)
+
+  eager = jlora.wrap(counted, cfg)
+  first = eager(case.tree, lora, case.inputs)
+  assert len(traces) == 1
+  np.testing.assert_array_equal(eager(case.tree, lora, case.inputs), first)
+  assert len(traces) == 1
 
 
 def _out_shapes(jaxpr):
