@@ -125,3 +125,13 @@ def test_a_weight_of_a_module_with_two_is_targetable_alone():
   # Without the model, all-linear falls back to leaves named `kernel`; this model has none.
   with pytest.raises(ValueError, match="leaves nothing to adapt"):
     chosen("all-linear")
+
+
+def test_all_linear_leaves_out_a_keras_hub_reverse_embedding_head():
+  tree = {"token_embedding": {"reverse_embeddings": jnp.ones((8, 16))}, "q": {"kernel": jnp.ones((8, 8))}}
+  chosen = jlora_targets.match_targets(
+    tree,
+    jlora.LoraConfig(target_modules="all-linear"),
+    linear={("token_embedding", "reverse_embeddings"), ("q", "kernel")},
+  )
+  assert [c.param for c in chosen] == ["q/kernel"]

@@ -98,7 +98,7 @@ def _selected(tree: Any, spec: Any) -> set[paths.Path]:
     return {
       c.path
       for c in cands
-      if c.leaf_name not in target_rules.EMBEDDING_LEAVES and not target_rules._is_head(c.module)
+      if c.leaf_name not in target_rules.EMBEDDING_LEAVES and not target_rules.is_head(c)
     }
   entries = (spec,) if isinstance(spec, str) else tuple(spec)
   names = [n for c in cands for n in c.names]

@@ -36,6 +36,7 @@ from jlora._src.config import ALL_LINEAR, LoraConfig
 
 _NEVER_ADAPTED = frozenset({"bias", "scale", "mean", "var", "count"})
 _HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score"})
+_HEAD_LEAVES = frozenset({"reverse_embeddings"})  # keras-hub's untied output head
 EMBEDDING_LEAVES = frozenset({"embedding", "input_embedding"})  # Flax nn.Embed; gemma and tunix
 DEFAULT_LAYER_NAMES = ("layers", "layer", "h", "blocks", "block", "decoder_layers")
 
@@ -179,8 +180,9 @@ def _unmatched_error(field: str, spec: str, modules: list[str]) -> ValueError:
   return ValueError(msg)
 
 
-def _is_head(module: str) -> bool:
-  return module.rsplit("/", maxsplit=1)[-1] in _HEAD_NAMES if module else False
+def is_head(cand: Candidate) -> bool:
+  """Whether a weight is the model's output head (a module named like PEFT's heads)."""
+  return cand.module.rsplit("/", maxsplit=1)[-1] in _HEAD_NAMES or cand.leaf_name in _HEAD_LEAVES
 
 
 def match_targets(
@@ -208,7 +210,7 @@ def match_targets(
     chosen = [
       c
       for c in cands
-      if (c.path in linear if linear is not None else c.leaf_name == "kernel") and not _is_head(c.module)
+      if (c.path in linear if linear is not None else c.leaf_name == "kernel") and not is_head(c)
     ]
   else:
     entries = (spec,) if isinstance(spec, str) else spec
