@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import adapters, paths
+from jlora._src import adapters, paths, quantize
 from jlora._src.config import LoraConfig, check_config
+from jlora._src.qarray import is_quantized
 
 
 def _concrete(arr: Any) -> np.ndarray:
@@ -21,7 +22,7 @@ def _concrete(arr: Any) -> np.ndarray:
   return np.asarray(arr, dtype=np.float32)
 
 
-def _check_finite(item: adapters.Bound, merged: Any) -> None:
+def _check_finite(item: adapters.Bound, base: Any, merged: Any) -> None:
   """PEFT's ``safe_merge``: the factors, then the merged kernel in its own dtype, must be finite."""
   for name, arr in ((paths.LORA_A, item.a), (paths.LORA_B, item.b)):
     if not bool(np.all(np.isfinite(_concrete(arr)))):
@@ -31,7 +32,7 @@ def _check_finite(item: adapters.Bound, merged: Any) -> None:
       )
   if not bool(np.all(np.isfinite(_concrete(merged)))):
     dtype = jnp.dtype(merged.dtype).name
-    base_ok = bool(np.all(np.isfinite(_concrete(item.kernel))))
+    base_ok = bool(np.all(np.isfinite(_concrete(base))))
     why = (
       f"the finite kernel plus the finite update scale * A @ B exceeds the range of {dtype} "
       f"(largest finite value {float(jnp.finfo(merged.dtype).max):g})"
@@ -45,25 +46,36 @@ def _check_finite(item: adapters.Bound, merged: Any) -> None:
     )
 
 
-def _apply(tree: Any, lora: Any, config: LoraConfig, sign: float, safe: bool) -> Any:
+def _dense(kernel: Any) -> jax.Array:
+  return kernel.dequantize(jnp.float32) if is_quantized(kernel) else kernel.astype(jnp.float32)
+
+
+def _apply(tree: Any, lora: Any, config: LoraConfig, sign: float, *, safe: bool, requantize: bool) -> Any:
   bound, saved = adapters.bind(tree, lora, check_config(config))
   merged = {}
   for item in bound:
-    d = adapters.delta(item.spec, item.a, item.b)
-    merged[item.spec.path] = (item.kernel.astype(jnp.float32) + sign * d).astype(item.kernel.dtype)
+    base = _dense(item.kernel)
+    new = (base + sign * adapters.delta(item.spec, item.a, item.b)).astype(item.kernel.dtype)
     if safe:
-      _check_finite(item, merged[item.spec.path])
+      _check_finite(item, base, new)
+    if is_quantized(item.kernel) and requantize:
+      new = quantize.like(item.kernel, new)
+    merged[item.spec.path] = new
 
   def replace(key_path, leaf):
     path = paths.normalize(key_path)
     if path in saved:
       return saved[path] if sign > 0 else leaf
-    return merged.get(path, leaf)
+    if path in merged:
+      return merged[path]
+    return leaf.dequantize() if is_quantized(leaf) and not requantize else leaf
 
-  return jax.tree_util.tree_map_with_path(replace, tree)
+  return jax.tree_util.tree_map_with_path(replace, tree, is_leaf=is_quantized)
 
 
-def merge(tree: Any, lora: Any, config: LoraConfig, *, safe_merge: bool = False) -> Any:
+def merge(
+  tree: Any, lora: Any, config: LoraConfig, *, safe_merge: bool = False, requantize: bool = False
+) -> Any:
   """The base tree with each adapted kernel replaced by ``W + scale * A @ B``.
 
   The sum is accumulated in float32 and cast back to the kernel's dtype.
@@ -82,6 +94,11 @@ def merge(tree: Any, lora: Any, config: LoraConfig, *, safe_merge: bool = False)
       kernel in its own dtype, is finite, and raise instead of returning
       NaN/Inf (PEFT's ``safe_merge``: an fp16 kernel overflows when the
       update exceeds fp16's range). Needs concrete arrays.
+    requantize: for a quantized base (`jlora.quantize`): quantize each merged
+      kernel again in its base's format and keep the other quantized weights
+      as they are. By default a quantized base merges into full precision:
+      every quantized weight is dequantized, so the result serves without
+      jlora (merging into the 4-bit grid loses the update's precision).
 
   Returns:
     The merged tree.
@@ -101,7 +118,7 @@ def merge(tree: Any, lora: Any, config: LoraConfig, *, safe_merge: bool = False)
     >>> bool((jlora.merge(params, lora, cfg)["q_proj"]["kernel"] == 1).all())  # B starts at zero
     True
   """
-  return _apply(tree, lora, config, 1.0, safe_merge)
+  return _apply(tree, lora, config, 1.0, safe=safe_merge, requantize=requantize)
 
 
 def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
@@ -133,4 +150,10 @@ def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
     >>> bool(jnp.allclose(back["q_proj"]["kernel"], params["q_proj"]["kernel"], atol=1e-6))
     True
   """
-  return _apply(tree, lora, config, -1.0, False)
+  quantized = [paths.to_str(p) for p, x in paths.leaves_with_paths(tree) if is_quantized(x)]
+  if quantized:
+    raise ValueError(
+      f"`unmerge` got a quantized tree ({quantized[0]!r} is quantized): a quantized base is never merged "
+      "into (`merge` returns full precision), so there is nothing to unmerge; keep the quantized base."
+    )
+  return _apply(tree, lora, config, -1.0, safe=False, requantize=False)

@@ -76,6 +76,11 @@ def quantize_array(
   )
 
 
+def like(q: QuantizedArray, x: jax.Array) -> QuantizedArray:
+  """``x`` quantized in ``q``'s format."""
+  return quantize_array(x, qtype=q.qtype, block_size=q.block_size, double_quant=q.scale_scales is not None)
+
+
 def _check_args(qtype: Any, block_size: Any, double_quant: Any) -> None:
   if qtype not in QTYPES:
     raise ValueError(f"`qtype` must be one of {QTYPES}; got {qtype!r}.")
