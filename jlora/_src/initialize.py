@@ -6,10 +6,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from jlora._src import adapters, paths, sharding, targets
 from jlora._src import layouts as layouts_
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
+from jlora._src.qarray import is_quantized
 from jlora._src.wrap import infer_layouts, linear_weights, read_uses
 
 
@@ -109,7 +111,9 @@ def read_model(
 
 
 def _abstract(x: Any) -> Any:
-  return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") and hasattr(x, "dtype") else x
+  return (
+    jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype)) if hasattr(x, "shape") and hasattr(x, "dtype") else x
+  )
 
 
 def _init_sharded(
@@ -126,7 +130,7 @@ def _init_sharded(
   # tree enters the computation by shape and dtype alone.
   leaves = dict(paths.leaves_with_paths(tree))
   saved = {paths.to_str(p): leaves[p] for p in targets.saved_module_paths(tree, config)}
-  abstract = jax.tree_util.tree_map(_abstract, tree)
+  abstract = jax.tree_util.tree_map(_abstract, tree, is_leaf=is_quantized)
 
   def fn(saved_values: dict, k: jax.Array) -> dict:
     t = jax.tree_util.tree_map_with_path(

@@ -26,6 +26,7 @@ The same walk, run on `Probe` values, reads how a model contracts each kernel
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -39,7 +40,8 @@ from jlora._src import interpreter_products, interpreter_views, jax_compat, layo
 from jlora._src import values as V
 from jlora._src.interpreter_context import Context
 from jlora._src.interpreter_products import PendingSum, settle
-from jlora._src.values import LoraValue, Probe, Special, is_special
+from jlora._src.qarray import is_quantized
+from jlora._src.values import LoraValue, Probe, QuantView, Special, is_special
 
 __all__ = ["Context", "MaterializationWarning", "eval_jaxpr", "materialize", "plain_outputs"]
 
@@ -52,8 +54,8 @@ class MaterializationWarning(UserWarning):
 
 def materialize(x: Any, ctx: Context, why: str) -> Any:
   """A plain array for ``x``; warns once per kernel when ``x`` is a `LoraValue`."""
-  if isinstance(x, Probe):
-    return x.w
+  if isinstance(x, (Probe, QuantView)):
+    return V.dense_weight(x.w)
   if not isinstance(x, LoraValue):
     return x
   if x.site not in ctx.warned:
@@ -81,6 +83,8 @@ def _eval_eqn(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
   invals = [settle(x) for x in invals]
   if eqn.primitive not in interpreter_views.OUTPUT_VIEWS:
     invals = [x.w if isinstance(x, Probe) and x.output else x for x in invals]
+  if eqn.primitive not in _PASSES_QUANTIZED:  # a quantized weight is dequantized at its use
+    invals = [x.w.dequantize() if isinstance(x, QuantView) else x for x in invals]
   if not any(is_special(x) for x in invals):
     return jax_compat.bind(eqn, invals)
   rule = _RULES.get(eqn.primitive)
@@ -134,6 +138,16 @@ def _remat(eqn, invals, ctx):
   return fn(list(invals))
 
 
+def _split_weight(w: Any) -> tuple[Any, Callable[[Any], Any]]:
+  """A kernel's per-step part in a ``scan`` over its leading axis, and how to rebuild a step's
+  kernel: a quantized weight is sliced as codes and scales, so each step dequantizes one layer."""
+  if not is_quantized(w):
+    return w, lambda step: step
+  if w.block_size is None or w.scale_scales is not None:
+    return w.dequantize(), lambda step: step  # per-channel or double-quantized scales span the layers
+  return w, lambda step: dataclasses.replace(step, shape=w.shape[1:])
+
+
 def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]:
   """Splits a special value into (per-step slices, loop-invariant parts, rebuild)."""
   if isinstance(x, Probe):
@@ -142,6 +156,9 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
       return Probe(xs, x.origin[1:], x.site)
 
     return x.w, None, rebuild_probe
+  w_xs, rebuild_w = _split_weight(x.w)
+  if isinstance(x, QuantView):
+    return w_xs, None, lambda xs, _: QuantView(rebuild_w(xs))
   sliced_a = 0 in x.a_axes
   sliced_b = 0 in x.b_axes
   a = jnp.moveaxis(x.a, x.a_axes.index(0), 0) if sliced_a else x.a
@@ -154,7 +171,7 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
     w, a_s, b_s = xs
     a_i, b_i = inv
     return LoraValue(
-      w,
+      rebuild_w(w),
       a_s if sliced_a else a_i,
       b_s if sliced_b else b_i,
       shift(x.a_axes),
@@ -163,7 +180,7 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
       x.site,
     )
 
-  xs = (x.w, a if sliced_a else None, b if sliced_b else None)
+  xs = (w_xs, a if sliced_a else None, b if sliced_b else None)
   inv = (None if sliced_a else a, None if sliced_b else b)
   return xs, inv, rebuild
 
@@ -239,6 +256,12 @@ def _cond(eqn, invals, ctx):
 
   return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], key))
 
+
+# Primitives that take a quantized weight as it is (a scan slices it per step; the others pass it
+# into their bodies); every other primitive gets it dequantized.
+_PASSES_QUANTIZED = frozenset(
+  {P.scan_p, P.jit_p, P.closed_call_p, P.remat_p, P.custom_jvp_call_p, P.custom_vjp_call_p}
+)
 
 _RULES: dict[Any, Callable[..., list[Any] | None]] = {
   **interpreter_views.RULES,

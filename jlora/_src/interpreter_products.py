@@ -88,7 +88,7 @@ def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: _Dot, ctx: Context) -> list[Any
   roles.update({i: layouts.STACKED for i in dot.kb})
   ctx.record(kv, roles, "dot_general")
   origin = dot.out_order(kv.origin, [()] * x.ndim)
-  return [Probe(_bind_dot(eqn, dot, kv.w, x)[0], tuple(origin), kv.site, output=True)]
+  return [Probe(_bind_dot(eqn, dot, kv.base, x)[0], tuple(origin), kv.site, output=True)]
 
 
 def _merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
@@ -124,7 +124,7 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
   opts = dict(
     precision=eqn.params.get("precision"), preferred_element_type=eqn.params.get("preferred_element_type")
   )
-  base = _bind_dot(eqn, dot, kv.w, x)[0]
+  base = _bind_dot(eqn, dot, kv.base, x)[0]
   xd = _dropout(x, ctx)
   spec = f"{''.join(x_lab)},{''.join(first_lab)}->{''.join(t_lab)}"
   t = jnp.einsum(spec, xd, first.astype(xd.dtype), **opts)
@@ -160,7 +160,7 @@ def _conv(eqn, invals, ctx):
     return None
   p = eqn.params
   dn = p["dimension_numbers"]
-  base = jax_compat.bind(eqn, [x, kv.w])[0]
+  base = jax_compat.bind(eqn, [x, kv.base])[0]
   o_axis, i_axis, *spatial = dn.rhs_spec
   if isinstance(kv, Probe):
     roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
@@ -185,7 +185,7 @@ def _gather(eqn, invals, ctx):
     return None
   p = eqn.params
   dn = p["dimension_numbers"]
-  base = jax_compat.bind(eqn, [kv.w, idx])[0]
+  base = jax_compat.bind(eqn, [kv.base, idx])[0]
   indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
   full = [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
   if isinstance(kv, Probe):

@@ -30,7 +30,7 @@ def _view(fn: Callable[..., Special | None]) -> Callable[..., list[Any] | None]:
   def rule(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
     if not is_special(invals[0]) or any(is_special(x) for x in invals[1:]):
       return None
-    w = jax_compat.bind(eqn, [invals[0].w, *invals[1:]])[0]
+    w = jax_compat.bind(eqn, [invals[0].base, *invals[1:]])[0]
     out = fn(invals[0], w, eqn.params, ctx, *invals[1:])
     return None if out is None else [out]
 

@@ -27,7 +27,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jlora._src.qarray import QuantizedArray, is_quantized
+
 Axes = tuple[int, ...]
+
+
+def dense_weight(w: jax.Array | QuantizedArray) -> jax.Array:
+  """A kernel as an array: a quantized base weight is dequantized here, at its use."""
+  return w.dequantize() if is_quantized(w) else w
 
 
 def reshape_groups(old: Sequence[int], new: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
@@ -66,9 +73,13 @@ def letters(n: int) -> list[str]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraValue:
-  """A view of an adapted kernel: ``w + scale * einsum(a, b)`` (see module doc)."""
+  """A view of an adapted kernel: ``w + scale * einsum(a, b)`` (see module doc).
 
-  w: jax.Array
+  ``w`` may be a `QuantizedArray` (a quantized base, before its first view);
+  `base` is the array it stands for.
+  """
+
+  w: jax.Array | QuantizedArray
   a: jax.Array
   b: jax.Array
   a_axes: Axes = dataclasses.field(metadata=dict(static=True))
@@ -79,6 +90,11 @@ class LoraValue:
   @property
   def shape(self) -> tuple[int, ...]:
     return tuple(self.w.shape)
+
+  @property
+  def base(self) -> jax.Array:
+    """The base kernel view as an array (dequantized here for a quantized base)."""
+    return dense_weight(self.w)
 
   @property
   def rank(self) -> int:
@@ -109,7 +125,7 @@ class LoraValue:
 
   def dense(self) -> jax.Array:
     """The kernel view itself, ``w + delta`` (accumulated in float32)."""
-    return (self.w.astype(jnp.float32) + self.delta()).astype(self.w.dtype)
+    return (self.base.astype(jnp.float32) + self.delta()).astype(self.w.dtype)
 
   # -- view operations -------------------------------------------------------
 
@@ -205,6 +221,10 @@ class Probe:
   def shape(self) -> tuple[int, ...]:
     return tuple(self.w.shape)
 
+  @property
+  def base(self) -> jax.Array:
+    return self.w
+
   def transpose(self, perm: Sequence[int], w: jax.Array) -> Probe:
     return dataclasses.replace(self, w=w, origin=tuple(self.origin[p] for p in perm))
 
@@ -220,12 +240,25 @@ class Probe:
     return dataclasses.replace(self, w=w, origin=tuple(origin))
 
 
-Special = LoraValue | Probe
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantView:
+  """A quantized base weight no adapter touches: dequantized where the model uses it, and per
+  step inside a ``scan`` over its stacked axis (never the whole stacked weight at once)."""
+
+  w: QuantizedArray
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+
+Special = LoraValue | Probe | QuantView
 
 
 def is_special(x: Any) -> bool:
-  """Whether ``x`` is a kernel view (`LoraValue` or `Probe`) rather than a plain value."""
-  return isinstance(x, (LoraValue, Probe))
+  """Whether ``x`` is a kernel view (`LoraValue`, `Probe`, `QuantView`) rather than a plain value."""
+  return isinstance(x, (LoraValue, Probe, QuantView))
 
 
 def axis_roles(origin: Sequence[Axes], roles: dict[int, str]) -> dict[int, str]:

@@ -13,6 +13,7 @@ import numpy as np
 from jlora._src import adapters, agreement, interpreter, jax_compat, layouts, paths, targets, values
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.merge import merge
+from jlora._src.qarray import QuantizedArray, is_quantized
 
 Strategy = Literal["auto", "factorized", "merged"]
 _STRATEGIES = ("auto", "factorized", "merged")
@@ -20,7 +21,16 @@ _CACHE_SIZE = 32
 
 
 def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, QuantizedArray))
+
+
+def _traceable(x: Any) -> Any:
+  """What the model is traced with: a quantized weight stands for its dequantized array."""
+  return jax.ShapeDtypeStruct(x.shape, jax.numpy.dtype(x.dtype)) if is_quantized(x) else x
+
+
+def _aval(x: Any) -> Any:
+  return _traceable(x) if is_quantized(x) else jax.typeof(x)
 
 
 class _Traced(NamedTuple):
@@ -34,7 +44,9 @@ def _trace(
   fn: Callable, tree: Any, args: Sequence[Any], kwargs: Mapping[str, Any], cache: dict | None
 ) -> _Traced:
   """Traces ``fn(tree, *args, **kwargs)`` to a jaxpr over its array leaves."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path((tree, tuple(args), dict(kwargs)))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(
+    (tree, tuple(args), dict(kwargs)), is_leaf=is_quantized
+  )
   leaves = [leaf for _, leaf in flat]
   dyn_idx = [i for i, leaf in enumerate(leaves) if _is_array(leaf)]
   dynamic = [leaves[i] for i in dyn_idx]
@@ -49,7 +61,7 @@ def _trace(
     dynamic_set = set(dyn_idx)
     static = tuple((i, leaf) for i, leaf in enumerate(leaves) if i not in dynamic_set)
     try:
-      cache_key = (treedef, static, tuple(jax.typeof(x) for x in dynamic))
+      cache_key = (treedef, static, tuple(_aval(x) for x in dynamic))
       hash(cache_key)
     except TypeError:
       cache_key = None
@@ -64,7 +76,7 @@ def _trace(
     t, a, k = jax.tree_util.tree_unflatten(treedef, full)
     return fn(t, *a, **k)
 
-  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dynamic)
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*map(_traceable, dynamic))
   out_tree = jax.tree_util.tree_structure(out_shape)
   if cache_key is not None and not any(isinstance(c, jax.core.Tracer) for c in closed.consts):
     if len(cache) >= _CACHE_SIZE:
@@ -213,7 +225,7 @@ def wrap(
       linear=linear(tree, args, kwargs),
     )
     traced = _trace(apply_fn, _with_saved(tree, saved), args, kwargs, cache)
-    vals = list(traced.dynamic)
+    vals = [values.QuantView(x) if is_quantized(x) else x for x in traced.dynamic]
     for item in bound:
       slot = traced.tree_slots.get(item.spec.path)
       if slot is None:  # pragma: no cover - bind() checked the path exists
@@ -252,6 +264,7 @@ def read_uses(
   abstract = jax.tree_util.tree_map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
     (tree, args, kwargs),
+    is_leaf=is_quantized,
   )
   traced = _trace(apply_fn, abstract[0], abstract[1], abstract[2], None)
   roles: dict[str, list[tuple[str, dict[int, str]]]] = {}
