@@ -1,7 +1,7 @@
-"""Per-device memory of a LoRA train step vs. full fine-tuning, Llama-2-7B shapes, 8 devices.
+"""Per-device memory of a LoRA train step vs. full fine-tuning, Llama-2-7B shapes; QLoRA bases.
 
 Nothing is allocated: the steps are lowered from ``jax.ShapeDtypeStruct`` inputs carrying their
-shardings and compiled for 8 simulated CPU devices; the figures are XLA's
+shardings and compiled for simulated CPU devices; the figures are XLA's
 ``compiled.memory_analysis()`` for one device.
 
 Model: 32 layers (``nn.scan``), d=4096, 32 heads of 128, MLP 11008 (SwiGLU), vocab 32000, bf16
@@ -10,8 +10,12 @@ weight is sharded over its ``embed`` axis, the batch over the same 8 devices. Lo
 q, k, v, o; fp32 adapters placed by `jlora.adapter_specs`; AdamW. Full fine-tuning: AdamW on all
 bf16 weights, first moment in fp32.
 
+With ``--qlora`` it also compiles the LoRA step on quantized bases (`jlora.quantize`: every
+projection weight in nf4 or int8, block 64; embeddings, norms and head in bf16), on the 8-device
+mesh and on one device with batch 4 x 2048 (remat).
+
 Run: ``python benchmarks/llama7b_memory.py`` (add ``--no-remat-full`` to skip the slowest
-compile). Writes ``benchmarks/results/llama7b_memory.json``.
+compile, ``--qlora`` for the quantized bases). Writes ``benchmarks/results/llama7b_memory.json``.
 """
 
 from __future__ import annotations
@@ -160,8 +164,31 @@ def _stats(compiled: Any) -> dict[str, float]:
   return {k: v / GiB for k, v in out.items()}
 
 
-def compile_steps(shape: Shape, batch: int, seq: int, *, full: bool) -> dict[str, Any]:
-  mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
+def _quantized(params: Any, shardings: Any, qtype: str) -> Any:
+  """The abstract base with its projection weights quantized; codes and scales placed like the weight."""
+  q = jax.eval_shape(lambda p: jlora.quantize(p, qtype=qtype, block_size=64), params)
+
+  def fit(x: Any, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+    """``sharding``'s spec, replicating the axes it would not divide (a blocked axis shrinks)."""
+    spec = list(sharding.spec) + [None] * (len(x.shape) - len(sharding.spec))
+    sizes = [
+      math.prod(sharding.mesh.shape[n] for n in ((e,) if isinstance(e, str) else e or ())) for e in spec
+    ]
+    spec = [e if d % n == 0 else None for e, d, n in zip(spec, x.shape, sizes)]
+    return _with(x, NamedSharding(sharding.mesh, P(*spec)))
+
+  def place(qleaf: Any, sharding: Any) -> Any:
+    if not isinstance(qleaf, jlora.QuantizedArray):
+      return _with(qleaf, sharding)
+    return jax.tree_util.tree_map(lambda x: fit(x, sharding), qleaf)
+
+  return jax.tree_util.tree_map(place, q, shardings, is_leaf=lambda x: isinstance(x, jlora.QuantizedArray))
+
+
+def compile_steps(
+  shape: Shape, batch: int, seq: int, *, full: bool, devices: int = 8, bases: tuple[str, ...] = ("bf16",)
+) -> dict[str, Any]:
+  mesh = jax.make_mesh((devices,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:devices])
   replicated = NamedSharding(mesh, P())
   act = NamedSharding(mesh, P("fsdp", None, None))
   model = Llama(shape, act)
@@ -191,13 +218,16 @@ def compile_steps(shape: Shape, batch: int, seq: int, *, full: bool) -> dict[str
 
   state = _state(opt, lora, lora_sh, replicated)
   state_sh = jax.tree_util.tree_map(lambda s: s.sharding, state)
-  t0 = time.perf_counter()
-  compiled = (
-    jax.jit(lora_step, out_shardings=(lora_sh, state_sh, replicated), donate_argnums=(0, 1))
-    .lower(lora, state, params, tokens)
-    .compile()
-  )
-  results["lora"] = {**_stats(compiled), "compile_s": time.perf_counter() - t0}
+  for base in bases:
+    base_params = params if base == "bf16" else _quantized(params, param_sh, base)
+    t0 = time.perf_counter()
+    compiled = (
+      jax.jit(lora_step, out_shardings=(lora_sh, state_sh, replicated), donate_argnums=(0, 1))
+      .lower(lora, state, base_params, tokens)
+      .compile()
+    )
+    key = "lora" if base == "bf16" else f"lora_{base}"
+    results[key] = {**_stats(compiled), "compile_s": time.perf_counter() - t0}
 
   if full:
     ft_opt = optax.adamw(1e-5, mu_dtype=jnp.float32)
@@ -219,28 +249,41 @@ def compile_steps(shape: Shape, batch: int, seq: int, *, full: bool) -> dict[str
   return results
 
 
+_LABELS = {
+  "lora": "LoRA r=16 q,k,v,o",
+  "lora_nf4": "QLoRA nf4 base",
+  "lora_int8": "LoRA int8 base",
+  "full": "full fine-tuning",
+}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--no-remat-full", action="store_true", help="skip full fine-tuning without remat")
+  parser.add_argument("--qlora", action="store_true", help="also nf4 and int8 bases, 8 devices and one")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "llama7b_memory.json"))
   args = parser.parse_args()
   runs = {}
+  bases = ("bf16", "nf4", "int8") if args.qlora else ("bf16",)
   for remat in (True, False):
     print(f"compiling remat={remat} ...", flush=True)
     runs["remat" if remat else "no_remat"] = compile_steps(
-      Shape(remat=remat), args.batch, args.seq, full=remat or not args.no_remat_full
+      Shape(remat=remat), args.batch, args.seq, full=remat or not args.no_remat_full, bases=bases
     )
+  if args.qlora:
+    print("compiling one device, batch 4, remat ...", flush=True)
+    runs["one_device_remat_batch4"] = compile_steps(Shape(), 4, args.seq, full=True, devices=1, bases=bases)
   print(f"\nLlama-2-7B shapes, batch {args.batch} x seq {args.seq}, 8-way FSDP, per-device GiB")
-  print(f"{'step':<26}{'argument':>10}{'output':>9}{'alias':>9}{'temp':>9}{'total':>9}{'compile s':>11}")
+  print(f"{'step':<40}{'argument':>10}{'output':>9}{'alias':>9}{'temp':>9}{'total':>9}{'compile s':>11}")
   for name, run in runs.items():
-    for kind in ("lora", "full"):
+    for kind, what in _LABELS.items():
       if kind in run:
         r = run[kind]
-        label = f"{'LoRA r=16 q,k,v,o' if kind == 'lora' else 'full fine-tuning'} ({name.replace('_', '-')})"
+        label = f"{what} ({name.replace('_', '-')})"
         print(
-          f"{label:<26}{r['argument']:>10.2f}{r['output']:>9.2f}{r['alias']:>9.2f}{r['temp']:>9.2f}"
+          f"{label:<40}{r['argument']:>10.2f}{r['output']:>9.2f}{r['alias']:>9.2f}{r['temp']:>9.2f}"
           f"{r['total']:>9.2f}{r['compile_s']:>11.1f}"
         )
   meta = {
@@ -249,7 +292,7 @@ def main() -> None:
     "devices": jax.device_count(),
     "batch": args.batch,
     "seq": args.seq,
-    "mesh": {"fsdp": 8},
+    "mesh": {"fsdp": 8, "one_device_remat_batch4": 1},
     "units": "GiB per device (total = argument + output - alias + temp)",
   }
   path = pathlib.Path(args.out)
