@@ -125,3 +125,15 @@ def test_dropout_and_export_on_a_quantized_base(tmp_path):
     jlora.wrap(case.apply_fn, cfg2)(qparams, back, case.inputs), b, rtol=1e-5, atol=1e-5
   )
   assert pcfg["r"] == cfg.r
+
+
+def test_adapter_specs_follow_a_sharded_quantized_base():
+  mesh = jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  params = {"blk": {"q_proj": {"kernel": jnp.ones((64, 128))}}}
+  qparams = jlora.quantize(params, qtype="nf4", block_size=32)
+  placed = jax.device_put(qparams, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tp")))
+  cfg = jlora.LoraConfig(r=4, target_modules=("q_proj",))
+  lora = jlora.init(placed, cfg, key=jax.random.key(0), shardings=mesh)
+  a = lora["blk"]["q_proj"]["kernel"]["lora_A"]
+  assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert lora["blk"]["q_proj"]["kernel"]["lora_B"].sharding.spec == jax.sharding.PartitionSpec(None, "tp")

@@ -36,13 +36,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from jlora._src import adapters, layouts, paths
 from jlora._src.config import LoraConfig, longest_match
+from jlora._src.qarray import is_quantized
 
 Spec = PartitionSpec | NamedSharding
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
 def _is_spec_leaf(x: Any) -> bool:
-  return isinstance(x, (meta.AxisMetadata, PartitionSpec, Sharding))
+  return isinstance(x, (meta.AxisMetadata, PartitionSpec, Sharding)) or is_quantized(x)
 
 
 def _leaf_spec(
@@ -55,6 +56,8 @@ def _leaf_spec(
     return x.get_partition_spec(), x.mesh
   if isinstance(x, PartitionSpec):
     return (spmd.logical_to_mesh_axes(tuple(x), rules) if rules is not None else x), None
+  if is_quantized(x):  # a quantized weight is placed as its codes are (same rank as the weight)
+    x = x.codes
   sharding = x if isinstance(x, Sharding) else getattr(x, "sharding", None)
   if sharding is None:
     return None
