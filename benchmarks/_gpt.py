@@ -191,11 +191,12 @@ def _variant(
 
 
 def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[str, Variant]:
-  """The ``full``, ``jlora``, ``hand`` (and ``frozen``) train steps on one batch.
+  """The ``full``, ``jlora``, ``hand``, ``frozen`` and ``qlora_nf4``/``qlora_int8`` train steps on one batch.
 
   ``frozen`` trains only the LayerNorm parameters: every activation gradient
   is computed but no kernel gradient and no LoRA branch (the matmul-only
-  limit of LoRA, used to split the step time into its parts).
+  limit of LoRA, used to split the step time into its parts). ``qlora_*``
+  run jlora's step on the base quantized by `jlora.quantize` (block 64).
   """
   k_init, k_lora, k_tok = jax.random.split(key, 3)
   tokens = jax.random.randint(k_tok, (cfg.batch, cfg.seq_len), 0, cfg.vocab)
@@ -217,6 +218,15 @@ def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[s
   lora = jlora.init(variables, lcfg, key=k_lora)
   jl = _variant("jlora", opt, lambda lo, v, t: _xent(apply(v, lo, t), t), lora, variables, tokens)
 
+  # jlora on quantized bases (QLoRA): the same adapter, every kernel but the head in nf4 / int8.
+  quantized = {}
+  for qtype in ("nf4", "int8"):
+    qvars = jlora.quantize(variables, qtype=qtype, block_size=64)
+    lo = jax.tree_util.tree_map(jnp.copy, lora)
+    quantized[f"qlora_{qtype}"] = _variant(
+      f"qlora_{qtype}", opt, lambda lo, v, t: _xent(apply(v, lo, t), t), lo, qvars, tokens
+    )
+
   # Hand-written factorized LoRA: same base values, its own A/B.
   _, hand_lora = split_hand(hand_model.init(k_init, tokens)["params"])
   base_flat = traverse_util.flatten_dict(variables["params"])
@@ -235,4 +245,4 @@ def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[s
   frozen = _variant(
     "frozen", opt, lambda n, r, t: _xent(model.apply(with_base(r, n), t), t), ln, rest, tokens
   )
-  return {"full": full, "jlora": jl, "hand": hand, "frozen": frozen}
+  return {"full": full, "jlora": jl, "hand": hand, "frozen": frozen, **quantized}

@@ -58,7 +58,7 @@ import _gpt  # noqa: E402
 import jlora  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = ("full", "hand", "jlora", "frozen")
+STEPS = ("full", "hand", "jlora", "frozen", "qlora_nf4", "qlora_int8")
 DECODE = ("base", "merged", "hand", "auto", "factorized")
 
 
@@ -229,7 +229,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for w in widths
   }
 
-  pairs = (("jlora", "hand"), ("jlora", "full"), ("hand", "full"), ("frozen", "full"))
+  pairs = (
+    ("jlora", "hand"),
+    ("jlora", "full"),
+    ("hand", "full"),
+    ("frozen", "full"),
+    ("qlora_nf4", "jlora"),
+    ("qlora_int8", "jlora"),
+  )
   ratios = {
     f"{k}.{a}/{b}": steps[a][k] / steps[b][k] for k in ("flops", "temp_bytes", "compile_s") for a, b in pairs
   }
@@ -271,6 +278,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows.append((label, cells))
   rows.append(("trainable", [f"{steps[n]['trainable_params']:,}" for n in STEPS]))
   _table("train step", [*STEPS, "jlora/hand", "jlora/full", "hand/full"], rows)
+  print(
+    "quantized base / full-precision base (jlora): "
+    + ", ".join(f"{q}: time {ratios[f'time_s.{q}/jlora']:.3f}, temp {ratios[f'temp_bytes.{q}/jlora']:.3f}"
+                for q in ("qlora_nf4", "qlora_int8"))
+  )  # fmt: skip
   print("(time ratios: median over rounds of the ratio measured within a round)")
 
   for w, dec in decode.items():
