@@ -5,8 +5,10 @@ shardings and compiled for simulated CPU devices; the figures are XLA's
 ``compiled.memory_analysis()`` for one device.
 
 Model: 32 layers (``nn.scan``), d=4096, 32 heads of 128, MLP 11008 (SwiGLU), vocab 32000, bf16
-weights and activations, untied ``lm_head``. Batch 8 x 2048 tokens. Mesh: 8-way FSDP: every base
-weight is sharded over its ``embed`` axis, the batch over the same 8 devices. LoRA: r=16 on
+weights and activations, untied ``lm_head``; causal attention in blocks of 512 queries (the fp32
+scores of one block at a time, as memory-efficient attention kernels keep them). Batch 8 x 2048
+tokens. Mesh: 8-way FSDP: every base weight is sharded over its ``embed`` axis, the batch over the
+same 8 devices. LoRA: r=16 on
 q, k, v, o; fp32 adapters placed by `jlora.adapter_specs`; AdamW. Full fine-tuning: AdamW on all
 bf16 weights, first moment in fp32.
 
@@ -56,6 +58,7 @@ class Shape:
   mlp: int = 11008
   layers: int = 32
   remat: bool = True
+  query_block: int = 512
 
 
 def _init(names: tuple[str, ...], init: Any = None) -> Any:
@@ -69,6 +72,24 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)
     return (y * scale).astype(jnp.bfloat16)
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+  """Causal attention, computed in blocks of ``block`` queries, each rematerialised in the backward
+  pass (as memory-efficient attention kernels do): the fp32 scores of one block live at a time."""
+  b, n, h, hd = q.shape
+  block = min(block, n)
+
+  @jax.checkpoint
+  def one(i: jax.Array) -> jax.Array:
+    qi = jax.lax.dynamic_slice_in_dim(q, i * block, block, axis=1)
+    s = jnp.einsum("bqhd,bkhd->bhqk", qi, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    causal = (i * block + jnp.arange(block))[:, None] >= jnp.arange(n)[None, :]
+    s = jnp.where(causal, s, -1e30)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16), v)
+
+  out = jax.lax.map(one, jnp.arange(n // block))  # (blocks, b, block, h, hd)
+  return jnp.moveaxis(out, 0, 1).reshape(b, n, h, hd)
 
 
 class Block(nn.Module):
@@ -85,10 +106,7 @@ class Block(nn.Module):
     )
     h = RMSNorm(name="input_layernorm")(x)
     q, k, v = (qkv(name=n)(h) for n in ("q_proj", "k_proj", "v_proj"))
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    n = x.shape[1]
-    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -1e30)
-    o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1).astype(jnp.bfloat16), v)
+    o = _attention(q, k, v, self.cfg.query_block)
     x = x + nn.DenseGeneral(
       cfg.dim, axis=(-2, -1), kernel_init=_init(("heads", "head_dim", "embed")), name="o_proj", **kw
     )(o)
