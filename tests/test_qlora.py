@@ -137,3 +137,15 @@ def test_adapter_specs_follow_a_sharded_quantized_base():
   a = lora["blk"]["q_proj"]["kernel"]["lora_A"]
   assert a.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
   assert lora["blk"]["q_proj"]["kernel"]["lora_B"].sharding.spec == jax.sharding.PartitionSpec(None, "tp")
+
+
+def test_a_quantized_embedding_and_tied_head_adapt_factorized():
+  case = zoo.BUILDERS["mha_tied"]()  # targets the embedding, which the tied head reuses
+  qparams = jlora.quantize(case.tree, qtype="int8", block_size=8, targets=".*")
+  assert is_quantized(qparams["params"]["embed"]["embedding"])
+  lora = jlora.init(
+    qparams, case.config, key=jax.random.key(5), apply_fn=case.apply_fn, example_args=(case.inputs,)
+  )
+  got = jlora.wrap(case.apply_fn, case.config)(qparams, lora, case.inputs)
+  want = _reference(case, qparams)(lora)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
