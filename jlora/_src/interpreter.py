@@ -36,7 +36,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
-from jlora._src import interpreter_products, interpreter_views, jax_compat, layouts
+from jlora._src import (
+  interpreter_moe,
+  interpreter_parallel,
+  interpreter_products,
+  interpreter_views,
+  jax_compat,
+  layouts,
+)
 from jlora._src import values as V
 from jlora._src.interpreter_context import Context
 from jlora._src.interpreter_products import PendingSum, settle
@@ -266,6 +273,9 @@ _PASSES_QUANTIZED = frozenset(
 _RULES: dict[Any, Callable[..., list[Any] | None]] = {
   **interpreter_views.RULES,
   **interpreter_products.RULES,
+  **interpreter_moe.RULES,
+  **interpreter_parallel.RULES,
+  interpreter_parallel.SHARD_MAP_P: interpreter_parallel.shard_map_rule(eval_jaxpr, plain_outputs),
   P.jit_p: _inline("jaxpr"),
   P.closed_call_p: _inline("call_jaxpr"),
   P.remat_p: _remat,

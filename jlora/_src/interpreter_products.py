@@ -210,3 +210,6 @@ RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.conv_general_dilated_p: _conv,
   P.gather_p: _gather,
 }
+
+# For the rules of other modules (`jlora._src.interpreter_moe`): LoRA dropout on a branch input.
+dropout = _dropout
