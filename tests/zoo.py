@@ -263,6 +263,55 @@ class MaxTextStyle(nn.Module):
     return nn.Dense(VOCAB, use_bias=False, name="lm_head")(x)
 
 
+# -- mixture of experts: top-k routing, experts through ragged_dot, a scanned layer stack ---------
+
+EXPERTS, TOP_K = 4, 2
+
+
+class Experts(nn.Module):
+  """SwiGLU-free expert MLPs over tokens sorted by expert: kernels ``wi`` (E, D, FF), ``wo`` (E, FF, D)."""
+
+  @nn.compact
+  def __call__(self, xs, group_sizes):
+    init = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=(0,))
+    wi = self.param("wi", init, (EXPERTS, D, FF))
+    wo = self.param("wo", init, (EXPERTS, FF, D))
+    return jax.lax.ragged_dot(nn.silu(jax.lax.ragged_dot(xs, wi, group_sizes)), wo, group_sizes)
+
+
+class MoEBlock(nn.Module):
+  """Shared causal attention, then a top-k routed expert MLP (MaxText/tunix style dispatch)."""
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    b, t, _d = x.shape
+    dh = D // HEADS
+    h = RMSNorm(name="input_layernorm")(x)
+    q, k, v = (
+      nn.Dense(D, use_bias=False, name=n)(h).reshape(b, t, HEADS, dh) for n in ("q_proj", "k_proj", "v_proj")
+    )
+    x = x + nn.Dense(D, use_bias=False, name="o_proj")(
+      causal_attention(rotary(q), rotary(k), v).reshape(b, t, D)
+    )
+    tokens = RMSNorm(name="post_attention_layernorm")(x).reshape(b * t, D)
+    probs = jax.nn.softmax(nn.Dense(EXPERTS, use_bias=False, name="router")(tokens), -1)
+    weights, experts = jax.lax.top_k(probs, TOP_K)  # (tokens, k)
+    order = jnp.argsort(experts.reshape(-1), stable=True)  # routed copies sorted by expert
+    rows = order // TOP_K
+    group_sizes = jnp.bincount(experts.reshape(-1), length=EXPERTS).astype(jnp.int32)
+    out = Experts(name="experts")(tokens[rows], group_sizes) * weights.reshape(-1)[order][:, None]
+    return x + jnp.zeros_like(tokens).at[rows].add(out).reshape(b, t, D), None
+
+
+class MoEDecoder(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D, name="embed_tokens")(tokens)
+    stack = nn.scan(MoEBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS)
+    x, _ = stack(name="layers")(x, None)
+    return nn.Dense(VOCAB, use_bias=False, name="lm_head")(RMSNorm(name="norm")(x))
+
+
 # -- plain function -----------------------------------------------------------------
 
 
@@ -459,6 +508,25 @@ def _maxtext_case() -> Case:
   return Case("maxtext_scan", model.apply, variables, tokens, cfg, shapes, peft, jnp.roll(tokens, -1, 1))
 
 
+def _moe_case() -> Case:
+  model = MoEDecoder()
+  tokens = _tokens(jax.random.key(11))
+  variables = model.init(jax.random.key(0), tokens)
+  r = 3  # neither LAYERS nor EXPERTS, so the factor shapes name one layout
+  names = ("q_proj", "v_proj", "experts/wi", "experts/wo")
+  cfg = jlora.LoraConfig(r=r, lora_alpha=6, target_modules=names, init_lora_weights=False)
+  shapes = {
+    "params/layers/q_proj/kernel": ((LAYERS, D, r), (LAYERS, r, D)),
+    "params/layers/v_proj/kernel": ((LAYERS, D, r), (LAYERS, r, D)),
+    "params/layers/experts/wi": ((LAYERS, EXPERTS, D, r), (LAYERS, EXPERTS, r, FF)),  # "ssio"
+    "params/layers/experts/wo": ((LAYERS, EXPERTS, FF, r), (LAYERS, EXPERTS, r, D)),
+  }
+  # PEFT's `target_parameters` (ParamWrapper) on an (E, in, out) parameter:
+  # lora_A (r*E, in), lora_B (out, r*E).
+  peft = LAYERS * (2 * r * (D + D) + 2 * EXPERTS * r * (D + FF))
+  return Case("moe_scan", model.apply, variables, tokens, cfg, shapes, peft, jnp.roll(tokens, -1, 1))
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
   "gemma_style": _gemma_case,
   "gpt2_style": _gpt2_case,
@@ -469,6 +537,7 @@ BUILDERS: dict[str, Callable[[], Case]] = {
   "convnet": _conv_case,
   "nnx": _nnx_case,
   "plain": _plain_case,
+  "moe_scan": _moe_case,
 }
 
 
