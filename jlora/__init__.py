@@ -29,6 +29,7 @@ from jlora._src.optim import combine, freeze_base, split, trainable_mask
 from jlora._src.peft_export import export_peft
 from jlora._src.peft_import import import_peft
 from jlora._src.peft_names import peft_module_name
+from jlora._src.pissa import LoraWithResidual, init_with_residual, to_plain_lora
 from jlora._src.quantize import QuantizedArray, dequantize, quantize
 from jlora._src.sharding import adapter_specs
 from jlora._src.summary import count_params, summary
@@ -45,6 +46,7 @@ __all__ = [
   "CheckpointBusyError",
   "Layout",
   "LoraConfig",
+  "LoraWithResidual",
   "MaterializationWarning",
   "QuantizedArray",
   "RestoredAdapter",
@@ -57,6 +59,7 @@ __all__ = [
   "import_peft",
   "infer_layouts",
   "init",
+  "init_with_residual",
   "load_adapter",
   "loraplus",
   "loraplus_labels",
@@ -70,6 +73,7 @@ __all__ = [
   "save_merged",
   "split",
   "summary",
+  "to_plain_lora",
   "trainable_mask",
   "unmerge",
   "wrap",

@@ -92,7 +92,7 @@ def test_config_is_frozen_and_hashable():
     (dict(layout_pattern={"q": "ii"}), r"`layout_pattern\['q'\]` must be .* at least one 'i' and one 'o'"),
     (dict(layout_pattern={"q": "iox"}), r"`layout_pattern\['q'\]` must be a string of axis roles"),
     (dict(use_rslora=1), "`use_rslora` must be a bool"),
-    (dict(init_lora_weights="pissa"), "`init_lora_weights` must be one of"),
+    (dict(init_lora_weights="pissa_niter_x"), "`init_lora_weights` must be one of"),
     (dict(dtype="int8"), "`dtype` must be None or one of"),
   ],
 )

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._src import agreement, layouts, paths, targets
-from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
+from jlora._src.config import ALL_LINEAR, LoraConfig, check_config, residual_init
 from jlora._src.layouts import Layout
 
 Layouts = Mapping[paths.Path, Layout]
@@ -177,6 +177,11 @@ def _init_pair(spec: AdapterSpec, config: LoraConfig, key: jax.Array, dtype: Any
   f32 = jnp.float32
   uniform_a = lambda: jax.random.uniform(ka, spec.a_shape, f32, -1.0, 1.0) / math.sqrt(fan_in)  # noqa: E731
   init = config.init_lora_weights
+  if residual_init(init):
+    raise ValueError(
+      f"`init_lora_weights`={init!r} computes the adapter from the kernel and changes the base; build it "
+      "with `jlora.init_with_residual`."
+    )
   if init is False:
     a = uniform_a()
     b = jax.random.uniform(kb, spec.b_shape, f32, -1.0, 1.0) / math.sqrt(spec.rank)
@@ -209,10 +214,24 @@ def init_adapters(
   for spec, k in zip(specs, keys):
     dtype = config.dtype or leaves[spec.path].dtype
     paths.nested_set(out, spec.path, _init_pair(spec, config, k, dtype))
-  for path in targets.saved_module_paths(tree, config):
+  add_saved_copies(out, tree, config, specs)
+  return out
+
+
+def saved_paths(tree: Any, config: LoraConfig, specs: list[AdapterSpec]) -> list[paths.Path]:
+  """The leaves trained in full beside the adapters ``specs``: `modules_to_save` leaves and the
+  biases ``config.bias`` trains, in tree order."""
+  saved = targets.saved_module_paths(tree, config)
+  biases = targets.bias_paths(tree, config, {spec.module for spec in specs})
+  return saved + [p for p in biases if p not in set(saved)]
+
+
+def add_saved_copies(out: dict, tree: Any, config: LoraConfig, specs: list[AdapterSpec]) -> None:
+  """Puts a trainable copy of each `saved_paths` leaf into the adapter tree ``out``."""
+  leaves = dict(paths.leaves_with_paths(tree))
+  for path in saved_paths(tree, config, specs):
     # A new buffer: the trainable copy never aliases the caller's array.
     paths.nested_set(out, path, jnp.array(leaves[path], copy=True))
-  return out
 
 
 @dataclasses.dataclass(frozen=True)

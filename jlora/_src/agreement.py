@@ -36,7 +36,10 @@ class Expected:
 
   targeted: Mapping[paths.Path, targets.Candidate]  # kernels an adapter may sit on (before layer selection)
   required: tuple[paths.Path, ...]  # kernels that must have one, in tree order
-  saved: frozenset[paths.Path]  # `modules_to_save` leaves: one trained copy each
+  saved: frozenset[paths.Path]  # `modules_to_save` leaves and trained biases: one trained copy each
+  # `bias="lora_only"`: bias path -> the kernels of its module; its copy is required when one of
+  # them has an adapter.
+  bias_of: Mapping[paths.Path, frozenset[paths.Path]] = dataclasses.field(default_factory=dict)
 
 
 def expected(tree: Any, config: LoraConfig, linear: Collection[paths.Path] | None) -> Expected:
@@ -46,10 +49,23 @@ def expected(tree: Any, config: LoraConfig, linear: Collection[paths.Path] | Non
     required = [c for c in allowed if linear is not None and c.path in linear]
   else:
     allowed = required = targets.match_targets(tree, config)
+  saved = set(targets.saved_module_paths(tree, config))
+  bias_of: dict[paths.Path, frozenset[paths.Path]] = {}
+  if config.bias == "all":
+    saved.update(targets.bias_paths(tree, config))
+  elif config.bias == "lora_only":
+    by_module: dict[str, set[paths.Path]] = {}
+    for c in allowed:
+      by_module.setdefault(c.module, set()).add(c.path)
+    collections = paths.is_collections(tree)
+    for path in targets.bias_paths(tree, config, by_module):
+      if path not in saved:
+        bias_of[path] = frozenset(by_module[paths.module_path(path, collections)])
   return Expected(
     {c.path: c for c in allowed},
     tuple(c.path for c in required if _surely_selected(c, config)),
-    frozenset(targets.saved_module_paths(tree, config)),
+    frozenset(saved) | frozenset(bias_of),
+    bias_of,
   )
 
 
@@ -112,8 +128,10 @@ def check_saved(path: paths.Path, expect: Expected, config: LoraConfig) -> None:
   if path not in expect.saved:
     raise ValueError(
       f"The adapter tree holds a full copy of {where!r}, but `modules_to_save`="
-      f"{config.modules_to_save!r} does not name its module, so merging it would silently replace a base "
-      "leaf. Use the config the adapter was made with, or drop that entry."
+      f"{config.modules_to_save!r} does not name its module"
+      + (f" and `bias`={config.bias!r} does not train it" if str(path[-1]) == "bias" else "")
+      + ", so merging it would silently replace a base leaf. Use the config the adapter was made with, "
+      "or drop that entry."
     )
 
 
@@ -133,12 +151,20 @@ def check_complete(
       f"({targeting(config)}): the kernel would be left unadapted. Use the config the adapter was made "
       f"with, or make the missing adapters with {how}."
     )
-  missing = [paths.to_str(p) for p in sorted(expect.saved - set(saved), key=paths.to_str)]
+  adapted = set(adapted)
+  want = {p for p in expect.saved if p not in expect.bias_of or expect.bias_of[p] & adapted}
+  missing = [paths.to_str(p) for p in sorted(want - set(saved), key=paths.to_str)]
   if missing:
     raise ValueError(
       f"The adapter tree has no trained copy of {_some(missing)}, whose module `modules_to_save`="
-      f"{config.modules_to_save!r} names. Use the config the adapter was made with, or make the adapter "
-      "with `jlora.init`, which copies these leaves."
+      f"{config.modules_to_save!r} names (or which `bias`={config.bias!r} trains). Use the config the "
+      "adapter was made with, or make the adapter with `jlora.init`, which copies these leaves."
+    )
+  extra = [paths.to_str(p) for p in saved if p in expect.bias_of and not expect.bias_of[p] & adapted]
+  if extra:
+    raise ValueError(
+      f"The adapter tree holds a trained copy of bias {_some(extra)}, but `bias`='lora_only' trains only "
+      "the biases of adapted modules and its module has no adapter. Drop that entry, or use `bias='all'`."
     )
 
 

@@ -20,11 +20,25 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
-InitLoraWeights = bool | Literal["gaussian"]
+InitLoraWeights = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora"
+Bias = Literal["none", "all", "lora_only"]
+BIAS_MODES = ("none", "all", "lora_only")
 LayoutSpec = str | tuple[int, int]
 
 ALL_LINEAR = "all-linear"
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def residual_init(init: Any) -> bool:
+  """Whether ``init_lora_weights`` takes the adapter out of the base (PiSSA, OLoRA): the base must
+  then be replaced by the residual one (`jlora.init_with_residual`)."""
+  return init in ("pissa", "olora") or pissa_niter(init) is not None
+
+
+def pissa_niter(init: Any) -> int | None:
+  """The subspace iterations of ``"pissa_niter_<n>"`` (randomized SVD), else ``None``."""
+  m = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+  return int(m.group(1)) if m else None
 
 
 def _as_str_tuple(field: str, value: Any) -> tuple[str, ...] | str | None:
@@ -101,8 +115,12 @@ class LoraConfig:
     use_rslora: scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
     init_lora_weights: ``True`` (A: Kaiming-uniform as PyTorch's Linear,
       ``bound = 1/sqrt(fan_in)``; B: zeros), ``"gaussian"`` (A ~ N(0, 1/r);
-      B zeros) or ``False`` (both random; the adapter is not a no-op — for
-      tests).
+      B zeros), ``False`` (both random; the adapter is not a no-op — for
+      tests), or PEFT's ``"pissa"`` (the top-r singular vectors of the
+      kernel), ``"pissa_niter_<n>"`` (the same by randomized SVD with ``n``
+      subspace iterations) and ``"olora"`` (QR): these move the principal part
+      of the kernel into the adapter, so the base must be replaced by the
+      residual one: build them with `jlora.init_with_residual`.
     modules_to_save: modules whose parameters are trained in full alongside
       the adapter (e.g. a classifier head); same matching rules as
       ``target_modules`` lists.
@@ -115,6 +133,10 @@ class LoraConfig:
       that many leading stacked axes, then fan-in axes, then fan-out (see
       `jlora.Layout`).
     dtype: dtype name of the adapter weights; ``None`` follows the kernel.
+    bias: PEFT's ``bias``: ``"none"``; ``"all"`` (every leaf named ``bias``
+      is trained: a copy of it joins the adapter tree at its own path, as a
+      `modules_to_save` leaf does); ``"lora_only"`` (the biases of the adapted
+      modules only).
 
   Raises:
     ValueError, TypeError: at construction, naming the bad field.
@@ -140,6 +162,7 @@ class LoraConfig:
   modules_to_save: tuple[str, ...] | None = None
   layout_pattern: Mapping[str, LayoutSpec] | tuple[tuple[str, LayoutSpec], ...] = ()
   dtype: str | None = None
+  bias: Bias = "none"
 
   def __post_init__(self) -> None:
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -224,8 +247,13 @@ class LoraConfig:
     if not isinstance(self.use_rslora, bool):
       raise TypeError(f"`use_rslora` must be a bool; got {self.use_rslora!r}.")
     init = self.init_lora_weights
-    if not (init is True or init is False or init == "gaussian"):
-      raise ValueError(f"`init_lora_weights` must be one of True, False, 'gaussian'; got {init!r}.")
+    if not (init is True or init is False or init == "gaussian" or residual_init(init)):
+      raise ValueError(
+        "`init_lora_weights` must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' (n a "
+        f"non-negative integer), 'olora'; got {init!r}."
+      )
+    if self.bias not in BIAS_MODES:
+      raise ValueError(f"`bias` must be one of {BIAS_MODES}; got {self.bias!r}.")
     if self.dtype is not None and self.dtype not in _DTYPES:
       raise ValueError(f"`dtype` must be None or one of {_DTYPES}; got {self.dtype!r}.")
 

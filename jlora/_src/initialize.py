@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jlora._src import adapters, paths, sharding, targets
 from jlora._src import layouts as layouts_
-from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
+from jlora._src.config import ALL_LINEAR, LoraConfig, check_config, residual_init
 from jlora._src.qarray import is_quantized
 from jlora._src.wrap import infer_layouts, linear_weights, read_uses
 
@@ -65,7 +65,7 @@ def init(
       with ``sharding=``, or Flax ``nn.Partitioned`` boxes under the current
       ``nn.logical_axis_rules``) by `jlora.adapter_specs`. With a sharding,
       the base ``tree`` may be abstract (``jax.ShapeDtypeStruct`` leaves)
-      unless it has `modules_to_save` leaves to copy.
+      unless it has `modules_to_save` leaves (or biases, `bias`) to copy.
 
   Returns:
     The adapter tree.
@@ -73,8 +73,10 @@ def init(
   Raises:
     TypeError: if ``config`` is not a `LoraConfig`.
     ValueError: if a target matches nothing (listing close names and real
-      module paths), an N-D kernel's layout is unknown or ambiguous, or
-      ``shardings`` does not have the adapter tree's structure.
+      module paths), an N-D kernel's layout is unknown or ambiguous,
+      ``shardings`` does not have the adapter tree's structure, or
+      ``init_lora_weights`` is PiSSA or OLoRA, which change the base: use
+      `jlora.init_with_residual`.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -86,6 +88,13 @@ def init(
     {'layers_0': {'q_proj': {'kernel': {'lora_A': (16, 4), 'lora_B': (4, 32)}}}}
   """
   config = check_config(config)
+  if residual_init(config.init_lora_weights):
+    raise ValueError(
+      f"`init_lora_weights`={config.init_lora_weights!r} moves the principal part of each adapted kernel "
+      "into the adapter, so the base must change too (W - scale * A @ B): `jlora.init` returns only the "
+      "adapter, and the original base with it would count that part twice. Call `lora, residual = "
+      "jlora.init_with_residual(tree, config, key=...)` and use `residual` as the base."
+    )
   layouts, linear = None, None
   if apply_fn is not None:
     layouts, linear = read_model(apply_fn, tree, config, example_args, example_kwargs or {})
@@ -129,7 +138,9 @@ def _init_sharded(
   # Only the `modules_to_save` leaves are read as values; the rest of the base
   # tree enters the computation by shape and dtype alone.
   leaves = dict(paths.leaves_with_paths(tree))
-  saved = {paths.to_str(p): leaves[p] for p in targets.saved_module_paths(tree, config)}
+  every_module = set(targets.all_module_paths(tree))  # `bias="lora_only"`: a superset is enough here
+  copied = targets.saved_module_paths(tree, config) + targets.bias_paths(tree, config, every_module)
+  saved = {paths.to_str(p): leaves[p] for p in copied}
   abstract = jax.tree_util.tree_map(_abstract, tree, is_leaf=is_quantized)
 
   def fn(saved_values: dict, k: jax.Array) -> dict:

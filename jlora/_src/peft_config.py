@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jlora._src import peft_io
-from jlora._src.config import LoraConfig
+from jlora._src.config import BIAS_MODES, LoraConfig
 from jlora._src.peft_io import CONFIG_NAME
 from jlora._src.peft_names import is_conv1d
 
@@ -32,6 +32,7 @@ _USED = frozenset(
     "target_modules",
     "layers_to_transform",
     "layers_pattern",
+    "bias",
   }
 )
 # Fields whose value does not change what the saved weights compute (or that
@@ -63,7 +64,6 @@ _IGNORED = frozenset(
 # something jlora's LoRA does not (DoRA, biases ...).
 _REQUIRED = {
   "peft_type": ("LORA",),
-  "bias": ("none",),
   "use_dora": (False,),
   "lora_bias": (False,),
   "layer_replication": (None,),
@@ -105,13 +105,17 @@ def read_peft_config(path: str) -> dict[str, Any]:
       )
   if data.get("peft_type") != "LORA":
     raise ValueError(f"{path!r}: `peft_type` must be 'LORA'; got {data.get('peft_type')!r}.")
+  if data.get("bias", "none") not in BIAS_MODES:
+    modes = " or ".join(map(repr, BIAS_MODES))
+    raise ValueError(f"{path!r}: `bias` is {data['bias']!r}; jlora reads {modes}.")
   init = data.get("init_lora_weights", True)
   if not (init is True or init is False or init == "gaussian"):
     raise ValueError(
       f"{path!r}: `init_lora_weights` is {init!r}; initialisations such as PiSSA, OLoRA, LoftQ or "
-      "CorDA change the base weights, so the adapter alone does not reproduce the model. Convert it "
-      "to a plain LoRA adapter in PEFT first "
-      "(`save_pretrained(..., path_initial_model_for_weight_conversion=...)`)."
+      "CorDA change the base weights, so the adapter alone does not reproduce the model: it needs the "
+      "residual base, which the file does not hold. Convert it to a plain LoRA adapter in PEFT first "
+      "(`save_pretrained(..., path_initial_model_for_weight_conversion=...)`; jlora's own: "
+      "`jlora.export_peft(..., initial_lora=...)`)."
     )
   for field in ("rank_pattern", "alpha_pattern"):
     if not isinstance(data.get(field) or {}, Mapping):
@@ -185,7 +189,7 @@ def peft_config_of(
     "rank_pattern": {re.escape(n): r for n, r in sorted(ranks.items()) if r != config.r},
     "alpha_pattern": {re.escape(n): a for n, a in sorted(alphas.items()) if a != config.lora_alpha},
     "modules_to_save": sorted(set(saved_modules)) or None,
-    "bias": "none",
+    "bias": config.bias,
     "fan_in_fan_out": any(is_conv1d(n) for n in ranks),
     "use_dora": False,
     "lora_bias": False,

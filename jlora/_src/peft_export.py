@@ -20,6 +20,14 @@ from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
 from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys
 
 
+def bound_adapters(lora: Any, config: LoraConfig, base: Any) -> tuple[list[adapters.Bound], dict]:
+  """The adapters of ``lora`` (read against ``base`` when given) and its saved copies."""
+  if base is not None:
+    return adapters.bind(base, lora, config)
+  saved = {p: x for p, x in paths.adapter_items(lora) if not paths.is_adapter(x)}
+  return _without_base(lora, config), saved
+
+
 def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
   """Adapter specs read from the factor shapes alone (no base tree)."""
   collections = paths.is_collections(lora)
@@ -97,6 +105,7 @@ def export_peft(
   *,
   name_map: NameMap | None = None,
   base: Any = None,
+  initial_lora: Any = None,
   base_model_name_or_path: str | None = None,
   task_type: str | None = "CAUSAL_LM",
   overwrite: bool = False,
@@ -107,8 +116,10 @@ def export_peft(
   ``(r, in)`` and ``...lora_B.weight`` ``(out, r)`` for each adapted module
   (``lora_embedding_A`` ``(r, vocab)`` / ``lora_embedding_B`` ``(d, r)`` for
   embeddings), one module per entry of a stacked kernel (a layer of a scanned
-  kernel; k and v of gemma's fused ``kv_einsum``), and the trained copies of
-  `modules_to_save` (``kernel`` transposed to ``weight``). Fan-in and fan-out
+  kernel; k and v of gemma's fused ``kv_einsum``), the trained copies of
+  `modules_to_save` (``kernel`` transposed to ``weight``), and the biases
+  `bias` trains as PEFT names them (``<module>.base_layer.bias`` for an
+  adapted module, ``<module>.bias`` otherwise). Fan-in and fan-out
   axes are flattened row-major in the kernel's axis order.
   ``adapter_config.json`` keeps ``target_modules`` as the user wrote them
   (``["q_proj", "v_proj"]``) when, with ``base`` given, they select exactly
@@ -126,6 +137,15 @@ def export_peft(
       belong to (Hugging Face Flax, gemma, tunix; see `peft_module_name`).
     base: the base tree; used to check the adapter fits, to read each
       kernel's layout, and to keep ``target_modules`` short.
+    initial_lora: for a PiSSA/OLoRA adapter (`jlora.init_with_residual`), the
+      adapter tree at init: the file is then the plain rank-``2r`` LoRA
+      adapter of the update on the ORIGINAL base (`jlora.to_plain_lora`),
+      as PEFT's ``save_pretrained(...,
+      path_initial_model_for_weight_conversion=...)`` writes it. Without it
+      a PiSSA/OLoRA adapter is written as PEFT saves one unconverted
+      (``init_lora_weights="pissa"``): PEFT recomputes the residual from the
+      original base when it loads it (``"pissa_niter_<n>"`` then draws other
+      random projections: convert instead).
     base_model_name_or_path: recorded for PEFT (the Hub id of the base).
     task_type: PEFT's ``task_type``.
     overwrite: replace existing adapter files in ``directory``.
@@ -151,11 +171,11 @@ def export_peft(
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
   name_map = name_map or default_name_map
-  if base is not None:
-    bound, saved = adapters.bind(base, lora, config)
-  else:
-    bound = _without_base(lora, config)
-    saved = {p: x for p, x in paths.adapter_items(lora) if not paths.is_adapter(x)}
+  if initial_lora is not None:
+    from jlora._src.pissa import to_plain_lora  # noqa: PLC0415
+
+    lora, config = to_plain_lora(lora, initial_lora, config, base=base)
+  bound, saved = bound_adapters(lora, config, base)
   tensors: dict[str, np.ndarray] = {}
   origin: dict[str, str] = {}
   ranks: dict[str, int] = {}
@@ -183,10 +203,21 @@ def export_peft(
       ranks[name] = spec.rank
       alphas[name] = config.alpha_for((spec.module, spec.param))
   saved_modules = []
+  collections = paths.is_collections(lora)
   for path, leaf in saved.items():
     where = paths.to_str(path)
     leaf_name = str(path[-1])
     arr = np.asarray(leaf)
+    if _trained_bias(path, config, collections):
+      if arr.ndim != 1:
+        raise ValueError(
+          f"Trained bias {where!r} has shape {arr.shape}: a bias stacked over layers has no PEFT key "
+          "(PEFT names one module per layer); export a model whose layers are not stacked."
+        )
+      module = name_map(path, None)
+      # PEFT keeps an adapted module's bias on its wrapped base layer.
+      put(f"{PREFIX}{module}{'.base_layer' if module in ranks else ''}.bias", arr, where)
+      continue
     if leaf_name not in peft_io.SAVED_LEAVES or (leaf_name == "kernel" and arr.ndim != 2):
       raise ValueError(
         f"`modules_to_save` leaf {where!r} (shape {arr.shape}) has no PyTorch equivalent jlora knows; "
@@ -209,6 +240,15 @@ def export_peft(
   )
   _write(os.fspath(directory), tensors, peft_config, overwrite)
   return peft_config
+
+
+def _trained_bias(path: paths.Path, config: LoraConfig, collections: bool) -> bool:
+  """Whether a saved copy is a bias trained by ``config.bias`` (not a `modules_to_save` leaf)."""
+  if config.bias == "none" or str(path[-1]) != "bias":
+    return False
+  return config.modules_to_save is None or not targets.name_matches(
+    config.modules_to_save, paths.module_path(path, collections)
+  )
 
 
 def _write(directory: str, tensors: dict[str, np.ndarray], peft_config: dict, overwrite: bool) -> None:

@@ -207,6 +207,33 @@ def _saved_leaves(
   return saved
 
 
+def _bias_leaves(
+  tree: Any, pcfg: Mapping[str, Any], name_map: NameMap, info: Mapping[str, Any], weights_path: str
+) -> dict[paths.Path, str]:
+  """The trained biases of a file with ``bias`` "all" or "lora_only": bias leaf -> its key
+  (``<module>.base_layer.bias`` for an adapted module, ``<module>.bias`` otherwise)."""
+  if pcfg.get("bias", "none") == "none":
+    return {}
+  out = {}
+  for path, leaf in targets.param_leaves(tree):
+    if str(path[-1]) != "bias":
+      continue
+    try:
+      name = name_map(path, None)
+    except (ValueError, LookupError):  # a name map that does not know this leaf
+      continue
+    for key in (f"{PREFIX}{name}.base_layer.bias", f"{PREFIX}{name}.bias"):
+      if key in info:
+        if info[key][0] != tuple(leaf.shape):
+          raise ValueError(
+            f"{weights_path!r}: tensor {key!r} has shape {info[key][0]}, but bias {paths.to_str(path)!r} "
+            f"has shape {tuple(leaf.shape)}."
+          )
+        out[path] = key
+        break
+  return out
+
+
 def _check_peft_targets(pcfg: Mapping[str, Any], matches: list[_Match], known: set[str], where: str) -> None:
   """Every module PEFT's ``target_modules`` selects must have tensors in the file."""
   target = pcfg.get("target_modules")
@@ -266,6 +293,7 @@ def _import_config(
       modules_to_save=tuple(dict.fromkeys(saved_modules)) or None,
       layout_pattern=layout_pattern or (),
       dtype=dtype,
+      bias=pcfg.get("bias", "none"),
     )
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where!r} has an invalid value: {e}") from e
@@ -379,6 +407,8 @@ def import_peft(
     for c, lay, hits in found
   ]
   claimed = {k for m in matches for _, n in m.names for k in lora_keys(n, m.embedding)}
+  biases = _bias_leaves(tree, pcfg, name_map, info, weights_path)
+  claimed |= set(biases.values())
   saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
   unclaimed = sorted(set(info) - claimed - set(saved.values()))
   if unclaimed:
@@ -393,7 +423,7 @@ def import_peft(
     raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
   known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
   _check_peft_targets(pcfg, matches, known, os.path.join(directory, CONFIG_NAME))
-  dtypes = {_ST_DTYPES[info[k][1]] for k in claimed}
+  dtypes = {_ST_DTYPES[info[k][1]] for k in claimed - set(biases.values())}
   kernel_dtypes = {jnp.dtype(m.cand.dtype).name for m in matches}
   collections = paths.is_collections(tree)
   config = _import_config(
@@ -419,6 +449,11 @@ def import_peft(
       paths.nested_set(lora, path, jnp.asarray(arr, dtype=leaves[path].dtype))
     else:  # a leaf PyTorch's module does not have: keep the base value, as PEFT's copy does
       paths.nested_set(lora, path, jnp.array(leaves[path], copy=True))
+  saved_set = set(targets.saved_module_paths(tree, config))
+  for path in targets.bias_paths(tree, config, {m.cand.module for m in matches}):
+    if path not in saved_set:  # a bias the file lacks (PyTorch's module has none): the base value
+      arr = _read_saved(handle, biases[path], weights_path) if path in biases else leaves[path]
+      paths.nested_set(lora, path, jnp.array(arr, dtype=leaves[path].dtype, copy=True))
   adapters.bind(tree, lora, config, lambda: lays)
   return lora, config
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax
 
+from jlora._src import paths, targets
+
 
 def count_params(tree: Any) -> int:
   """The number of scalars in the array leaves of ``tree``.
@@ -29,15 +31,35 @@ def count_params(tree: Any) -> int:
   return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
 
 
-def summary(tree: Any, lora: Any) -> str:
+def _trained_bias_count(lora: Any, config: Any) -> int:
+  """Scalars of the biases ``config.bias`` trains: PEFT trains the model's own, not a copy."""
+  if config is None or config.bias == "none":
+    return 0
+  collections = paths.is_collections(lora)
+  return sum(
+    count_params(node)
+    for path, node in paths.adapter_items(lora)
+    if not paths.is_adapter(node)
+    and str(path[-1]) == "bias"
+    and (
+      config.modules_to_save is None
+      or not targets.name_matches(config.modules_to_save, paths.module_path(path, collections))
+    )
+  )
+
+
+def summary(tree: Any, lora: Any, config: Any = None) -> str:
   """PEFT's ``print_trainable_parameters`` line for a base tree and its adapter.
 
   As in PEFT, "all params" counts the base model and the adapter together, and
-  only the adapter (with any `modules_to_save` copies) is trainable.
+  only the adapter (with any `modules_to_save` copies) is trainable. The
+  biases a config's `bias` trains count as trainable but not again in "all
+  params" (PEFT trains the model's own biases; it copies `modules_to_save`).
 
   Args:
     tree: the base tree.
     lora: the adapter tree.
+    config: its config; needed only with ``bias`` "all" or "lora_only".
 
   Returns:
     ``"trainable params: 1,048,576 || all params: 7,242,780,672 || trainable%: 0.0145"``.
@@ -49,6 +71,6 @@ def summary(tree: Any, lora: Any) -> str:
     'trainable params: 32 || all params: 96 || trainable%: 33.3333'
   """
   trainable = count_params(lora)
-  total = count_params(tree) + trainable
+  total = count_params(tree) + trainable - _trained_bias_count(lora, config)
   pct = 100.0 * trainable / total if total else 0.0
   return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"

@@ -276,3 +276,19 @@ def saved_module_paths(tree: Any, config: LoraConfig) -> list[paths.Path]:
     for path, _ in param_leaves(tree)
     if name_matches(config.modules_to_save, paths.module_path(path, collections))
   ]
+
+
+def bias_paths(tree: Any, config: LoraConfig, modules: Collection[str] | None = None) -> list[paths.Path]:
+  """The biases ``config.bias`` trains (PEFT's ``bias``): with ``"all"`` every parameter leaf named
+  ``bias``, with ``"lora_only"`` those of the given adapted ``modules`` (module paths), with
+  ``"none"`` none."""
+  if config.bias == "none":
+    return []
+  collections = paths.is_collections(tree)
+  return [
+    path
+    for path, leaf in param_leaves(tree)
+    if str(path[-1]) == "bias"
+    and hasattr(leaf, "shape")
+    and (config.bias == "all" or paths.module_path(path, collections) in (modules or ()))
+  ]
