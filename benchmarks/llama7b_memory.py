@@ -282,7 +282,15 @@ def main() -> None:
   parser.add_argument("--no-remat-full", action="store_true", help="skip full fine-tuning without remat")
   parser.add_argument("--qlora", action="store_true", help="also nf4 and int8 bases, 8 devices and one")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "llama7b_memory.json"))
+  parser.add_argument(
+    "--moe", action="store_true", help="only the MoE shape: expert LoRA vs full fine-tuning"
+  )
   args = parser.parse_args()
+  if args.moe:
+    path = pathlib.Path(args.out).with_name("moe_memory.json")
+    path.write_text(json.dumps({"jax": jax.__version__, **main_moe(args.batch, args.seq)}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return
   runs = {}
   bases = ("bf16", "nf4", "int8") if args.qlora else ("bf16",)
   for remat in (True, False):
@@ -317,6 +325,107 @@ def main() -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps({"meta": meta, **runs}, indent=2) + "\n")
   print(f"\nwrote {path}")
+
+
+# -- a mixture-of-experts shape (``--moe``): expert LoRA beside full fine-tuning ------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEShape:
+  """Mixtral-like widths (8 experts of 4096 -> 14336, top-2), 4 layers so the plan compiles quickly."""
+
+  vocab: int = 32000
+  dim: int = 4096
+  mlp: int = 14336
+  experts: int = 8
+  top_k: int = 2
+  layers: int = 4
+
+
+def moe_apply(params: Any, tokens: jax.Array, cfg: MoEShape = MoEShape()) -> jax.Array:
+  """Embedding, then per layer a top-k routed SwiGLU-free expert MLP through `lax.ragged_dot`."""
+  x = params["embed"][tokens].reshape(-1, cfg.dim)
+
+  @jax.checkpoint
+  def layer(x, p):
+    weights, experts = jax.lax.top_k(jax.nn.softmax((x @ p["router"]).astype(jnp.float32)), cfg.top_k)
+    order = jnp.argsort(experts.reshape(-1))
+    rows = order // cfg.top_k
+    sizes = jnp.bincount(experts.reshape(-1), length=cfg.experts).astype(jnp.int32)
+    h = nn.silu(jax.lax.ragged_dot(x[rows], p["experts"]["wi"], sizes))
+    out = jax.lax.ragged_dot(h, p["experts"]["wo"], sizes) * weights.reshape(-1)[order][:, None].astype(
+      x.dtype
+    )
+    return x + jnp.zeros_like(x).at[rows].add(out), None
+
+  x, _ = jax.lax.scan(layer, x, params["layers"])
+  return (x @ params["lm_head"]).reshape(*tokens.shape, cfg.vocab)
+
+
+def compile_moe(batch: int, seq: int, cfg: MoEShape = MoEShape(), devices: int = 8) -> dict[str, Any]:
+  """Per-device memory of an expert-LoRA step (r=16 on every expert's wi and wo) and of full fine-tuning."""
+  mesh = jax.make_mesh((devices,), ("fsdp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:devices])
+  sh = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
+  bf = lambda shape, *spec: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sh(*spec))  # noqa: E731
+  L, E, D, F = cfg.layers, cfg.experts, cfg.dim, cfg.mlp  # noqa: N806
+  params = {
+    "embed": bf((cfg.vocab, D), None, "fsdp"),
+    "layers": {
+      "router": bf((L, D, E), None, "fsdp"),
+      "experts": {
+        "wi": bf((L, E, D, F), None, None, "fsdp"),
+        "wo": bf((L, E, F, D), None, None, None, "fsdp"),
+      },
+    },
+    "lm_head": bf((D, cfg.vocab), "fsdp"),
+  }
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=sh("fsdp"))
+  apply_fn = functools.partial(moe_apply, cfg=cfg)
+  lcfg = jlora.LoraConfig(r=16, lora_alpha=32, target_modules=("experts/wi", "experts/wo"), dtype="float32")
+  lora_shapes = jax.eval_shape(
+    lambda k: jlora.init(params, lcfg, key=k, apply_fn=apply_fn, example_args=(tokens,)), jax.random.key(1)
+  )
+  lora_sh = jlora.adapter_specs(params, lora_shapes, lcfg, mesh=mesh)
+  lora = jax.tree_util.tree_map(_with, lora_shapes, lora_sh)
+  results: dict[str, Any] = {
+    "base_params": sum(x.size for x in jax.tree_util.tree_leaves(params)),
+    "lora_params": sum(x.size for x in jax.tree_util.tree_leaves(lora)),
+  }
+  replicated, opt, apply = sh(), optax.adamw(1e-4), jlora.wrap(apply_fn, lcfg)
+
+  def lora_step(lora, opt_state, params, tokens):
+    loss, grads = jax.value_and_grad(lambda a: loss_fn(apply(params, a, tokens), tokens))(lora)
+    updates, opt_state = opt.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  def full_step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(apply_fn(p, tokens), tokens))(params)
+    updates, opt_state = ft_opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  ft_opt = optax.adamw(1e-5, mu_dtype=jnp.float32)
+  param_sh = jax.tree_util.tree_map(lambda x: x.sharding, params)
+  for name, step, tree, tree_sh, o in (
+    ("lora", lora_step, lora, lora_sh, opt),
+    ("full", full_step, params, param_sh, ft_opt),
+  ):
+    state = _state(o, tree, tree_sh, replicated)
+    state_sh = jax.tree_util.tree_map(lambda s: s.sharding, state)
+    args = (tree, state, params, tokens) if name == "lora" else (tree, state, tokens)
+    t0 = time.perf_counter()
+    jitted = jax.jit(step, out_shardings=(tree_sh, state_sh, replicated), donate_argnums=(0, 1))
+    results[name] = {**_stats(jitted.lower(*args).compile()), "compile_s": time.perf_counter() - t0}
+  return results
+
+
+def main_moe(batch: int, seq: int) -> dict[str, Any]:
+  """``--moe``: prints and returns the expert-LoRA and full fine-tuning memory of `MoEShape`."""
+  print(f"compiling MoE ({MoEShape()}), batch {batch} x {seq} ...", flush=True)
+  run = compile_moe(batch, seq)
+  for kind, what in (("lora", "expert LoRA r=16 wi,wo"), ("full", "full fine-tuning")):
+    r = run[kind]
+    print(f"MoE {what:<30} arg {r['argument']:.2f} temp {r['temp']:.2f} total {r['total']:.2f} GiB/device")
+  return run
 
 
 if __name__ == "__main__":
