@@ -100,6 +100,35 @@ def _merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
   return V.flops_merged(m, n, kv.rank) < V.flops_factorized(tokens, m, n, kv.rank)
 
 
+def contract(x: jax.Array, x_lab: str, y: jax.Array, y_lab: str, out_lab: str, **opts: Any) -> jax.Array:
+  """``einsum(f"{x_lab},{y_lab}->{out_lab}", x, y)`` as one ``lax.dot_general`` (and a transpose).
+
+  `jnp.einsum` would trace a nested ``jit`` and plan a contraction path at each of the
+  interpreter's thousands of calls; a two-operand contraction needs neither. Labels that
+  appear in one operand only and not in the output are summed first.
+  """
+  x = _sum_unused(x, x_lab, y_lab + out_lab)
+  x_lab = "".join(c for c in x_lab if c in y_lab + out_lab)
+  y = _sum_unused(y, y_lab, x_lab + out_lab)
+  y_lab = "".join(c for c in y_lab if c in x_lab + out_lab)
+  shared = [c for c in x_lab if c in y_lab]
+  batch = [c for c in shared if c in out_lab]
+  contracted = [c for c in shared if c not in out_lab]
+  dims = (
+    ([x_lab.index(c) for c in contracted], [y_lab.index(c) for c in contracted]),
+    ([x_lab.index(c) for c in batch], [y_lab.index(c) for c in batch]),
+  )
+  res = jax.lax.dot_general(x, y, dims, **opts)
+  res_lab = batch + [c for c in x_lab if c not in shared] + [c for c in y_lab if c not in shared]
+  perm = [res_lab.index(c) for c in out_lab]
+  return res if perm == sorted(perm) else jax.lax.transpose(res, perm)
+
+
+def _sum_unused(x: jax.Array, lab: str, keep: str) -> jax.Array:
+  axes = tuple(i for i, c in enumerate(lab) if c not in keep)
+  return x.sum(axis=axes) if axes else x
+
+
 def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[Any] | None:
   nk = len(kv.shape)
   lab = V.letters(nk + x.ndim + 1)
@@ -126,11 +155,10 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
   )
   base = _bind_dot(eqn, dot, kv.base, x)[0]
   xd = _dropout(x, ctx)
-  spec = f"{''.join(x_lab)},{''.join(first_lab)}->{''.join(t_lab)}"
-  t = jnp.einsum(spec, xd, first.astype(xd.dtype), **opts)
+  join = "".join
+  t = contract(xd, join(x_lab), first.astype(xd.dtype), join(first_lab), join(t_lab), **opts)
   t = t * jnp.asarray(kv.scale, t.dtype)
-  spec = f"{''.join(t_lab)},{''.join(second_lab)}->{''.join(out_lab)}"
-  lora = jnp.einsum(spec, t, second.astype(t.dtype), **opts)
+  lora = contract(t, join(t_lab), second.astype(t.dtype), join(second_lab), join(out_lab), **opts)
   return [PendingSum(base, lora.astype(base.dtype))]
 
 

@@ -38,6 +38,7 @@ class _Traced(NamedTuple):
   out_tree: Any
   tree_slots: dict[paths.Path, int]  # base leaf path -> position among the jaxpr's inputs
   dynamic: list[Any]  # the array inputs, in order
+  key: Any = None  # the trace cache's key (None: not cacheable)
 
 
 def _trace(
@@ -67,7 +68,7 @@ def _trace(
       cache_key = None
     if cache_key is not None and cache_key in cache:
       closed, out_tree = cache[cache_key]
-      return _Traced(closed, out_tree, tree_slots, dynamic)
+      return _Traced(closed, out_tree, tree_slots, dynamic, cache_key)
 
   def flat_fn(*dyn):
     full = list(leaves)
@@ -82,7 +83,7 @@ def _trace(
     if len(cache) >= _CACHE_SIZE:
       cache.pop(next(iter(cache)))
     cache[cache_key] = (closed, out_tree)
-  return _Traced(closed, out_tree, tree_slots, dynamic)
+  return _Traced(closed, out_tree, tree_slots, dynamic, cache_key)
 
 
 def _differentiated(lora: Any) -> bool:
@@ -103,12 +104,6 @@ def _lora_value(item: adapters.Bound) -> values.LoraValue:
     scale=spec.scale,
     site=spec.where,
   )
-
-
-def _with_saved(tree: Any, saved: Mapping[paths.Path, Any]) -> Any:
-  if not saved:
-    return tree
-  return jax.tree_util.tree_map_with_path(lambda kp, leaf: saved.get(paths.normalize(kp), leaf), tree)
 
 
 def wrap(
@@ -186,21 +181,21 @@ def wrap(
   cache: dict = {}
   linear_cache: dict = {}
 
-  def linear(tree: Any, args: tuple, kwargs: dict) -> Callable[[], set[paths.Path]] | None:
-    """For "all-linear": the weights this call uses as linear layers (read once per input signature)."""
+  def linear(traced: _Traced, tree: Any) -> Callable[[], set[paths.Path]] | None:
+    """For "all-linear": the weights this call uses as linear layers, read from its trace (once per trace)."""
     if config.target_modules != ALL_LINEAR:
       return None
-    flat, treedef = jax.tree_util.tree_flatten((tree, args, kwargs))
-    key = (treedef, tuple(jax.typeof(x) if _is_array(x) else x for x in flat))
-    try:
-      hash(key)
-    except TypeError:
-      return lambda: linear_weights(read_uses(apply_fn, tree, args, kwargs))
-    if key not in linear_cache:
-      if len(linear_cache) >= _CACHE_SIZE:
-        linear_cache.pop(next(iter(linear_cache)))
-      linear_cache[key] = linear_weights(read_uses(apply_fn, tree, args, kwargs))
-    return lambda: linear_cache[key]
+
+    def read() -> set[paths.Path]:
+      if traced.key is None:
+        return linear_weights(_probe_uses(traced, tree))
+      if traced.key not in linear_cache:
+        if len(linear_cache) >= _CACHE_SIZE:
+          linear_cache.pop(next(iter(linear_cache)))
+        linear_cache[traced.key] = linear_weights(_probe_uses(traced, tree))
+      return linear_cache[traced.key]
+
+    return read
 
   @functools.wraps(apply_fn)
   def apply(
@@ -208,29 +203,23 @@ def wrap(
   ) -> Any:
     agreement.check_call_order(tree, lora, args)
     dropout = lora_dropout_key is not None and config.lora_dropout > 0.0
+    if strategy == "merged" and dropout:
+      raise ValueError(
+        "LoRA dropout needs the factorized path: use strategy='auto' or 'factorized' "
+        "for training with `lora_dropout_key`."
+      )
+    # One trace of the model serves the layout and linear-weight reads and the interpretation (the
+    # trained `modules_to_save` copies have their base leaves' shapes: they only change the values).
+    traced = _trace(apply_fn, tree, args, kwargs, cache)
+    hint = lambda: _layouts_from_uses(_probe_uses(traced, tree), tree)  # noqa: E731
+    bound, saved = adapters.bind(tree, lora, config, hint, linear=linear(traced, tree))
     if strategy == "merged":
-      if dropout:
-        raise ValueError(
-          "LoRA dropout needs the factorized path: use strategy='auto' or 'factorized' "
-          "for training with `lora_dropout_key`."
-        )
-      if config.target_modules == ALL_LINEAR:  # merge() cannot see the model's linear layers
-        adapters.bind(tree, lora, config, linear=linear(tree, args, kwargs))
       return apply_fn(merge(tree, lora, config), *args, **kwargs)
-    bound, saved = adapters.bind(
-      tree,
-      lora,
-      config,
-      lambda: infer_layouts(apply_fn, tree, *args, **kwargs),
-      linear=linear(tree, args, kwargs),
-    )
-    traced = _trace(apply_fn, _with_saved(tree, saved), args, kwargs, cache)
     vals = [values.QuantView(x) if is_quantized(x) else x for x in traced.dynamic]
+    for path, leaf in saved.items():
+      vals[traced.tree_slots[path]] = leaf
     for item in bound:
-      slot = traced.tree_slots.get(item.spec.path)
-      if slot is None:  # pragma: no cover - bind() checked the path exists
-        raise ValueError(f"Adapted kernel {item.spec.where!r} is not an array input of the model.")
-      vals[slot] = _lora_value(item)
+      vals[traced.tree_slots[item.spec.path]] = _lora_value(item)
     ctx = interpreter.Context(
       strategy=strategy,
       differentiated=_differentiated(lora),
@@ -259,14 +248,20 @@ def read_uses(
   `values.Probe` in place of each leaf; leaves the model never uses in a
   ``dot_general``, convolution, ``gather``, ``scan`` or slice have no entry.
   """
-  wanted = None if only is None else set(only)
-  probes = {c.path: c for c in targets.candidates(tree) if wanted is None or c.path in wanted}
   abstract = jax.tree_util.tree_map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
     (tree, args, kwargs),
     is_leaf=is_quantized,
   )
-  traced = _trace(apply_fn, abstract[0], abstract[1], abstract[2], None)
+  return _probe_uses(_trace(apply_fn, abstract[0], abstract[1], abstract[2], None), tree, only)
+
+
+def _probe_uses(
+  traced: _Traced, tree: Any, only: Collection[paths.Path] | None = None
+) -> dict[paths.Path, list[tuple[str, dict[int, str]]]]:
+  """`read_uses` on a model's trace: one abstract pass with a `values.Probe` for each leaf."""
+  wanted = None if only is None else set(only)
+  probes = {c.path: c for c in targets.candidates(tree) if wanted is None or c.path in wanted}
   roles: dict[str, list[tuple[str, dict[int, str]]]] = {}
 
   def run(*dyn):
@@ -278,7 +273,7 @@ def read_uses(
     outs = interpreter.eval_jaxpr(traced.closed.jaxpr, traced.closed.consts, vals, ctx)
     return interpreter.plain_outputs(outs, ctx, "")
 
-  jax.make_jaxpr(run)(*traced.dynamic)
+  jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(x.shape, jax.numpy.dtype(x.dtype)) for x in traced.dynamic])
   return {path: roles[paths.to_str(path)] for path in probes if roles.get(paths.to_str(path))}
 
 
@@ -328,6 +323,9 @@ def infer_layouts(
     >>> jlora.infer_layouts(fn, params, jax.ShapeDtypeStruct((2, 4), jnp.float32))
     {('c_attn', 'kernel'): Layout(roles='oi', ops=frozenset({'dot_general'}))}
   """
-  uses = read_uses(apply_fn, tree, args, kwargs, only)
+  return _layouts_from_uses(read_uses(apply_fn, tree, args, kwargs, only), tree)
+
+
+def _layouts_from_uses(uses: Mapping[paths.Path, Any], tree: Any) -> dict[paths.Path, layouts.Layout]:
   shapes = {c.path: c.shape for c in targets.candidates(tree)}
   return {path: layouts.from_uses(u, shapes[path], paths.to_str(path)) for path, u in uses.items()}
