@@ -24,6 +24,7 @@ or contextual rules).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -153,6 +154,26 @@ def _check_overrides(overrides: Mapping[str, Any], modules: list[str]) -> dict[s
   return out
 
 
+def _lookup(
+  base: Mapping[paths.Path, tuple[Any, Any]], mesh: Mesh | None, path: paths.Path
+) -> tuple[PartitionSpec, Mesh | None]:
+  """The kernel spec and mesh of a base leaf (``mesh`` wins where both are given and agree)."""
+  where = paths.to_str(path)
+  if path not in base:
+    raise ValueError(
+      f"The base placement has no spec for {where!r}, which the adapter adapts. Pass `specs=` "
+      "(a PartitionSpec/NamedSharding tree mirroring the base tree, e.g. "
+      "`nn.get_partition_spec(variables)`) or a base tree of sharded arrays."
+    )
+  spec, leaf_mesh = base[path]
+  if mesh is not None and leaf_mesh is not None and leaf_mesh.shape_tuple != mesh.shape_tuple:
+    raise ValueError(
+      f"The placement of {where!r} is on mesh {dict(leaf_mesh.shape)}, but `mesh` is "
+      f"{dict(mesh.shape)}; pass one mesh."
+    )
+  return (spec if spec is not None else PartitionSpec()), (mesh or leaf_mesh)
+
+
 def adapter_specs(
   tree: Any,
   lora: Any,
@@ -221,21 +242,7 @@ def adapter_specs(
   modules = [item.spec.module for item in bound]
   checked = _check_overrides(overrides, modules) if overrides else {}
 
-  def lookup(path: paths.Path) -> tuple[PartitionSpec, Mesh | None]:
-    where = paths.to_str(path)
-    if path not in base:
-      raise ValueError(
-        f"The base placement has no spec for {where!r}, which the adapter adapts. Pass `specs=` "
-        "(a PartitionSpec/NamedSharding tree mirroring the base tree, e.g. "
-        "`nn.get_partition_spec(variables)`) or a base tree of sharded arrays."
-      )
-    spec, leaf_mesh = base[path]
-    if mesh is not None and leaf_mesh is not None and leaf_mesh.shape_tuple != mesh.shape_tuple:
-      raise ValueError(
-        f"The placement of {where!r} is on mesh {dict(leaf_mesh.shape)}, but `mesh` is "
-        f"{dict(mesh.shape)}; pass one mesh."
-      )
-    return (spec if spec is not None else PartitionSpec()), (mesh or leaf_mesh)
+  lookup = functools.partial(_lookup, base, mesh)
 
   def place(spec: PartitionSpec, m: Mesh | None) -> Spec:
     return NamedSharding(m, spec) if m is not None else spec

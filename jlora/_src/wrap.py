@@ -106,6 +106,32 @@ def _lora_value(item: adapters.Bound) -> values.LoraValue:
   )
 
 
+def _linear_reader(traced: _Traced, tree: Any, cache: dict) -> Callable[[], set[paths.Path]]:
+  """For "all-linear": the weights this call uses as linear layers, read from its trace (once per trace)."""
+
+  def read() -> set[paths.Path]:
+    if traced.key is None:
+      return linear_weights(_probe_uses(traced, tree))
+    if traced.key not in cache:
+      if len(cache) >= _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+      cache[traced.key] = linear_weights(_probe_uses(traced, tree))
+    return cache[traced.key]
+
+  return read
+
+
+def _inputs(traced: _Traced, bound: list[adapters.Bound], saved: Mapping[paths.Path, Any]) -> list[Any]:
+  """The interpreter's inputs: adapted kernels as `LoraValue`s, trained copies in their leaves' places,
+  quantized weights as `QuantView`s, everything else as traced."""
+  vals = [values.QuantView(x) if is_quantized(x) else x for x in traced.dynamic]
+  for path, leaf in saved.items():
+    vals[traced.tree_slots[path]] = leaf
+  for item in bound:
+    vals[traced.tree_slots[item.spec.path]] = _lora_value(item)
+  return vals
+
+
 def wrap(
   apply_fn: Callable[..., Any], config: LoraConfig, *, strategy: Strategy = "auto"
 ) -> Callable[..., Any]:
@@ -181,22 +207,6 @@ def wrap(
   cache: dict = {}
   linear_cache: dict = {}
 
-  def linear(traced: _Traced, tree: Any) -> Callable[[], set[paths.Path]] | None:
-    """For "all-linear": the weights this call uses as linear layers, read from its trace (once per trace)."""
-    if config.target_modules != ALL_LINEAR:
-      return None
-
-    def read() -> set[paths.Path]:
-      if traced.key is None:
-        return linear_weights(_probe_uses(traced, tree))
-      if traced.key not in linear_cache:
-        if len(linear_cache) >= _CACHE_SIZE:
-          linear_cache.pop(next(iter(linear_cache)))
-        linear_cache[traced.key] = linear_weights(_probe_uses(traced, tree))
-      return linear_cache[traced.key]
-
-    return read
-
   @functools.wraps(apply_fn)
   def apply(
     tree: Any, lora: Any, *args: Any, lora_dropout_key: jax.Array | None = None, **kwargs: Any
@@ -212,14 +222,10 @@ def wrap(
     # trained `modules_to_save` copies have their base leaves' shapes: they only change the values).
     traced = _trace(apply_fn, tree, args, kwargs, cache)
     hint = lambda: _layouts_from_uses(_probe_uses(traced, tree), tree)  # noqa: E731
-    bound, saved = adapters.bind(tree, lora, config, hint, linear=linear(traced, tree))
+    linear = _linear_reader(traced, tree, linear_cache) if config.target_modules == ALL_LINEAR else None
+    bound, saved = adapters.bind(tree, lora, config, hint, linear=linear)
     if strategy == "merged":
       return apply_fn(merge(tree, lora, config), *args, **kwargs)
-    vals = [values.QuantView(x) if is_quantized(x) else x for x in traced.dynamic]
-    for path, leaf in saved.items():
-      vals[traced.tree_slots[path]] = leaf
-    for item in bound:
-      vals[traced.tree_slots[item.spec.path]] = _lora_value(item)
     ctx = interpreter.Context(
       strategy=strategy,
       differentiated=_differentiated(lora),
@@ -227,7 +233,9 @@ def wrap(
       key=lora_dropout_key if dropout else None,
       warned=warned,
     )
-    outs = interpreter.eval_jaxpr(traced.closed.jaxpr, traced.closed.consts, vals, ctx)
+    outs = interpreter.eval_jaxpr(
+      traced.closed.jaxpr, traced.closed.consts, _inputs(traced, bound, saved), ctx
+    )
     outs = interpreter.plain_outputs(outs, ctx, "the model's output")
     return jax.tree_util.tree_unflatten(traced.out_tree, outs)
 
