@@ -84,33 +84,13 @@ class AdapterSpec:
 
 def _override(cand: targets.Candidate, config: LoraConfig) -> Layout | None:
   """The user's `layout_pattern` layout for a kernel, checked against its rank."""
-  return layout_override(cand, config.layout_for(cand.names))
-
-
-def layout_override(cand: targets.Candidate, value: Any) -> Layout | None:
-  """A `layout_pattern` value (roles string or ``(stacked, fan_in)``) as the layout of a kernel."""
-  if value is None:
-    return None
-  where = paths.to_str(cand.path)
-  try:
-    if isinstance(value, str):
-      if len(value) != len(cand.shape):
-        raise ValueError(f"it has {len(value)} roles for a {len(cand.shape)}-D kernel")
-      return Layout(value)
-    return Layout.of_counts(len(cand.shape), *value)
-  except ValueError as e:
-    raise ValueError(
-      f"`layout_pattern` gives {value!r} for kernel {where!r} of shape {cand.shape}, which does not fit: {e}."
-    ) from None
+  return layouts.from_pattern(config.layout_for(cand.names), cand.shape, paths.to_str(cand.path))
 
 
 def _layout_for(cand: targets.Candidate, config: LoraConfig, inferred: Layouts) -> Layout:
-  layout = _override(cand, config)
-  if layout is not None:
-    return layout
-  if cand.path in inferred:
-    return inferred[cand.path]
-  return layouts.default_layout(cand.module, cand.shape, paths.to_str(cand.path))
+  """A kernel's layout: `layout_pattern`, else the model's use, else `layouts.default_layout`."""
+  layout = _override(cand, config) or inferred.get(cand.path)
+  return layout or layouts.default_layout(cand.module, cand.shape, paths.to_str(cand.path))
 
 
 def _selected_layers(

@@ -125,6 +125,27 @@ class Layout:
     return self.roles
 
 
+def from_pattern(value: str | tuple[int, int] | None, shape: Sequence[int], where: str) -> Layout | None:
+  """A `layout_pattern` value (a roles string or ``(stacked, fan_in)``) as the layout of a kernel.
+
+  Raises:
+    ValueError: if the value does not fit a kernel of ``shape`` (naming ``where``).
+  """
+  if value is None:
+    return None
+  try:
+    if isinstance(value, str):
+      if len(value) != len(shape):
+        raise ValueError(f"it has {len(value)} roles for a {len(shape)}-D kernel")
+      return Layout(value)
+    return Layout.of_counts(len(shape), *value)
+  except ValueError as e:
+    raise ValueError(
+      f"`layout_pattern` gives {value!r} for kernel {where!r} of shape {tuple(shape)}, which does not "
+      f"fit: {e}."
+    ) from None
+
+
 def factor_shapes(
   layout: Layout, kernel_shape: Sequence[int], rank: int, layers: int | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -41,8 +41,7 @@ def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
     found = [
       (lay, shape)
       for lay, shape in layouts.kernels_for(a.shape, b.shape, config.rank_for(cand.names))
-      if adapters.layout_override(dataclasses.replace(cand, shape=shape), config.layout_for(cand.names))
-      in (None, lay)
+      if layouts.from_pattern(config.layout_for(cand.names), shape, paths.to_str(cand.path)) in (None, lay)
     ]
     if len(found) != 1:
       raise ValueError(

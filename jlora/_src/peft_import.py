@@ -85,7 +85,9 @@ def _import_layouts(
   out, unknown = {}, {}
   for cand in cands:
     hit = longest_match(overrides, cand.names)
-    layout = adapters.layout_override(cand, hit[1]) if hit else inferred.get(cand.path)
+    layout = (
+      layouts.from_pattern(hit[1], cand.shape, paths.to_str(cand.path)) if hit else inferred.get(cand.path)
+    )
     if layout is None:
       try:
         layout = layouts.default_layout(cand.module, cand.shape, paths.to_str(cand.path))
