@@ -9,6 +9,7 @@ from jax import lax
 import jlora
 from jlora._src import interpreter_moe, paths
 from tests import zoo
+from tests._jaxpr import out_shapes
 
 E, D, F, M = 4, 8, 6, 12
 K = jax.random.split(jax.random.key(0), 6)
@@ -69,28 +70,19 @@ def test_wrapped_equals_merged_forward_and_gradient(name, shape, fn, roles):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * s, err_msg=jax.tree_util.keystr(p))
 
 
-def _out_shapes(jaxpr):
-  out = []
-  for eqn in jaxpr.eqns:
-    out += [tuple(v.aval.shape) for v in eqn.outvars]
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      out += _out_shapes(sub)
-  return out
-
-
 def test_no_expert_sized_delta_or_gradient():
   params, apply_fn = _case((E, D, F), FORMS[0][2])
   cfg = jlora.LoraConfig(r=3, target_modules=("wi",), init_lora_weights=False)
   lora = jlora.init(params, cfg, key=K[2], apply_fn=apply_fn, example_args=(X, GROUPS))
   apply = jlora.wrap(apply_fn, cfg)
   step = jax.grad(lambda lo: jnp.sum(apply(params, lo, X, GROUPS) ** 2))
-  assert (E, D, F) not in _out_shapes(jax.make_jaxpr(step)(lora).jaxpr)
-  assert (E, D, F) not in _out_shapes(jax.make_jaxpr(apply)(params, lora, X[:2], GROUPS).jaxpr)
+  assert (E, D, F) not in out_shapes(jax.make_jaxpr(step)(lora).jaxpr)
+  assert (E, D, F) not in out_shapes(jax.make_jaxpr(apply)(params, lora, X[:2], GROUPS).jaxpr)
   # The check can fail: merging first forms it, and so does "auto" serving many tokens.
   merged = jax.grad(lambda lo: jnp.sum(apply_fn(jlora.merge(params, lo, cfg), X, GROUPS) ** 2))
-  assert (E, D, F) in _out_shapes(jax.make_jaxpr(merged)(lora).jaxpr)
+  assert (E, D, F) in out_shapes(jax.make_jaxpr(merged)(lora).jaxpr)
   many = jnp.ones((4096, D))
-  assert (E, D, F) in _out_shapes(jax.make_jaxpr(apply)(params, lora, many, GROUPS * 300).jaxpr)
+  assert (E, D, F) in out_shapes(jax.make_jaxpr(apply)(params, lora, many, GROUPS * 300).jaxpr)
 
 
 def test_a_form_it_does_not_cover_materialises_with_the_warning():
@@ -149,8 +141,8 @@ def test_zoo_moe_step_forms_no_expert_kernel(moe):
   stacked = moe.tree["params"]["layers"]["experts"]
   kernel_shapes = {s for w in stacked.values() for s in (w.shape, w.shape[1:])}  # (L, E, D, F), (E, D, F)
   step = jax.grad(lambda lo: zoo.loss_fn(moe, apply(moe.tree, lo, moe.inputs)))
-  assert not kernel_shapes & set(_out_shapes(jax.make_jaxpr(step)(lora).jaxpr))
+  assert not kernel_shapes & set(out_shapes(jax.make_jaxpr(step)(lora).jaxpr))
   merged = jax.grad(
     lambda lo: zoo.loss_fn(moe, moe.apply_fn(jlora.merge(moe.tree, lo, moe.config), moe.inputs))
   )
-  assert kernel_shapes & set(_out_shapes(jax.make_jaxpr(merged)(lora).jaxpr))
+  assert kernel_shapes & set(out_shapes(jax.make_jaxpr(merged)(lora).jaxpr))

@@ -12,6 +12,7 @@ import jlora
 from jlora._src import interpreter_parallel
 from jlora._src.interpreter_parallel import factor_specs
 from jlora._src.values import LoraValue
+from tests._jaxpr import out_shapes
 
 D, F, B = 16, 48, 24  # no activation (local or stacked over devices) has a kernel's shape
 K = jax.random.split(jax.random.key(0), 6)
@@ -75,17 +76,8 @@ def _check(fn):
   return cfg, lora, apply
 
 
-def _out_shapes(jaxpr):
-  out = []
-  for eqn in jaxpr.eqns:
-    out += [tuple(v.aval.shape) for v in eqn.outvars]
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      out += _out_shapes(sub)
-  return out
-
-
 def _kernel_sized(jaxpr, shapes):
-  return sum(s in shapes for s in _out_shapes(jaxpr))
+  return sum(s in shapes for s in out_shapes(jaxpr))
 
 
 @pytest.mark.parametrize("build", [_tensor_parallel, _fsdp], ids=["tensor_parallel", "fsdp"])

@@ -17,6 +17,7 @@ from jax import lax
 import jlora
 from jlora._src import paths
 from tests import zoo
+from tests._jaxpr import out_shapes
 
 K = jax.random.split(jax.random.key(0), 8)
 X = jax.random.normal(K[0], (3, 5, 8))  # (batch, seq, d)
@@ -390,15 +391,6 @@ def test_no_retrace_across_steps():
   assert len(traces) == 1
 
 
-def _out_shapes(jaxpr):
-  out = []
-  for eqn in jaxpr.eqns:
-    out += [tuple(v.aval.shape) for v in eqn.outvars]
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      out += _out_shapes(sub)
-  return out
-
-
 def test_embedding_update_is_never_materialised():
   table = {"embed": {"embedding": _w(50, 8)}}
   fn = lambda p, ids: p["embed"]["embedding"][ids]
@@ -408,7 +400,7 @@ def test_embedding_update_is_never_materialised():
   ids = jnp.array([[1, 2, 3]])
   step = jax.grad(lambda lo: jnp.sum(apply(table, lo, ids) ** 2))
   for jaxpr in (jax.make_jaxpr(apply)(table, lora, ids).jaxpr, jax.make_jaxpr(step)(lora).jaxpr):
-    assert (50, 8) not in _out_shapes(jaxpr)
+    assert (50, 8) not in out_shapes(jaxpr)
 
 
 def test_scanned_base_is_not_copied_or_restacked():
@@ -418,7 +410,7 @@ def test_scanned_base_is_not_copied_or_restacked():
   apply = jlora.wrap(case.apply_fn, cfg)
   stacked = {tuple(x.shape) for x in jax.tree_util.tree_leaves(case.tree["params"]["layers"]) if x.ndim == 3}
   step = jax.grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, case.inputs)))
-  assert not stacked & set(_out_shapes(jax.make_jaxpr(step)(lora).jaxpr))
+  assert not stacked & set(out_shapes(jax.make_jaxpr(step)(lora).jaxpr))
 
 
 def test_bias_joins_the_base_product_before_the_lora_branch():
