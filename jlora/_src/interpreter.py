@@ -56,7 +56,24 @@ P = jex.primitives
 
 
 class MaterializationWarning(UserWarning):
-  """An adapted kernel had to be materialised as ``W + scale * A @ B`` for one use."""
+  """An adapted kernel had to be materialised as ``W + scale * A @ B`` for one use.
+
+  The result is still exact; the warning (once per kernel) says that this use
+  costs a kernel-sized temporary and gradient. Turn it into an error where that
+  must never happen: ``warnings.simplefilter("error", jlora.MaterializationWarning)``.
+
+  Example:
+    >>> import warnings, jax, jax.numpy as jnp, jlora
+    >>> params = {"w": {"kernel": jnp.ones((4, 3))}}
+    >>> cfg = jlora.LoraConfig(r=2, target_modules=("w",))
+    >>> lora = jlora.init(params, cfg, key=jax.random.key(0))
+    >>> fn = lambda p, x: jnp.sin(p["w"]["kernel"]) + x    # an elementwise use: not a product
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   _ = jlora.wrap(fn, cfg)(params, lora, 1.0)
+    >>> [w.category.__name__ for w in caught]
+    ['MaterializationWarning']
+  """
 
 
 def materialize(x: Any, ctx: Context, why: str) -> Any:
