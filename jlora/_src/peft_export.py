@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -97,6 +97,81 @@ def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> s
   return names
 
 
+@dataclasses.dataclass
+class _Tensors:
+  """The file's tensors by PEFT key, with the jlora path each came from (two on one key is an error)."""
+
+  arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  origin: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def put(self, key: str, value: np.ndarray, where: str) -> None:
+    if key in self.arrays:
+      raise ValueError(
+        f"Adapters at {self.origin[key]!r} and {where!r} both map to PEFT key {key!r}; pass a `name_map`."
+      )
+    self.arrays[key], self.origin[key] = np.ascontiguousarray(value), where
+
+
+def _adapter_tensors(
+  bound: list[adapters.Bound], config: LoraConfig, name_map: NameMap, out: _Tensors
+) -> tuple[dict[str, int], dict[str, float]]:
+  """Each adapter's ``lora_A``/``lora_B`` (one module per stacked entry); the rank and alpha by module."""
+  ranks: dict[str, int] = {}
+  alphas: dict[str, float] = {}
+  for item in bound:
+    spec = item.spec
+    embedding = peft_io.is_embedding(spec.path)
+    if embedding and (len(spec.in_shape) != 1 or len(spec.out_shape) != 1):
+      raise ValueError(
+        f"Embedding adapter at {spec.where!r} must be 2-D (vocab, d); got {spec.kernel_shape}."
+      )
+    for f in _peft_factors(item):
+      name = name_map(spec.path, f.index)
+      key_a, key_b = lora_keys(name, embedding)
+      out.put(key_a, f.a, spec.where)
+      out.put(key_b, f.b, spec.where)
+      ranks[name] = spec.rank
+      alphas[name] = config.alpha_for((spec.module, spec.param))
+  return ranks, alphas
+
+
+def _saved_tensors(
+  saved: Mapping[paths.Path, Any],
+  config: LoraConfig,
+  collections: bool,
+  *,
+  name_map: NameMap,
+  ranks: Mapping[str, int],
+  out: _Tensors,
+) -> list[str]:
+  """Trained biases and `modules_to_save` copies as PEFT keys; the saved modules' names."""
+  saved_modules = []
+  for path, leaf in saved.items():
+    where = paths.to_str(path)
+    leaf_name = str(path[-1])
+    arr = np.asarray(leaf)
+    if _trained_bias(path, config, collections):
+      if arr.ndim != 1:
+        raise ValueError(
+          f"Trained bias {where!r} has shape {arr.shape}: a bias stacked over layers has no PEFT key "
+          "(PEFT names one module per layer); export a model whose layers are not stacked."
+        )
+      module = name_map(path, None)
+      # PEFT keeps an adapted module's bias on its wrapped base layer.
+      out.put(f"{PREFIX}{module}{'.base_layer' if module in ranks else ''}.bias", arr, where)
+      continue
+    if leaf_name not in peft_io.SAVED_LEAVES or (leaf_name == "kernel" and arr.ndim != 2):
+      raise ValueError(
+        f"`modules_to_save` leaf {where!r} (shape {arr.shape}) has no PyTorch equivalent jlora knows; "
+        f"only {sorted(peft_io.SAVED_LEAVES)} leaves (2-D kernels) are exported."
+      )
+    torch_name, transpose = peft_io.SAVED_LEAVES[leaf_name]
+    module = name_map(path, None)
+    out.put(f"{PREFIX}{module}.{torch_name}", arr.T if transpose else arr, where)
+    saved_modules.append(module)
+  return saved_modules
+
+
 def export_peft(
   directory: str | os.PathLike,
   lora: Any,
@@ -175,58 +250,11 @@ def export_peft(
 
     lora, config = to_plain_lora(lora, initial_lora, config, base=base)
   bound, saved = bound_adapters(lora, config, base)
-  tensors: dict[str, np.ndarray] = {}
-  origin: dict[str, str] = {}
-  ranks: dict[str, int] = {}
-  alphas: dict[str, float] = {}
-
-  def put(key: str, value: np.ndarray, where: str) -> None:
-    if key in tensors:
-      raise ValueError(
-        f"Adapters at {origin[key]!r} and {where!r} both map to PEFT key {key!r}; pass a `name_map`."
-      )
-    tensors[key], origin[key] = np.ascontiguousarray(value), where
-
-  for item in bound:
-    spec = item.spec
-    embedding = peft_io.is_embedding(spec.path)
-    if embedding and (len(spec.in_shape) != 1 or len(spec.out_shape) != 1):
-      raise ValueError(
-        f"Embedding adapter at {spec.where!r} must be 2-D (vocab, d); got {spec.kernel_shape}."
-      )
-    for f in _peft_factors(item):
-      name = name_map(spec.path, f.index)
-      key_a, key_b = lora_keys(name, embedding)
-      put(key_a, f.a, spec.where)
-      put(key_b, f.b, spec.where)
-      ranks[name] = spec.rank
-      alphas[name] = config.alpha_for((spec.module, spec.param))
-  saved_modules = []
-  collections = paths.is_collections(lora)
-  for path, leaf in saved.items():
-    where = paths.to_str(path)
-    leaf_name = str(path[-1])
-    arr = np.asarray(leaf)
-    if _trained_bias(path, config, collections):
-      if arr.ndim != 1:
-        raise ValueError(
-          f"Trained bias {where!r} has shape {arr.shape}: a bias stacked over layers has no PEFT key "
-          "(PEFT names one module per layer); export a model whose layers are not stacked."
-        )
-      module = name_map(path, None)
-      # PEFT keeps an adapted module's bias on its wrapped base layer.
-      put(f"{PREFIX}{module}{'.base_layer' if module in ranks else ''}.bias", arr, where)
-      continue
-    if leaf_name not in peft_io.SAVED_LEAVES or (leaf_name == "kernel" and arr.ndim != 2):
-      raise ValueError(
-        f"`modules_to_save` leaf {where!r} (shape {arr.shape}) has no PyTorch equivalent jlora knows; "
-        f"only {sorted(peft_io.SAVED_LEAVES)} leaves (2-D kernels) are exported."
-      )
-    torch_name, transpose = peft_io.SAVED_LEAVES[leaf_name]
-    module = name_map(path, None)
-    put(f"{PREFIX}{module}.{torch_name}", arr.T if transpose else arr, where)
-    saved_modules.append(module)
-
+  tensors = _Tensors()
+  ranks, alphas = _adapter_tensors(bound, config, name_map, tensors)
+  saved_modules = _saved_tensors(
+    saved, config, paths.is_collections(lora), name_map=name_map, ranks=ranks, out=tensors
+  )
   known = _known_names(base, bound, name_map) if base is not None else None
   peft_config = peft_config_of(
     config,
@@ -237,7 +265,7 @@ def export_peft(
     base_model_name_or_path=base_model_name_or_path,
     task_type=task_type,
   )
-  _write(os.fspath(directory), tensors, peft_config, overwrite)
+  _write(os.fspath(directory), tensors.arrays, peft_config, overwrite)
   return peft_config
 
 

@@ -390,16 +390,8 @@ def import_peft(
 
   directory = os.fspath(directory)
   name_map = name_map or default_name_map
-  pcfg = peft_config.read_peft_config(os.path.join(directory, CONFIG_NAME))
-  handle, info = _open_weights(directory)
+  pcfg, handle, info = _open_checked(directory)
   weights_path = os.path.join(directory, WEIGHTS_NAME)
-  for key, (_, dtype) in info.items():
-    if dtype not in _ST_DTYPES:
-      raise ValueError(
-        f"{weights_path!r}: tensor {key!r} has dtype {dtype}; LoRA weights must be one of "
-        f"{sorted(_ST_DTYPES)}."
-      )
-  _verify_checksum(handle, info, pcfg, directory)
   cands = targets.candidates(tree)
   read = lambda: infer_layouts(apply_fn, tree, *example_args, **(example_kwargs or {})) if apply_fn else {}  # noqa: E731
   lays, unknown = _import_layouts(tree, cands, layout_pattern, read)
@@ -412,15 +404,7 @@ def import_peft(
   biases = _bias_leaves(tree, pcfg, name_map, info, weights_path)
   claimed |= set(biases.values())
   saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
-  unclaimed = sorted(set(info) - claimed - set(saved.values()))
-  if unclaimed:
-    hint = f"no name map jlora knows names weight {unmapped!r}; " if unmapped else ""
-    raise ValueError(
-      f"{weights_path!r}: no leaf of the given tree maps to tensor {unclaimed[0]!r}"
-      + (f" (and {len(unclaimed) - 1} more)" if len(unclaimed) > 1 else "")
-      + f". {hint}Pass a `name_map(path, index)` that gives PEFT's module names, or "
-      "`apply_fn`/`layout_pattern` for kernels whose layout is not (in, out)."
-    )
+  _check_all_claimed(set(info) - claimed - set(saved.values()), unmapped, weights_path)
   if not matches:
     raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
   known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
@@ -437,16 +421,45 @@ def import_peft(
     dtype=next(iter(dtypes)) if len(dtypes) == 1 and dtypes != kernel_dtypes else None,
     where=os.path.join(directory, CONFIG_NAME),
   )
+  lora = _build_tree(handle, tree, config, matches=matches, saved=saved, biases=biases, where=weights_path)
+  adapters.bind(tree, lora, config, lambda: lays)
+  return lora, config
+
+
+def _check_all_claimed(unclaimed: set[str], unmapped: str | None, weights_path: str) -> None:
+  """Every tensor of the file must belong to a weight of the tree."""
+  if unclaimed:
+    first = sorted(unclaimed)[0]
+    hint = f"no name map jlora knows names weight {unmapped!r}; " if unmapped else ""
+    raise ValueError(
+      f"{weights_path!r}: no leaf of the given tree maps to tensor {first!r}"
+      + (f" (and {len(unclaimed) - 1} more)" if len(unclaimed) > 1 else "")
+      + f". {hint}Pass a `name_map(path, index)` that gives PEFT's module names, or "
+      "`apply_fn`/`layout_pattern` for kernels whose layout is not (in, out)."
+    )
+
+
+def _build_tree(
+  handle: Any,
+  tree: Any,
+  config: LoraConfig,
+  *,
+  matches: list[_Match],
+  saved: Mapping[paths.Path, str],
+  biases: Mapping[paths.Path, str],
+  where: str,
+) -> dict:
+  """Reads the checked tensors into the adapter tree (factors in the kernels' axis order)."""
   lora: dict = {}
   for m in matches:
-    a, b = _read_factors(handle, m, weights_path)
+    a, b = _read_factors(handle, m, where)
     spec = adapters.AdapterSpec(m.cand.path, m.cand.module, m.cand.shape, m.layout, m.rank, 1.0, None)
     a, b = adapters.from_canonical(spec, jnp.asarray(a), jnp.asarray(b))
     paths.nested_set(lora, m.cand.path, {paths.LORA_A: a, paths.LORA_B: b})
   leaves = dict(paths.leaves_with_paths(tree))
   for path in targets.saved_module_paths(tree, config):
     if path in saved:
-      arr = _read_saved(handle, saved[path], weights_path)
+      arr = _read_saved(handle, saved[path], where)
       arr = arr.T if peft_io.SAVED_LEAVES[str(path[-1])][1] else arr
       paths.nested_set(lora, path, jnp.asarray(arr, dtype=leaves[path].dtype))
     else:  # a leaf PyTorch's module does not have: keep the base value, as PEFT's copy does
@@ -454,10 +467,23 @@ def import_peft(
   saved_set = set(targets.saved_module_paths(tree, config))
   for path in targets.bias_paths(tree, config, {m.cand.module for m in matches}):
     if path not in saved_set:  # a bias the file lacks (PyTorch's module has none): the base value
-      arr = _read_saved(handle, biases[path], weights_path) if path in biases else leaves[path]
+      arr = _read_saved(handle, biases[path], where) if path in biases else leaves[path]
       paths.nested_set(lora, path, jnp.array(arr, dtype=leaves[path].dtype, copy=True))
-  adapters.bind(tree, lora, config, lambda: lays)
-  return lora, config
+  return lora
+
+
+def _open_checked(directory: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+  """The PEFT config, the tensor handle and index: dtypes and jlora's checksum checked."""
+  pcfg = peft_config.read_peft_config(os.path.join(directory, CONFIG_NAME))
+  handle, info = _open_weights(directory)
+  for key, (_, dtype) in info.items():
+    if dtype not in _ST_DTYPES:
+      raise ValueError(
+        f"{os.path.join(directory, WEIGHTS_NAME)!r}: tensor {key!r} has dtype {dtype}; LoRA weights must "
+        f"be one of {sorted(_ST_DTYPES)}."
+      )
+  _verify_checksum(handle, info, pcfg, directory)
+  return pcfg, handle, info
 
 
 def _verify_checksum(handle: Any, info: Mapping[str, Any], pcfg: Mapping[str, Any], directory: str) -> None:

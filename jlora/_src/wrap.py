@@ -132,6 +132,47 @@ def _inputs(traced: _Traced, bound: list[adapters.Bound], saved: Mapping[paths.P
   return vals
 
 
+def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Strategy) -> Callable[..., Any]:
+  """The wrapped apply of `wrap`, with its trace and all-linear caches."""
+  warned: set[str] = set()
+  cache: dict = {}
+  linear_cache: dict = {}
+
+  @functools.wraps(apply_fn)
+  def apply(
+    tree: Any, lora: Any, *args: Any, lora_dropout_key: jax.Array | None = None, **kwargs: Any
+  ) -> Any:
+    agreement.check_call_order(tree, lora, args)
+    dropout = lora_dropout_key is not None and config.lora_dropout > 0.0
+    if strategy == "merged" and dropout:
+      raise ValueError(
+        "LoRA dropout needs the factorized path: use strategy='auto' or 'factorized' "
+        "for training with `lora_dropout_key`."
+      )
+    # One trace of the model serves the layout and linear-weight reads and the interpretation (the
+    # trained `modules_to_save` copies have their base leaves' shapes: they only change the values).
+    traced = _trace(apply_fn, tree, args, kwargs, cache)
+    hint = lambda: _layouts_from_uses(_probe_uses(traced, tree), tree)  # noqa: E731
+    linear = _linear_reader(traced, tree, linear_cache) if config.target_modules == ALL_LINEAR else None
+    bound, saved = adapters.bind(tree, lora, config, hint, linear=linear)
+    if strategy == "merged":
+      return apply_fn(merge(tree, lora, config), *args, **kwargs)
+    ctx = interpreter.Context(
+      strategy=strategy,
+      differentiated=_differentiated(lora),
+      dropout_rate=config.lora_dropout,
+      key=lora_dropout_key if dropout else None,
+      warned=warned,
+    )
+    outs = interpreter.eval_jaxpr(
+      traced.closed.jaxpr, traced.closed.consts, _inputs(traced, bound, saved), ctx
+    )
+    outs = interpreter.plain_outputs(outs, ctx, "the model's output")
+    return jax.tree_util.tree_unflatten(traced.out_tree, outs)
+
+  return apply
+
+
 def wrap(
   apply_fn: Callable[..., Any], config: LoraConfig, *, strategy: Strategy = "auto"
 ) -> Callable[..., Any]:
@@ -203,42 +244,7 @@ def wrap(
   if not callable(apply_fn):
     raise TypeError(f"`apply_fn` must be callable; got {type(apply_fn).__name__}.")
   config = check_config(config)
-  warned: set[str] = set()
-  cache: dict = {}
-  linear_cache: dict = {}
-
-  @functools.wraps(apply_fn)
-  def apply(
-    tree: Any, lora: Any, *args: Any, lora_dropout_key: jax.Array | None = None, **kwargs: Any
-  ) -> Any:
-    agreement.check_call_order(tree, lora, args)
-    dropout = lora_dropout_key is not None and config.lora_dropout > 0.0
-    if strategy == "merged" and dropout:
-      raise ValueError(
-        "LoRA dropout needs the factorized path: use strategy='auto' or 'factorized' "
-        "for training with `lora_dropout_key`."
-      )
-    # One trace of the model serves the layout and linear-weight reads and the interpretation (the
-    # trained `modules_to_save` copies have their base leaves' shapes: they only change the values).
-    traced = _trace(apply_fn, tree, args, kwargs, cache)
-    hint = lambda: _layouts_from_uses(_probe_uses(traced, tree), tree)  # noqa: E731
-    linear = _linear_reader(traced, tree, linear_cache) if config.target_modules == ALL_LINEAR else None
-    bound, saved = adapters.bind(tree, lora, config, hint, linear=linear)
-    if strategy == "merged":
-      return apply_fn(merge(tree, lora, config), *args, **kwargs)
-    ctx = interpreter.Context(
-      strategy=strategy,
-      differentiated=_differentiated(lora),
-      dropout_rate=config.lora_dropout,
-      key=lora_dropout_key if dropout else None,
-      warned=warned,
-    )
-    outs = interpreter.eval_jaxpr(
-      traced.closed.jaxpr, traced.closed.consts, _inputs(traced, bound, saved), ctx
-    )
-    outs = interpreter.plain_outputs(outs, ctx, "the model's output")
-    return jax.tree_util.tree_unflatten(traced.out_tree, outs)
-
+  apply = _make_apply(apply_fn, config, strategy)
   apply.__signature__ = agreement.call_signature(apply_fn, inspect.signature(apply, follow_wrapped=False))
   return apply
 
