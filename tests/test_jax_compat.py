@@ -193,3 +193,17 @@ def test_differentiated_looks_only_at_the_given_tree():
     return jnp.sum(w * tree)
 
   jax.grad(loss)(jnp.ones(2), jnp.ones(2))
+
+
+def test_batched_sees_vmap_through_autodiff():
+  tree = {"a": jnp.ones(3)}
+  seen = []
+
+  def f(t):
+    seen.append(jax_compat.batched(t))
+    return jnp.sum(t["a"])
+
+  f(tree)
+  jax.vmap(f)({"a": jnp.ones((2, 3))})
+  jax.vmap(jax.grad(f))({"a": jnp.ones((2, 3))})
+  assert seen == [False, True, True]

@@ -488,3 +488,55 @@ def test_all_linear_requires_the_linear_weights_of_this_call_only():
   jitted = jax.jit(chex.assert_max_traces(jlora.wrap(full, cfg), n=1))
   jitted(params, lora, x)
   jitted(params, lora, x + 1.0)
+
+
+# -- "auto" never forms a kernel-sized gradient or a per-adapter kernel --------------------------------
+
+
+def _auto_case(tokens):
+  params = {"w": {"kernel": jax.random.normal(jax.random.key(0), (16, 24))}}
+  fn = lambda p, x: jnp.tanh(x @ p["w"]["kernel"])  # noqa: E731
+  cfg = jlora.LoraConfig(r=2, target_modules=("w",), init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(1))
+  x = jax.random.normal(jax.random.key(2), (tokens, 16))
+  return params, fn, cfg, lora, x
+
+
+def _close(got, want):
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_grad_of_a_jitted_auto_apply_has_factorized_gradients():
+  params, fn, cfg, lora, x = _auto_case(512)  # many tokens: the jitted forward merges
+  jitted = jax.jit(jlora.wrap(fn, cfg))
+  step = jax.grad(lambda lo: jnp.sum(jitted(params, lo, x) ** 2))
+  forward = out_shapes(jax.make_jaxpr(jitted)(params, lora, x).jaxpr).count((16, 24))
+  assert forward >= 1  # the merged kernel of the forward
+  assert out_shapes(jax.make_jaxpr(step)(lora).jaxpr).count((16, 24)) == forward  # no kernel-sized cotangent
+  _close(step(lora), jax.grad(lambda lo: jnp.sum(fn(jlora.merge(params, lo, cfg), x) ** 2))(lora))
+
+
+def test_vmap_over_adapters_forms_no_per_adapter_kernel():
+  params, fn, cfg, lora, x = _auto_case(512)
+  bank = jax.tree_util.tree_map(lambda a: jnp.stack([a, 2 * a, -a]), lora)
+  run = jax.vmap(lambda lo: jlora.wrap(fn, cfg)(params, lo, x))
+  assert (3, 16, 24) not in out_shapes(jax.make_jaxpr(run)(bank).jaxpr)
+  got = run(bank)
+  for k in range(3):
+    one = jax.tree_util.tree_map(lambda a: a[k], bank)  # noqa: B023
+    np.testing.assert_allclose(got[k], fn(jlora.merge(params, one, cfg), x), rtol=1e-5, atol=1e-5)
+
+
+def test_scan_over_micro_batches_under_grad_is_factorized():
+  params, fn, cfg, lora, x = _auto_case(512)
+  apply = jlora.wrap(fn, cfg)
+
+  def loss(lo):
+    def micro(total, xb):
+      return total + jnp.sum(apply(params, lo, xb) ** 2), None
+
+    return jax.lax.scan(micro, 0.0, x.reshape(4, 128, 16))[0]
+
+  assert (16, 24) not in out_shapes(jax.make_jaxpr(jax.grad(loss))(lora).jaxpr)
+  _close(jax.grad(loss)(lora), jax.grad(lambda lo: jnp.sum(fn(jlora.merge(params, lo, cfg), x) ** 2))(lora))

@@ -17,6 +17,8 @@ class Context:
     strategy: ``"auto"`` (merged where cheaper and no gradient or dropout) or
       ``"factorized"``.
     differentiated: whether gradients flow into the adapter in this trace.
+    batched: whether the adapter is batched (``vmap`` over adapter trees): a
+      merged kernel would be formed per example, so nothing merges.
     dropout_rate: LoRA dropout rate, applied where ``key`` is given.
     key: this scope's dropout key; each LoRA branch folds in a fresh counter.
     warned: kernel paths already warned about (shared across calls).
@@ -31,6 +33,12 @@ class Context:
   warned: set[str]
   roles: dict[str, list[tuple[str, dict[int, str]]]] | None = None
   counter: int = 0
+  batched: bool = False
+
+  def may_merge(self) -> bool:
+    """Whether ``strategy="auto"`` may merge a kernel for one use (where that costs fewer FLOPs):
+    not when gradients flow into the adapter, dropout is on, or the adapter is batched."""
+    return self.strategy == "auto" and not self.differentiated and not self.batched and self.key is None
 
   def child(self, key: jax.Array | None) -> Context:
     """The context of a nested scope (a loop step, a branch) with its own dropout key."""

@@ -95,7 +95,7 @@ def _probe(eqn: Any, form: tuple[Any, Probe, Any, int], ctx: Context) -> list[An
 
 
 def _merged_is_cheaper(kv: LoraValue, x: Any, rc: tuple[int, ...], group: int, ctx: Context) -> bool:
-  if ctx.strategy != "auto" or ctx.differentiated or ctx.key is not None:
+  if not ctx.may_merge():
     return False
   m = math.prod(kv.shape[i] for i in rc)
   n = math.prod(kv.shape) // max(m * kv.shape[group], 1)

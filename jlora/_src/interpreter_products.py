@@ -92,7 +92,7 @@ def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: _Dot, ctx: Context) -> list[Any
 
 
 def _merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
-  if ctx.strategy != "auto" or ctx.differentiated or ctx.key is not None:
+  if not ctx.may_merge():
     return False
   m = math.prod(kv.shape[i] for i in dot.kc)
   n = math.prod(kv.shape) // max(m, 1)
@@ -140,26 +140,57 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
   b_lab = [k_lab[i] for i in kv.b_axes] + [r]
   contracted = {k_lab[i] for i in dot.kc}
   if contracted <= set(a_lab):
-    first, second, first_lab, second_lab = kv.a, kv.b, a_lab, b_lab
+    first_is_a, first_lab, second_lab = True, a_lab, b_lab
   elif contracted <= set(b_lab):
-    first, second, first_lab, second_lab = kv.b, kv.a, b_lab, a_lab
+    first_is_a, first_lab, second_lab = False, b_lab, a_lab
   else:
     return None  # the contraction spans both factors: materialise
-  if _merged_is_cheaper(kv, x, dot, ctx):
-    return _bind_dot(eqn, dot, kv.dense(), x)
-
   keep = set(second_lab) | set(out_lab)
-  t_lab = [c for c in dict.fromkeys(x_lab + first_lab) if c in keep]
+  t_lab = "".join(c for c in dict.fromkeys(x_lab + first_lab) if c in keep)
+  labels = ("".join(x_lab), "".join(first_lab), t_lab, "".join(second_lab), "".join(out_lab))
   opts = dict(
     precision=eqn.params.get("precision"), preferred_element_type=eqn.params.get("preferred_element_type")
   )
-  base = _bind_dot(eqn, dot, kv.base, x)[0]
-  xd = _dropout(x, ctx)
-  join = "".join
-  t = contract(xd, join(x_lab), first.astype(xd.dtype), join(first_lab), join(t_lab), **opts)
-  t = t * jnp.asarray(kv.scale, t.dtype)
-  lora = contract(t, join(t_lab), second.astype(t.dtype), join(second_lab), join(out_lab), **opts)
+
+  def branch(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``scale * ((x @ first) @ second)``, the rank-r product first."""
+    x_l, f_l, t_l, s_l, o_l = labels
+    f, sec = (a, b) if first_is_a else (b, a)
+    t = contract(x, x_l, f.astype(x.dtype), f_l, t_l, **opts)
+    t = t * jnp.asarray(kv.scale, t.dtype)
+    return contract(t, t_l, sec.astype(t.dtype), s_l, o_l, **opts)
+
+  base_w = kv.base
+  if _merged_is_cheaper(kv, x, dot, ctx):
+    return [_merged_with_factorized_grad(eqn, dot, kv, branch)(x, base_w, kv.a, kv.b)]
+  base = _bind_dot(eqn, dot, base_w, x)[0]
+  lora = branch(_dropout(x, ctx), kv.a, kv.b)
   return [PendingSum(base, lora.astype(base.dtype))]
+
+
+def _merged_with_factorized_grad(
+  eqn: Any, dot: _Dot, kv: LoraValue, branch: Callable[..., jax.Array]
+) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
+  """``x @ (W + scale * A @ B)`` forward (fewer FLOPs for many tokens), with the factorized
+  gradients: ``grad`` of an already-jitted apply (which chose this path, seeing no autodiff)
+  never forms a kernel-sized gradient. The frozen base gets no cotangent."""
+
+  def merged(x, w, a, b):
+    return _bind_dot(eqn, dot, dataclasses.replace(kv, w=w, a=a, b=b).dense(), x)[0]
+
+  def backward(res, g):
+    x, w, a, b = res
+
+    def factorized(x, a, b):
+      base = _bind_dot(eqn, dot, w, x)[0]
+      return base + branch(x, a, b).astype(base.dtype)
+
+    dx, da, db = jax.vjp(factorized, x, a, b)[1](g)
+    return dx, None, da, db
+
+  f = jax.custom_vjp(merged)
+  f.defvjp(lambda x, w, a, b: (merged(x, w, a, b), (x, w, a, b)), backward)
+  return f
 
 
 def _dot_general(eqn, invals, ctx):

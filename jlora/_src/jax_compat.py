@@ -140,3 +140,16 @@ def differentiated(tree: Any) -> bool:
         return True
       t = t.val if isinstance(t, _BatchTracer) else None
   return False
+
+
+def batched(tree: Any) -> bool:
+  """Whether any leaf of ``tree`` is batched by ``jax.vmap`` in the current trace (through autodiff)."""
+  if _BatchTracer is None:  # degraded mode, announced at import
+    return False
+  for leaf in jax.tree_util.tree_leaves(tree):
+    t = leaf
+    while isinstance(t, jax.core.Tracer):
+      if isinstance(t, _BatchTracer):
+        return True
+      t = getattr(t, "primal", None)
+  return False

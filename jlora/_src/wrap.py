@@ -86,11 +86,6 @@ def _trace(
   return _Traced(closed, out_tree, tree_slots, dynamic, cache_key)
 
 
-def _differentiated(lora: Any) -> bool:
-  """Whether gradients flow into ``lora`` in the current trace (see `jax_compat.differentiated`)."""
-  return jax_compat.differentiated(lora)
-
-
 def _lora_value(item: adapters.Bound) -> values.LoraValue:
   spec = item.spec
   a, b = adapters.expand_layers(spec, *adapters.canonical(spec, item.a, item.b))
@@ -159,7 +154,8 @@ def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Stra
       return apply_fn(merge(tree, lora, config), *args, **kwargs)
     ctx = interpreter.Context(
       strategy=strategy,
-      differentiated=_differentiated(lora),
+      differentiated=jax_compat.differentiated(lora),
+      batched=jax_compat.batched(lora),
       dropout_rate=config.lora_dropout,
       key=lora_dropout_key if dropout else None,
       warned=warned,
