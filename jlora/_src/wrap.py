@@ -199,11 +199,12 @@ def wrap(
       ``"merged"`` merges every kernel once up front (fastest for serving
       many tokens; no dropout); ``"auto"`` (default) is factorized wherever
       gradients flow into the adapter (detected at trace time: under
-      ``jax.grad``/``value_and_grad``/``vjp``, including inside ``jit``; for
-      ``grad`` of an already-``jit``-ted function pass ``"factorized"``) or
-      dropout is on, and otherwise picks, per kernel use,
-      whichever costs fewer FLOPs for the static shapes (merged when a
-      kernel sees more tokens than ``in*out/(in+out)``).
+      ``jax.grad``/``value_and_grad``/``vjp``, including inside ``jit``),
+      dropout is on or the adapter is batched (``vmap`` over adapter trees),
+      and otherwise picks, per kernel use, whichever costs fewer FLOPs for
+      the static shapes (merged when a kernel sees more tokens than
+      ``in*out/(in+out)``); a merged use still has factorized gradients, so
+      ``grad`` of an already-jitted apply forms no kernel-sized gradient.
 
   Returns:
     ``apply(tree, lora, *args, lora_dropout_key=None, **kwargs)``. LoRA dropout
