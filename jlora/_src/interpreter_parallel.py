@@ -120,7 +120,7 @@ def shard_map_rule(
       mesh=p["mesh"],
       in_specs=(*specs, PartitionSpec()),
       out_specs=tuple(p["out_specs"]),
-      axis_names=set(p["newly_manual_axes"]),
+      axis_names=set(jax_compat.shard_map_manual_axes(p)),
       check_vma=p["check_vma"],
     )
     return list(fn(*arrays, key))

@@ -153,3 +153,15 @@ def batched(tree: Any) -> bool:
         return True
       t = getattr(t, "primal", None)
   return False
+
+
+def shard_map_manual_axes(params: Any) -> Any:
+  """The mesh axes a ``shard_map`` equation makes manual (``newly_manual_axes`` from jax 0.10.2,
+  ``manual_axes`` before)."""
+  for name in ("newly_manual_axes", "manual_axes"):
+    if name in params:
+      return params[name]
+  raise RuntimeError(
+    f"jlora cannot read the manual axes of a `shard_map` in jax {jax.__version__} (params {sorted(params)}); "
+    f"jlora supports {SUPPORTED_JAX}."
+  )
