@@ -37,3 +37,17 @@ def test_lora_step_quick(tmp_path):
     assert dec["auto"]["flops"] == pytest.approx(dec["hand"]["flops"], rel=0.02)
     for name in ("hand", "auto", "factorized"):
       assert dec[name]["max_abs_err_vs_merged"] < 1e-4, (width, name)
+
+
+@pytest.mark.slow
+def test_compile_depth_runs():
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "compile_depth.py"), "--depths", "2"],
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  (row,) = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["2"]]
+  full_dots, jlora_dots = map(int, row[-1].split("/"))
+  # LoRA's extra products: two forward and four backward rank-r dots per adapted kernel, none for dW.
+  assert full_dots < jlora_dots < 3 * full_dots
