@@ -52,7 +52,8 @@ def settle(x: Any) -> Any:
   return x.base + x.lora if isinstance(x, PendingSum) else x
 
 
-def _dropout(x: jax.Array, ctx: Context) -> jax.Array:
+def dropout(x: jax.Array, ctx: Context) -> jax.Array:
+  """LoRA dropout on the branch input, with this scope's next key (none without one)."""
   key = ctx.next_key()
   if key is None or ctx.dropout_rate == 0.0:
     return x
@@ -164,7 +165,7 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
   if _merged_is_cheaper(kv, x, dot, ctx):
     return [_merged_with_factorized_grad(eqn, dot, kv, branch)(x, base_w, kv.a, kv.b)]
   base = _bind_dot(eqn, dot, base_w, x)[0]
-  lora = branch(_dropout(x, ctx), kv.a, kv.b)
+  lora = branch(dropout(x, ctx), kv.a, kv.b)
   return [PendingSum(base, lora.astype(base.dtype))]
 
 
@@ -233,7 +234,7 @@ def _conv(eqn, invals, ctx):
     or set(kv.a_axes) != {i_axis, *spatial}
   ):
     return None
-  xd = _dropout(x, ctx)
+  xd = dropout(x, ctx)
   y = jax_compat.bind(eqn, [xd, kv.factor_in_view("a", o_axis).astype(xd.dtype)])[0]
   return [_plus_b_branch(base, y, kv, dn.out_spec[1])]
 
@@ -269,6 +270,3 @@ RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.conv_general_dilated_p: _conv,
   P.gather_p: _gather,
 }
-
-# For the rules of other modules (`jlora._src.interpreter_moe`): LoRA dropout on a branch input.
-dropout = _dropout
