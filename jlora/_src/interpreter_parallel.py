@@ -53,7 +53,11 @@ PVARY_P = traced_primitive(
 )
 ALL_GATHER_P = traced_primitive(
   "all_gather",
-  _in_shard_map(lambda x: lax.all_gather(x, "i", tiled=True), PartitionSpec("i"), PartitionSpec("i")),
+  _in_shard_map(
+    lambda x: lax.all_gather(lax.pcast(x, ("i",), to="varying"), "i", tiled=True),
+    PartitionSpec(),
+    PartitionSpec("i"),
+  ),
   _F32,
 )
 
