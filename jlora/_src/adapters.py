@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import agreement, layouts, paths, targets
+from jlora._src import agreement, dora, layouts, paths, targets, values
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config, residual_init
 from jlora._src.layouts import Layout
 
@@ -193,7 +193,11 @@ def init_adapters(
   out: dict = {}
   for spec, k in zip(specs, keys):
     dtype = config.dtype or leaves[spec.path].dtype
-    paths.nested_set(out, spec.path, _init_pair(spec, config, k, dtype))
+    pair = _init_pair(spec, config, k, dtype)
+    if config.use_dora:
+      kernel_view = view(spec, leaves[spec.path], pair[paths.LORA_A], pair[paths.LORA_B])
+      pair[paths.LORA_MAGNITUDE] = dora.initial_magnitude(kernel_view, spec.layers).astype(dtype)
+    paths.nested_set(out, spec.path, pair)
   add_saved_copies(out, tree, config, specs)
   return out
 
@@ -216,12 +220,28 @@ def add_saved_copies(out: dict, tree: Any, config: LoraConfig, specs: list[Adapt
 
 @dataclasses.dataclass(frozen=True)
 class Bound:
-  """One adapter of an adapter tree, bound to its base kernel."""
+  """One adapter of an adapter tree, bound to its base kernel (``m``: DoRA's magnitude, or ``None``)."""
 
   spec: AdapterSpec
   kernel: Any
   a: Any
   b: Any
+  m: Any = None
+
+
+def view(spec: AdapterSpec, kernel: Any, a: Any, b: Any) -> values.LoraValue:
+  """The kernel and its factors as a `LoraValue` over the kernel's axes (all stacked layers)."""
+  a, b = expand_layers(spec, *canonical(spec, a, b))
+  lay = spec.layout
+  return values.LoraValue(
+    w=kernel,
+    a=a,
+    b=jnp.moveaxis(b, len(lay.stacked_axes), -1),
+    a_axes=lay.stacked_axes + lay.in_axes,
+    b_axes=lay.stacked_axes + lay.out_axes,
+    scale=spec.scale,
+    site=spec.where,
+  )
 
 
 def _read_layout(
@@ -380,6 +400,7 @@ def bind(
       saved[path] = _saved_leaf(path, node, kernel, expect, config)
       continue
     a, b = node[paths.LORA_A], node[paths.LORA_B]
+    _check_magnitude_presence(path, node, config)
     cand = targets.Candidate(path, paths.module_path(path, collections), tuple(kernel.shape), kernel.dtype)
     agreement.check_targeted(cand, expect, config)
     reading = _read_layout(cand, a, b, config, hint)
@@ -387,9 +408,44 @@ def bind(
     spec = AdapterSpec(
       path, cand.module, cand.shape, reading.layout, reading.rank, config.scale_for(cand.names), layers
     )
-    bound.append(Bound(spec, kernel, a, b))
+    m = node.get(paths.LORA_MAGNITUDE)
+    if m is not None:
+      _check_magnitude_shape(spec, m)
+    bound.append(Bound(spec, kernel, a, b, m))
   agreement.check_complete(expect, {item.spec.path for item in bound}, saved, config)
   return bound, saved
+
+
+def magnitude_shape(spec: AdapterSpec) -> tuple[int, ...]:
+  """DoRA's ``lora_magnitude`` shape: ``lora_B``'s without its rank axis (the kernel without its
+  fan-in axes; a Dense ``(in, out)``: ``(out,)``; a scanned ``(L, in, out)``: ``(L, out)``)."""
+  b_shape = spec.b_shape
+  first_in = min(spec.layout.in_axes)
+  rank_at = sum(1 for ax in spec.layout.stacked_axes + spec.layout.out_axes if ax < first_in)
+  return b_shape[:rank_at] + b_shape[rank_at + 1 :]
+
+
+def _check_magnitude_presence(path: paths.Path, node: Any, config: LoraConfig) -> None:
+  has = paths.LORA_MAGNITUDE in node
+  if has != config.use_dora:
+    what = "has" if has else "lacks"
+    fix = (
+      "set `use_dora=True` in the config" if has else "make the adapter with `use_dora=True` (`jlora.init`)"
+    )
+    raise ValueError(
+      f"The adapter at {paths.to_str(path)!r} {what} DoRA's {paths.LORA_MAGNITUDE!r} but the config has "
+      f"`use_dora={config.use_dora}`: {fix}, or use the config the adapter was made with."
+    )
+
+
+def _check_magnitude_shape(spec: AdapterSpec, m: Any) -> None:
+  want = magnitude_shape(spec)
+  if tuple(getattr(m, "shape", ())) != want:
+    raise ValueError(
+      f"The adapter at {spec.where!r} has {paths.LORA_MAGNITUDE} of shape {tuple(getattr(m, 'shape', ()))}, "
+      f"but its kernel {spec.kernel_shape} and lora_B {spec.b_shape} call for {want} (lora_B's shape "
+      "without its rank axis)."
+    )
 
 
 def canonical(spec: AdapterSpec, a: Any, b: Any) -> tuple[Any, Any]:

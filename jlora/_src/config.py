@@ -137,6 +137,11 @@ class LoraConfig:
       is trained: a copy of it joins the adapter tree at its own path, as a
       `modules_to_save` leaf does); ``"lora_only"`` (the biases of the adapted
       modules only).
+    use_dora: DoRA (weight-decomposed LoRA, PEFT's ``use_dora``): each adapted
+      kernel becomes ``m * (W + scale * A @ B) / ||W + scale * A @ B||``, the
+      norm taken per output feature over the fan-in axes and not
+      differentiated; the trained magnitude ``m`` (``lora_magnitude``, the
+      kernel's shape without its fan-in axes) starts at ``||W||``.
 
   Raises:
     ValueError, TypeError: at construction, naming the bad field.
@@ -163,6 +168,7 @@ class LoraConfig:
   layout_pattern: Mapping[str, LayoutSpec] | tuple[tuple[str, LayoutSpec], ...] = ()
   dtype: str | None = None
   bias: Bias = "none"
+  use_dora: bool = False
 
   def __post_init__(self) -> None:
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -252,6 +258,8 @@ class LoraConfig:
         "`init_lora_weights` must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' (n a "
         f"non-negative integer), 'olora'; got {init!r}."
       )
+    if not isinstance(self.use_dora, bool):
+      raise TypeError(f"`use_dora` must be a bool; got {self.use_dora!r}.")
     if self.bias not in BIAS_MODES:
       raise ValueError(f"`bias` must be one of {BIAS_MODES}; got {self.bias!r}.")
     if self.dtype is not None and self.dtype not in _DTYPES:

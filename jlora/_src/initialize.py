@@ -140,6 +140,8 @@ def _init_sharded(
   leaves = dict(paths.leaves_with_paths(tree))
   every_module = set(targets.all_module_paths(tree))  # `bias="lora_only"`: a superset is enough here
   copied = targets.saved_module_paths(tree, config) + targets.bias_paths(tree, config, every_module)
+  if config.use_dora:  # DoRA's magnitude starts at the adapted kernels' norms
+    copied += [spec.path for spec in adapters.plan(tree, config, layouts, linear)]
   saved = {paths.to_str(p): leaves[p] for p in copied}
   abstract = jax.tree_util.tree_map(_abstract, tree, is_leaf=is_quantized)
 

@@ -187,13 +187,14 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
   sliced_b = 0 in x.b_axes
   a = jnp.moveaxis(x.a, x.a_axes.index(0), 0) if sliced_a else x.a
   b = jnp.moveaxis(x.b, x.b_axes.index(0), 0) if sliced_b else x.b
+  g = jnp.moveaxis(x.g, x.b_axes.index(0), 0) if sliced_b and x.g is not None else x.g  # DoRA's scale
 
   def shift(axes: V.Axes) -> V.Axes:
     return tuple(i - 1 for i in axes if i != 0)
 
   def rebuild(xs, inv):
-    w, a_s, b_s = xs
-    a_i, b_i = inv
+    w, a_s, b_s, g_s = xs
+    a_i, b_i, g_i = inv
     return LoraValue(
       rebuild_w(w),
       a_s if sliced_a else a_i,
@@ -202,10 +203,11 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
       shift(x.b_axes),
       x.scale,
       x.site,
+      g_s if sliced_b else g_i,
     )
 
-  xs = (w_xs, a if sliced_a else None, b if sliced_b else None)
-  inv = (None if sliced_a else a, None if sliced_b else b)
+  xs = (w_xs, a if sliced_a else None, b if sliced_b else None, g if sliced_b else None)
+  inv = (None if sliced_a else a, None if sliced_b else b, None if sliced_b else g)
   return xs, inv, rebuild
 
 

@@ -110,8 +110,8 @@ def _ragged_dot(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
   x, kv, sizes, group = form
   if isinstance(kv, Probe):
     return _probe(eqn, form, ctx)
-  if not isinstance(kv, LoraValue):
-    return None
+  if not isinstance(kv, LoraValue) or kv.g is not None:
+    return None  # DoRA experts are materialised
   rdn = eqn.params["ragged_dot_dimension_numbers"]
   (lc, rc), _ = rdn.dot_dimension_numbers
   free = [i for i in range(len(kv.shape)) if i not in rc and i != group]

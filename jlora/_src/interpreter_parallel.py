@@ -83,6 +83,14 @@ class _Operand:
 def _operand(x: Any, spec: PartitionSpec) -> _Operand:
   if isinstance(x, LoraValue):
     a_spec, b_spec = factor_specs(x, spec)
+    if x.g is not None:  # DoRA's scale: placed as B without its rank axis
+
+      def rebuild_dora(w, a, b, g):
+        return dataclasses.replace(x, w=w, a=a, b=b, g=g)
+
+      return _Operand(
+        (x.base, x.a, x.b, x.g), (spec, a_spec, b_spec, PartitionSpec(*b_spec[:-1])), rebuild_dora
+      )
 
     def rebuild(w, a, b):
       return dataclasses.replace(x, w=w, a=a, b=b)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
 
-from jlora._src import jax_compat, layouts
+from jlora._src import interpreter_dora, jax_compat, layouts
 from jlora._src import values as V
 from jlora._src.interpreter_context import Context
 from jlora._src.values import LoraValue, Probe, is_special
@@ -162,6 +162,20 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
     return contract(t, t_l, sec.astype(t.dtype), s_l, o_l, **opts)
 
   base_w = kv.base
+  if kv.g is not None:  # DoRA (jlora._src.interpreter_dora); never merged
+    g_lab = "".join(b_lab[:-1])
+    g = interpreter_dora.on_output(kv.g, g_lab, "".join(out_lab))
+    if g is None:  # the model contracts the scaled axes (a tied head, x @ E.T): scale x instead
+      g_in = interpreter_dora.on_output(kv.g, g_lab, "".join(x_lab))
+      if g_in is None:
+        return None
+      x = x * g_in.astype(x.dtype)
+      base = _bind_dot(eqn, dot, base_w, x)[0]
+      return [PendingSum(base, branch(dropout(x, ctx), kv.a, kv.b).astype(base.dtype))]
+    xd = dropout(x, ctx)
+    dropped = None if xd is x else _bind_dot(eqn, dot, base_w, xd)[0]
+    base = _bind_dot(eqn, dot, base_w, x)[0]
+    return [interpreter_dora.combine(g, base, branch(xd, kv.a, kv.b), dropped)]
   if _merged_is_cheaper(kv, x, dot, ctx):
     return [_merged_with_factorized_grad(eqn, dot, kv, branch)(x, base_w, kv.a, kv.b)]
   base = _bind_dot(eqn, dot, base_w, x)[0]
@@ -207,10 +221,20 @@ def _dot_general(eqn, invals, ctx):
   return _lora_dot(eqn, kv, x, dot, ctx)
 
 
-def _plus_b_branch(base: jax.Array, y: jax.Array, kv: LoraValue, axis: int) -> jax.Array:
-  """``base + scale * (y @ B)``, where ``y``'s ``axis`` is the rank axis (``y``: input through ``A``)."""
+def _b_branch(y: jax.Array, kv: LoraValue, axis: int) -> jax.Array:
+  """``scale * (y @ B)``, where ``y``'s ``axis`` is the rank axis (``y``: input through ``A``)."""
   y = y * jnp.asarray(kv.scale, y.dtype)
-  lora = jnp.moveaxis(jnp.tensordot(y, kv.b.astype(y.dtype), axes=([axis], [1])), -1, axis)
+  return jnp.moveaxis(jnp.tensordot(y, kv.b.astype(y.dtype), axes=([axis], [1])), -1, axis)
+
+
+def _plus_b_branch(
+  base: jax.Array, y: jax.Array, kv: LoraValue, axis: int, dropped: jax.Array | None = None
+) -> jax.Array:
+  """``base + scale * (y @ B)`` (its DoRA form where ``kv`` has a scale ``g`` over ``axis``);
+  ``dropped``: the base product of the dropped-out input, under dropout with DoRA."""
+  lora = _b_branch(y, kv, axis)
+  if kv.g is not None:
+    return interpreter_dora.combine(interpreter_dora.on_axis(kv.g, base.ndim, axis), base, lora, dropped)
   return base + lora.astype(base.dtype)
 
 
@@ -236,7 +260,8 @@ def _conv(eqn, invals, ctx):
     return None
   xd = dropout(x, ctx)
   y = jax_compat.bind(eqn, [xd, kv.factor_in_view("a", o_axis).astype(xd.dtype)])[0]
-  return [_plus_b_branch(base, y, kv, dn.out_spec[1])]
+  dropped = None if xd is x or kv.g is None else jax_compat.bind(eqn, [xd, kv.base])[0]
+  return [_plus_b_branch(base, y, kv, dn.out_spec[1], dropped)]
 
 
 def _gather(eqn, invals, ctx):

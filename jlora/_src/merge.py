@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import adapters, paths, quantize
+from jlora._src import adapters, dora, paths, quantize
 from jlora._src.config import LoraConfig, check_config
 from jlora._src.qarray import is_quantized
 
@@ -50,12 +51,21 @@ def _dense(kernel: Any) -> jax.Array:
   return kernel.dequantize(jnp.float32) if is_quantized(kernel) else kernel.astype(jnp.float32)
 
 
+def _dora_merged(item: adapters.Bound) -> jax.Array:
+  """DoRA's merged kernel, ``m * (W + scale * A @ B) / ||W + scale * A @ B||`` (PEFT's merge)."""
+  kernel = adapters.view(item.spec, item.kernel, item.a, item.b)
+  return dataclasses.replace(kernel, g=dora.scale(kernel, item.m, item.spec.layers)).dense()
+
+
 def _apply(tree: Any, lora: Any, config: LoraConfig, sign: float, *, safe: bool, requantize: bool) -> Any:
   bound, saved = adapters.bind(tree, lora, check_config(config))
   merged = {}
   for item in bound:
     base = _dense(item.kernel)
-    new = (base + sign * adapters.delta(item.spec, item.a, item.b)).astype(item.kernel.dtype)
+    if item.m is not None:
+      new = _dora_merged(item)
+    else:
+      new = (base + sign * adapters.delta(item.spec, item.a, item.b)).astype(item.kernel.dtype)
     if safe:
       _check_finite(item, base, new)
     if is_quantized(item.kernel) and requantize:
@@ -77,6 +87,9 @@ def merge(
   tree: Any, lora: Any, config: LoraConfig, *, safe_merge: bool = False, requantize: bool = False
 ) -> Any:
   """The base tree with each adapted kernel replaced by ``W + scale * A @ B``.
+
+  With DoRA (``use_dora``), by ``m * V / ||V||``, ``V = W + scale * A @ B``, the
+  norm per output feature over the fan-in axes (PEFT's DoRA merge).
 
   The sum is accumulated in float32 and cast back to the kernel's dtype.
   `modules_to_save` leaves are replaced by their trained copies. The caller's
@@ -139,7 +152,8 @@ def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
   Raises:
     TypeError: if ``config`` is not a `LoraConfig`, or ``lora`` not a dict.
     ValueError: naming the path, if the adapter tree does not agree with
-      ``config`` and ``tree`` (see `merge`).
+      ``config`` and ``tree`` (see `merge`); for a DoRA config (``use_dora``),
+      whose merge cannot be undone.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -150,6 +164,12 @@ def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
     >>> bool(jnp.allclose(back["q_proj"]["kernel"], params["q_proj"]["kernel"], atol=1e-6))
     True
   """
+  if check_config(config).use_dora:
+    raise ValueError(
+      "`unmerge` cannot undo a DoRA merge: the merged kernel m * V / ||V|| keeps only the direction of "
+      "each output feature of V = W + scale * A @ B, so the norms of the original kernel are lost (PEFT "
+      "caches them at merge). Keep the base tree you merged into (`jlora.merge` never changes it)."
+    )
   quantized = [paths.to_str(p) for p, x in paths.leaves_with_paths(tree) if is_quantized(x)]
   if quantized:
     raise ValueError(

@@ -23,6 +23,7 @@ Path = tuple[PathKey, ...]
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
+LORA_MAGNITUDE = "lora_magnitude"  # DoRA's magnitude vector (PEFT's ``lora_magnitude_vector``)
 
 
 def _entry(k: Any) -> PathKey:
@@ -79,8 +80,12 @@ def nested_set(root: dict, path: Path, value: Any) -> None:
 
 
 def is_adapter(node: Any) -> bool:
-  """Whether ``node`` is one adapter: a mapping with exactly ``lora_A`` and ``lora_B``."""
-  return isinstance(node, Mapping) and set(node.keys()) == {LORA_A, LORA_B}
+  """Whether ``node`` is one adapter: a mapping with exactly ``lora_A`` and ``lora_B``, and DoRA's
+  ``lora_magnitude`` where the adapter has one."""
+  return isinstance(node, Mapping) and set(node.keys()) in (
+    {LORA_A, LORA_B},
+    {LORA_A, LORA_B, LORA_MAGNITUDE},
+  )
 
 
 def adapter_items(lora: Any, prefix: Path = ()) -> Iterator[tuple[Path, Any]]:

@@ -76,7 +76,10 @@ class LoraValue:
   """A view of an adapted kernel: ``w + scale * einsum(a, b)`` (see module doc).
 
   ``w`` may be a `QuantizedArray` (a quantized base, before its first view);
-  `base` is the array it stands for.
+  `base` is the array it stands for. With DoRA, ``g`` is the per-output-feature
+  scale ``m / ||W + scale * A @ B||`` laid out as ``b`` without its rank axis
+  (over ``b_axes``), and the kernel the model means is ``g * (w + delta)``
+  (`jlora._src.dora`).
   """
 
   w: jax.Array | QuantizedArray
@@ -86,6 +89,7 @@ class LoraValue:
   b_axes: Axes = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
   site: str = dataclasses.field(metadata=dict(static=True))
+  g: jax.Array | None = None  # DoRA: m / ||W + scale * A @ B||, over b_axes
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -124,8 +128,13 @@ class LoraValue:
     return (d * self.scale).astype(dtype)
 
   def dense(self) -> jax.Array:
-    """The kernel view itself, ``w + delta`` (accumulated in float32)."""
-    return (self.base.astype(jnp.float32) + self.delta()).astype(self.w.dtype)
+    """The kernel view itself, ``w + delta`` (``g * (w + delta)`` with DoRA), accumulated in float32."""
+    merged = self.base.astype(jnp.float32) + self.delta()
+    if self.g is not None:
+      perm = sorted(range(len(self.b_axes)), key=lambda i: self.b_axes[i])
+      g = jnp.transpose(self.g, perm).astype(jnp.float32)
+      merged = merged * jnp.expand_dims(g, [i for i in range(len(self.shape)) if i not in self.b_axes])
+    return merged.astype(self.w.dtype)
 
   # -- view operations -------------------------------------------------------
 
@@ -176,16 +185,18 @@ class LoraValue:
     r = self.rank
     a = self.a.reshape([new_shape[i] for i in a_axes] + [r])
     b = self.b.reshape([new_shape[i] for i in b_axes] + [r])
-    return self._with(w=w, a=a, b=b, a_axes=tuple(a_axes), b_axes=tuple(b_axes))
+    g = None if self.g is None else self.g.reshape([new_shape[i] for i in b_axes])
+    return self._with(w=w, a=a, b=b, g=g, a_axes=tuple(a_axes), b_axes=tuple(b_axes))
 
   def map_axis(self, axis: int, fn) -> LoraValue:
     """Applies ``fn(factor, dim)`` to each factor that carries view ``axis``."""
-    a, b = self.a, self.b
+    a, b, g = self.a, self.b, self.g
     if axis in self.a_axes:
       a = fn(a, self.a_axes.index(axis))
     if axis in self.b_axes:
       b = fn(b, self.b_axes.index(axis))
-    return self._with(a=a, b=b)
+      g = None if g is None else fn(g, self.b_axes.index(axis))
+    return self._with(a=a, b=b, g=g)
 
   def cast(self, dtype: Any, w: jax.Array) -> LoraValue | None:
     if not jnp.issubdtype(dtype, jnp.floating):

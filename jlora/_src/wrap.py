@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -10,7 +11,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import numpy as np
 
-from jlora._src import adapters, agreement, interpreter, jax_compat, layouts, paths, targets, values
+from jlora._src import adapters, agreement, dora, interpreter, jax_compat, layouts, paths, targets, values
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.merge import merge
 from jlora._src.qarray import QuantizedArray, is_quantized
@@ -87,18 +88,10 @@ def _trace(
 
 
 def _lora_value(item: adapters.Bound) -> values.LoraValue:
-  spec = item.spec
-  a, b = adapters.expand_layers(spec, *adapters.canonical(spec, item.a, item.b))
-  lay = spec.layout
-  return values.LoraValue(
-    w=item.kernel,
-    a=a,
-    b=jax.numpy.moveaxis(b, len(lay.stacked_axes), -1),
-    a_axes=lay.stacked_axes + lay.in_axes,
-    b_axes=lay.stacked_axes + lay.out_axes,
-    scale=spec.scale,
-    site=spec.where,
-  )
+  value = adapters.view(item.spec, item.kernel, item.a, item.b)
+  if item.m is None:
+    return value
+  return dataclasses.replace(value, g=dora.scale(value, item.m, item.spec.layers))
 
 
 def _linear_reader(traced: _Traced, tree: Any, cache: dict) -> Callable[[], set[paths.Path]]:

@@ -1,0 +1,89 @@
+"""DoRA (weight-decomposed LoRA), as PEFT's ``use_dora``: the norms, factorized.
+
+A DoRA kernel is ``m * V / ||V||`` with ``V = W + scale * A @ B``: ``||V||`` is
+the L2 norm of each output feature over the kernel's fan-in axes (per stacked
+layer), not differentiated (the DoRA paper, section 4.3, and PEFT), and ``m``
+the trained magnitude (``lora_magnitude``: the kernel's shape without its
+fan-in axes, i.e. ``lora_B``'s without its rank axis), which starts at
+``||W + scale * A @ B||`` of the adapter at init (``||W||`` when ``B`` is zero).
+
+The norm never forms ``A @ B`` at the kernel's size:
+``||V||^2 = ||W||^2 + 2 scale sum_r B * (A^T W) + scale^2 sum_r B * ((A^T A) B)``,
+with ``A^T W`` of size ``r x out`` and ``A^T A`` of size ``r x r``. Arrays here
+follow `LoraValue`'s layout: ``a`` over ``a_axes`` plus the rank, ``b`` over
+``b_axes`` plus the rank, norms and scales over ``b_axes``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jlora._src import values as V
+from jlora._src.interpreter_products import contract
+
+_HIGHEST = dict(precision=jax.lax.Precision.HIGHEST)
+
+
+def column_norm(kv: V.LoraValue) -> jax.Array:
+  """``||W + scale * A @ B||`` per output feature of the view ``kv``, over ``b_axes``, in float32.
+
+  Computed from ``||W||^2``, ``A^T W`` and ``A^T A`` (never an ``in x out`` update),
+  under ``stop_gradient``.
+  """
+  w = jax.lax.stop_gradient(kv.base).astype(jnp.float32)
+  a = jax.lax.stop_gradient(kv.a).astype(jnp.float32)
+  b = jax.lax.stop_gradient(kv.b).astype(jnp.float32)
+  lab = V.letters(len(kv.shape) + 2)
+  r, q = lab[-2], lab[-1]
+  k_lab = "".join(lab[: len(kv.shape)])
+  a_lab = "".join(lab[i] for i in kv.a_axes)
+  b_lab = "".join(lab[i] for i in kv.b_axes)
+  shared = "".join(c for c in a_lab if c in b_lab)
+  fan_in = tuple(i for i in range(len(kv.shape)) if i not in kv.b_axes)
+  w_sq = jnp.sum(w * w, axis=fan_in)  # the b axes in view order
+  w_sq = jnp.transpose(w_sq, [sorted(kv.b_axes).index(ax) for ax in kv.b_axes])
+  atw = contract(a, a_lab + r, w, k_lab, b_lab + r, **_HIGHEST)
+  ata = contract(a, a_lab + r, a, a_lab + q, shared + r + q, **_HIGHEST)
+  atab = contract(ata, shared + r + q, b, b_lab + q, b_lab + r, **_HIGHEST)
+  s = kv.scale
+  norm_sq = w_sq + 2.0 * s * jnp.sum(b * atw, axis=-1) + s * s * jnp.sum(b * atab, axis=-1)
+  return jnp.sqrt(jnp.maximum(norm_sq, 0.0))
+
+
+def initial_magnitude(kv: V.LoraValue, layers: tuple[int, ...] | None) -> jax.Array:
+  """PEFT's magnitude at init, ``||W + scale * A @ B||`` per output feature.
+
+  Args:
+    kv: the whole kernel as a view (`adapters.view`): its axes are the kernel's.
+    layers: the stacked layers the adapter covers (`layers_to_transform`), or
+      ``None`` for all.
+
+  Returns:
+    ``lora_magnitude``: the kernel's shape without its fan-in axes, in the
+    kernel's axis order (``lora_B``'s shape without its rank axis).
+  """
+  norm = column_norm(kv)
+  if layers is not None:
+    norm = norm[jnp.asarray(layers)]
+  return jnp.transpose(norm, [kv.b_axes.index(ax) for ax in sorted(kv.b_axes)])
+
+
+def scale(kv: V.LoraValue, m: jax.Array, layers: tuple[int, ...] | None) -> jax.Array:
+  """DoRA's ``m / ||W + scale * A @ B||`` for the whole kernel ``kv``, over its ``b_axes``.
+
+  Args:
+    kv: the whole kernel as a view (`adapters.view`).
+    m: ``lora_magnitude``, in the kernel's axis order (see `initial_magnitude`).
+    layers: as in `initial_magnitude`; layers left out get exactly 1 (their ``B`` is zero).
+
+  Returns:
+    The scale, laid out as ``kv.b`` without its rank axis (`LoraValue.g`).
+  """
+  norm = column_norm(kv)
+  kernel_order = sorted(kv.b_axes)
+  m = jnp.transpose(m, [kernel_order.index(ax) for ax in kv.b_axes]).astype(jnp.float32)
+  if layers is None:
+    return m / norm
+  idx = jnp.asarray(layers)
+  return jnp.ones_like(norm).at[idx].set(m / norm[idx])
