@@ -80,35 +80,67 @@ def family(request):
   return request.param, *_family(request.param)
 
 
-def test_export_loads_in_peft_with_the_same_logits(family, tmp_path):
+def _dora_trained(lora, key):
+  """A DoRA adapter as training leaves it: the magnitude moved off the kernel norms it starts at."""
+  return jax.tree_util.tree_map_with_path(
+    lambda kp, x: (
+      x * jax.random.uniform(jax.random.fold_in(key, x.size), x.shape, minval=0.5, maxval=1.5)
+      if str(kp[-1].key) == "lora_magnitude"
+      else x
+    ),
+    lora,
+  )
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_export_loads_in_peft_with_the_same_logits(family, tmp_path, dora):
   kind, params, apply_fn, torch_model, names, extra = family
   x = (jnp.asarray(TOKENS),)
-  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=tuple(names), init_lora_weights=False)
+  cfg = jlora.LoraConfig(
+    r=R, lora_alpha=ALPHA, target_modules=tuple(names), init_lora_weights=False, use_dora=dora
+  )
   lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=x)
+  if dora:
+    lora = _dora_trained(lora, jax.random.key(3))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    count, _ = peft.get_peft_model(
-      torch_model(), peft.LoraConfig(r=R, target_modules=names, **extra)
-    ).get_nb_trainable_parameters()
+    pm = peft.get_peft_model(
+      torch_model(), peft.LoraConfig(r=R, target_modules=names, use_dora=dora, **extra)
+    )
+    count, total = pm.get_nb_trainable_parameters()
   assert jlora.count_params(lora) == count
+  # PEFT's print_trainable_parameters line, magnitude vectors included.
+  assert jlora.summary(params, lora) == (
+    f"trainable params: {count:,d} || all params: {total:,d} || trainable%: {100 * count / total:.4f}"
+  )
   pcfg = jlora.export_peft(tmp_path, lora, cfg, base=params)
   assert pcfg["target_modules"] == names and pcfg["fan_in_fan_out"] is (kind == "gpt2")
+  assert pcfg["use_dora"] is dora
   pm = peft.PeftModel.from_pretrained(torch_model(), tmp_path).eval()
   want = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, *x))
   assert np.max(np.abs(want - _logits(torch_model()))) > 1e-2, "the adapter must change the logits"
   np.testing.assert_allclose(_logits(pm), want, atol=1e-5, rtol=0)
 
 
-def test_peft_adapter_imports_with_the_same_logits(family, tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_peft_adapter_imports_with_the_same_logits(family, tmp_path, dora):
   kind, params, apply_fn, torch_model, names, extra = family
   torch.manual_seed(5)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    pcfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=names[:2], init_lora_weights=False, **extra)
+    pcfg = peft.LoraConfig(
+      r=R, lora_alpha=ALPHA, target_modules=names[:2], init_lora_weights=False, use_dora=dora, **extra
+    )
     pm = peft.get_peft_model(torch_model(), pcfg).eval()
+  if dora:  # magnitudes off the kernel norms they start at, as after training
+    with torch.no_grad():
+      for name, p in pm.named_parameters():
+        if "lora_magnitude_vector" in name:
+          p.mul_(torch.rand(p.shape) + 0.5)
   pm.save_pretrained(tmp_path)
   x = (jnp.asarray(TOKENS),)
   lora, cfg = jlora.import_peft(tmp_path, params, apply_fn=apply_fn, example_args=x)
+  assert cfg.use_dora is dora
   np.testing.assert_allclose(
     np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, *x)), _logits(pm), atol=1e-5, rtol=0
   )

@@ -416,13 +416,32 @@ def bind(
   return bound, saved
 
 
+def b_rank_axis(spec: AdapterSpec) -> int:
+  """Where ``lora_B`` holds its rank axis (at the place of the kernel's first fan-in axis)."""
+  first_in = min(spec.layout.in_axes)
+  return sum(1 for ax in spec.layout.stacked_axes + spec.layout.out_axes if ax < first_in)
+
+
 def magnitude_shape(spec: AdapterSpec) -> tuple[int, ...]:
   """DoRA's ``lora_magnitude`` shape: ``lora_B``'s without its rank axis (the kernel without its
   fan-in axes; a Dense ``(in, out)``: ``(out,)``; a scanned ``(L, in, out)``: ``(L, out)``)."""
-  b_shape = spec.b_shape
-  first_in = min(spec.layout.in_axes)
-  rank_at = sum(1 for ax in spec.layout.stacked_axes + spec.layout.out_axes if ax < first_in)
-  return b_shape[:rank_at] + b_shape[rank_at + 1 :]
+  rank_at = b_rank_axis(spec)
+  return spec.b_shape[:rank_at] + spec.b_shape[rank_at + 1 :]
+
+
+def _magnitude_perm(spec: AdapterSpec) -> list[int]:
+  kernel_order = sorted(spec.layout.stacked_axes + spec.layout.out_axes)
+  return [kernel_order.index(ax) for ax in spec.layout.stacked_axes + spec.layout.out_axes]
+
+
+def canonical_magnitude(spec: AdapterSpec, m: Any) -> Any:
+  """DoRA's magnitude in canonical order, ``(*stacked, *fan_out)`` (from the kernel's axis order)."""
+  return jnp.transpose(m, _magnitude_perm(spec))
+
+
+def magnitude_from_canonical(spec: AdapterSpec, m: Any) -> Any:
+  """The inverse of `canonical_magnitude`."""
+  return jnp.transpose(m, tuple(np.argsort(_magnitude_perm(spec))))
 
 
 def _check_magnitude_presence(path: paths.Path, node: Any, config: LoraConfig) -> None:

@@ -33,6 +33,7 @@ _USED = frozenset(
     "layers_to_transform",
     "layers_pattern",
     "bias",
+    "use_dora",
   }
 )
 # Fields whose value does not change what the saved weights compute (or that
@@ -64,7 +65,6 @@ _IGNORED = frozenset(
 # something jlora's LoRA does not (DoRA, biases ...).
 _REQUIRED = {
   "peft_type": ("LORA",),
-  "use_dora": (False,),
   "lora_bias": (False,),
   "layer_replication": (None,),
   "target_parameters": (None, []),
@@ -191,6 +191,6 @@ def peft_config_of(
     "modules_to_save": sorted(set(saved_modules)) or None,
     "bias": config.bias,
     "fan_in_fan_out": any(is_conv1d(n) for n in ranks),
-    "use_dora": False,
+    "use_dora": config.use_dora,
     "lora_bias": False,
   }

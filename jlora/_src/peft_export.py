@@ -17,7 +17,7 @@ from jlora._src.config import LoraConfig
 from jlora._src.peft_config import exported_targets as _exported_targets
 from jlora._src.peft_config import peft_config_of
 from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
-from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys
+from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys, magnitude_key
 
 
 def bound_adapters(lora: Any, config: LoraConfig, base: Any) -> tuple[list[adapters.Bound], dict]:
@@ -56,17 +56,18 @@ def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
     spec = adapters.AdapterSpec(
       path, module, shape, layout, config.rank_for(cand.names), config.scale_for(cand.names), layers
     )
-    bound.append(adapters.Bound(spec, None, a, b))
+    bound.append(adapters.Bound(spec, None, a, b, node.get(paths.LORA_MAGNITUDE)))
   return bound
 
 
 @dataclasses.dataclass(frozen=True)
 class _Factors:
-  """One PEFT module's factors: ``a`` ``(r, in)`` and ``b`` ``(out, r)``."""
+  """One PEFT module's factors: ``a`` ``(r, in)`` and ``b`` ``(out, r)``; DoRA's ``m`` ``(out,)``."""
 
   index: int | None  # entry of the stacked axis
   a: np.ndarray
   b: np.ndarray
+  m: np.ndarray | None
 
 
 def _peft_factors(item: adapters.Bound) -> Iterator[_Factors]:
@@ -77,13 +78,20 @@ def _peft_factors(item: adapters.Bound) -> Iterator[_Factors]:
       f"{spec.layout}); a PEFT module can carry one at most (exported as one module per entry)."
     )
   a, b = (np.asarray(x) for x in adapters.canonical(spec, item.a, item.b))
+  m = None if item.m is None else np.asarray(adapters.canonical_magnitude(spec, item.m))
   n_in, n_out = math.prod(spec.in_shape), math.prod(spec.out_shape)
   if not spec.layout.stacked_axes:
-    yield _Factors(None, a.reshape(n_in, spec.rank).T, b.reshape(spec.rank, n_out).T)
+    yield _Factors(
+      None,
+      a.reshape(n_in, spec.rank).T,
+      b.reshape(spec.rank, n_out).T,
+      None if m is None else m.reshape(n_out),
+    )
     return
   ids = spec.layers if spec.layers is not None else range(a.shape[0])
-  for i, a_l, b_l in zip(ids, a, b):
-    yield _Factors(i, a_l.reshape(n_in, spec.rank).T, b_l.reshape(spec.rank, n_out).T)
+  for j, (i, a_l, b_l) in enumerate(zip(ids, a, b)):
+    m_l = None if m is None else m[j].reshape(n_out)
+    yield _Factors(i, a_l.reshape(n_in, spec.rank).T, b_l.reshape(spec.rank, n_out).T, m_l)
 
 
 def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> set[str]:
@@ -130,6 +138,8 @@ def _adapter_tensors(
       key_a, key_b = lora_keys(name, embedding)
       out.put(key_a, f.a, spec.where)
       out.put(key_b, f.b, spec.where)
+      if f.m is not None:
+        out.put(magnitude_key(name), f.m, spec.where)
       ranks[name] = spec.rank
       alphas[name] = config.alpha_for((spec.module, spec.param))
   return ranks, alphas

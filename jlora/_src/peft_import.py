@@ -19,10 +19,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import adapters, layouts, paths, peft_config, peft_io, targets
+from jlora._src import adapters, dora, layouts, paths, peft_config, peft_io, targets
 from jlora._src.config import LoraConfig, freeze_layout_pattern, longest_match
 from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
-from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys
+from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys, magnitude_key
 
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
@@ -296,6 +296,7 @@ def _import_config(
       layout_pattern=layout_pattern or (),
       dtype=dtype,
       bias=pcfg.get("bias", "none"),
+      use_dora=pcfg.get("use_dora", False),
     )
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where!r} has an invalid value: {e}") from e
@@ -323,6 +324,40 @@ def _read_factors(handle: Any, m: _Match, weights_path: str) -> tuple[np.ndarray
   a = np.stack([parts.get(i, zero)[0] for i in ids])
   b = np.stack([parts.get(i, zero)[1] for i in ids])
   return a, b
+
+
+def _read_magnitude(
+  handle: Any, m: _Match, spec: adapters.AdapterSpec, kernel: Any, weights_path: str
+) -> Any:
+  """DoRA's magnitude of one weight in the kernel's axis order, read from the file; the parts of a
+  fused weight the file does not adapt get the norms of their kernel (a DoRA no-op, as their B is 0)."""
+  out_shape = tuple(m.cand.shape[i] for i in m.layout.out_axes)
+  parts = {}
+  for index, name in m.names:
+    key = magnitude_key(name)
+    try:
+      arr = handle.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for a missing or truncated tensor
+      raise ValueError(
+        f"{weights_path!r}: cannot read DoRA's {key!r} ({e}); adapter_config.json says `use_dora` but "
+        "the file lacks the magnitude vector of this module."
+      ) from e
+    if arr.size != math.prod(out_shape):
+      raise ValueError(
+        f"{weights_path!r}: {key!r} has shape {tuple(arr.shape)}, but kernel {paths.to_str(m.cand.path)!r} "
+        f"has {math.prod(out_shape)} output features ({out_shape})."
+      )
+    parts[index] = jnp.asarray(arr.reshape(out_shape))
+  if not m.layout.stacked_axes:
+    return adapters.magnitude_from_canonical(spec, parts[None])
+  ids = [i for i, _ in m.names] if m.layer_axis else list(range(m.cand.shape[m.layout.stacked_axes[0]]))
+  if any(i not in parts for i in ids):
+    zeros = lambda shape: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    kernel_view = adapters.view(spec, kernel, zeros(spec.a_shape), zeros(spec.b_shape))
+    norms = adapters.canonical_magnitude(spec, dora.initial_magnitude(kernel_view, None))
+    parts = {i: parts.get(i, norms[i]) for i in ids}
+  dtype = next(iter(parts.values())).dtype
+  return adapters.magnitude_from_canonical(spec, jnp.stack([parts[i].astype(dtype) for i in ids]))
 
 
 def import_peft(
@@ -401,6 +436,8 @@ def import_peft(
     for c, lay, hits in found
   ]
   claimed = {k for m in matches for _, n in m.names for k in lora_keys(n, m.embedding)}
+  if pcfg.get("use_dora", False):
+    claimed |= {magnitude_key(n) for m in matches for _, n in m.names}
   biases = _bias_leaves(tree, pcfg, name_map, info, weights_path)
   claimed |= set(biases.values())
   saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
@@ -451,12 +488,15 @@ def _build_tree(
 ) -> dict:
   """Reads the checked tensors into the adapter tree (factors in the kernels' axis order)."""
   lora: dict = {}
+  leaves = dict(paths.leaves_with_paths(tree))
   for m in matches:
     a, b = _read_factors(handle, m, where)
     spec = adapters.AdapterSpec(m.cand.path, m.cand.module, m.cand.shape, m.layout, m.rank, 1.0, None)
     a, b = adapters.from_canonical(spec, jnp.asarray(a), jnp.asarray(b))
-    paths.nested_set(lora, m.cand.path, {paths.LORA_A: a, paths.LORA_B: b})
-  leaves = dict(paths.leaves_with_paths(tree))
+    node = {paths.LORA_A: a, paths.LORA_B: b}
+    if config.use_dora:
+      node[paths.LORA_MAGNITUDE] = _read_magnitude(handle, m, spec, leaves[m.cand.path], where)
+    paths.nested_set(lora, m.cand.path, node)
   for path in targets.saved_module_paths(tree, config):
     if path in saved:
       arr = _read_saved(handle, saved[path], where)

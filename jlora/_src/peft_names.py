@@ -64,6 +64,11 @@ def lora_keys(name: str, embedding: bool) -> tuple[str, str]:
   return f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
 
 
+def magnitude_key(name: str) -> str:
+  """PEFT's state-dict key of one module's DoRA magnitude vector."""
+  return f"{PREFIX}{name}.lora_magnitude_vector"
+
+
 def is_conv1d(name: str) -> bool:
   """Whether PyTorch builds module ``name`` as GPT-2's ``Conv1D``."""
   return _CONV1D.search(name) is not None

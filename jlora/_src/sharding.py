@@ -257,7 +257,12 @@ def adapter_specs(
       where = item.spec.where
       _check_spec(a, len(item.spec.a_shape), m, f"`overrides[{pattern!r}][0]` (lora_A of {where!r})")
       _check_spec(b, len(item.spec.b_shape), m, f"`overrides[{pattern!r}][1]` (lora_B of {where!r})")
-    paths.nested_set(out, item.spec.path, {paths.LORA_A: place(a, m), paths.LORA_B: place(b, m)})
+    node = {paths.LORA_A: place(a, m), paths.LORA_B: place(b, m)}
+    if item.m is not None:  # DoRA's magnitude: placed as lora_B without its rank axis
+      entries = list(b) + [None] * (len(item.spec.b_shape) - len(b))
+      del entries[adapters.b_rank_axis(item.spec)]
+      node[paths.LORA_MAGNITUDE] = place(PartitionSpec(*entries), m)
+    paths.nested_set(out, item.spec.path, node)
   for path, leaf in saved.items():
     spec, m = lookup(path)
     _check_spec(spec, len(leaf.shape), m, f"The spec {spec} of {paths.to_str(path)!r}")
