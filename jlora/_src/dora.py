@@ -31,7 +31,7 @@ def column_norm(kv: V.LoraValue) -> jax.Array:
   Computed from ``||W||^2``, ``A^T W`` and ``A^T A`` (never an ``in x out`` update),
   under ``stop_gradient``.
   """
-  w = jax.lax.stop_gradient(kv.base).astype(jnp.float32)
+  w = kv.base.astype(jnp.float32)  # no gradient reaches the norm (stop_gradient below)
   a = jax.lax.stop_gradient(kv.a).astype(jnp.float32)
   b = jax.lax.stop_gradient(kv.b).astype(jnp.float32)
   lab = V.letters(len(kv.shape) + 2)
@@ -40,15 +40,13 @@ def column_norm(kv: V.LoraValue) -> jax.Array:
   a_lab = "".join(lab[i] for i in kv.a_axes)
   b_lab = "".join(lab[i] for i in kv.b_axes)
   shared = "".join(c for c in a_lab if c in b_lab)
-  fan_in = tuple(i for i in range(len(kv.shape)) if i not in kv.b_axes)
-  w_sq = jnp.sum(w * w, axis=fan_in)  # the b axes in view order
-  w_sq = jnp.transpose(w_sq, [sorted(kv.b_axes).index(ax) for ax in kv.b_axes])
+  w_sq = contract(w, k_lab, w, k_lab, b_lab, **_HIGHEST)  # no kernel-sized square: XLA fuses it
   atw = contract(a, a_lab + r, w, k_lab, b_lab + r, **_HIGHEST)
   ata = contract(a, a_lab + r, a, a_lab + q, shared + r + q, **_HIGHEST)
   atab = contract(ata, shared + r + q, b, b_lab + q, b_lab + r, **_HIGHEST)
   s = kv.scale
   norm_sq = w_sq + 2.0 * s * jnp.sum(b * atw, axis=-1) + s * s * jnp.sum(b * atab, axis=-1)
-  return jnp.sqrt(jnp.maximum(norm_sq, 0.0))
+  return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(norm_sq, 0.0)))
 
 
 def initial_magnitude(kv: V.LoraValue, layers: tuple[int, ...] | None) -> jax.Array:

@@ -31,6 +31,8 @@ def _label(path: paths.Path, leaf: Any) -> str:
     if str(path[-2]) in targets.EMBEDDING_LEAVES:
       return "embedding"
     return "a" if path[-1] == paths.LORA_A else "b"
+  if path and path[-1] == paths.LORA_MAGNITUDE:  # PEFT's magnitude vectors are 1-D: group B
+    return "b"
   if getattr(leaf, "ndim", 0) == 1:  # a trained 1-D leaf (modules_to_save): PEFT's group B
     return "b_no_decay" if str(path[-1]) in _NO_DECAY else "b"
   return "a"
