@@ -268,8 +268,11 @@ def test_bad_config_fields(exported):
   _rewrite(d, config={**cfg, "frobnicate": 1})
   with pytest.raises(ValueError, match=r"field\(s\) \['frobnicate'\]"):
     jlora.import_peft(d, tree)
-  _rewrite(d, config={**cfg, "use_dora": True})
-  with pytest.raises(ValueError, match="`use_dora` must be False"):
+  _rewrite(d, config={**cfg, "lora_bias": True})
+  with pytest.raises(ValueError, match="`lora_bias` must be False"):
+    jlora.import_peft(d, tree)
+  _rewrite(d, config={**cfg, "use_dora": True})  # DoRA without its magnitude vectors
+  with pytest.raises(ValueError, match=r"cannot read DoRA's '.*q_proj\.lora_magnitude_vector'"):
     jlora.import_peft(d, tree)
   _rewrite(d, config={**cfg, "init_lora_weights": "pissa"})
   with pytest.raises(ValueError, match="PiSSA"):
