@@ -114,16 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (one step each)")
   p.add_argument("--out", type=Path, default=RESULTS / "dora_step.json")
   args = p.parse_args(argv)
-  if args.quick:
-    args.d_model, args.layers, args.seq, args.batch, args.rank, args.vocab, args.rounds = (
-      64,
-      2,
-      32,
-      2,
-      4,
-      512,
-      3,
-    )
+  if args.quick:  # few tokens: the kernels, not the activations, set the temp bytes
+    args.d_model, args.layers, args.seq, args.batch, args.rank, args.vocab = 256, 2, 8, 1, 4, 256
+    args.rounds = 3
   cfg = _gpt.GPTConfig(
     vocab=args.vocab,
     d_model=args.d_model,

@@ -51,3 +51,21 @@ def test_compile_depth_runs():
   full_dots, jlora_dots = map(int, row[-1].split("/"))
   # LoRA's extra products: two forward and four backward rank-r dots per adapted kernel, none for dW.
   assert full_dots < jlora_dots < 3 * full_dots
+
+
+@pytest.mark.slow
+def test_dora_step_quick(tmp_path):
+  out = tmp_path / "dora_step.json"
+  subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "dora_step.py"), "--quick", "--out", str(out)],
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  result = json.loads(out.read_text())
+  steps, checks = result["steps"], result["checks"]
+  # The three DoRA steps compute the same first step; the factorized norms keep the temporaries
+  # below both materialising versions (PEFT's dense norm, and the merged kernel).
+  assert checks["same first-step loss (1e-4)"]
+  assert steps["dora"]["temp_bytes"] < steps["dora_peft"]["temp_bytes"] < steps["dora_merged"]["temp_bytes"]
+  assert steps["dora"]["flops"] < steps["dora_merged"]["flops"]

@@ -437,7 +437,16 @@ def import_peft(
   ]
   claimed = {k for m in matches for _, n in m.names for k in lora_keys(n, m.embedding)}
   if pcfg.get("use_dora", False):
-    claimed |= {magnitude_key(n) for m in matches for _, n in m.names}
+    magnitudes = {magnitude_key(n) for m in matches for _, n in m.names}
+    missing = sorted(magnitudes - set(info))
+    if missing:
+      raise ValueError(
+        f"{weights_path!r} lacks DoRA's {missing[0]!r}"
+        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        + ": adapter_config.json says `use_dora`, but the file does not hold the magnitude vectors. "
+        "Save the adapter again with PEFT, or set `use_dora` to false if it is a plain LoRA adapter."
+      )
+    claimed |= magnitudes
   biases = _bias_leaves(tree, pcfg, name_map, info, weights_path)
   claimed |= set(biases.values())
   saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
