@@ -14,16 +14,21 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_lora_step_quick(tmp_path):
-  out = tmp_path / "lora_step.json"
+def _quick(script: str, tmp_path: pathlib.Path) -> dict:
+  """The JSON result of ``benchmarks/<script>.py --quick``."""
+  out = tmp_path / f"{script}.json"
   subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "lora_step.py"), "--quick", "--out", str(out)],
+    [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out)],
     check=True,
     capture_output=True,
     text=True,
   )
-  result = json.loads(out.read_text())
+  return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_lora_step_quick(tmp_path):
+  result = _quick("lora_step", tmp_path)
   ratios, checks = result["ratios"], result["checks"]
   # The wrapped train step is the hand-written one: same FLOPs, same temporaries.
   assert ratios["flops.jlora/hand"] == pytest.approx(1.0, abs=0.02)
@@ -55,14 +60,7 @@ def test_compile_depth_runs():
 
 @pytest.mark.slow
 def test_dora_step_quick(tmp_path):
-  out = tmp_path / "dora_step.json"
-  subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "dora_step.py"), "--quick", "--out", str(out)],
-    check=True,
-    capture_output=True,
-    text=True,
-  )
-  result = json.loads(out.read_text())
+  result = _quick("dora_step", tmp_path)
   steps, checks = result["steps"], result["checks"]
   # The three DoRA steps compute the same first step; the factorized norms keep the temporaries
   # below both materialising versions (PEFT's dense norm, and the merged kernel).

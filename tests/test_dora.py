@@ -265,6 +265,16 @@ def test_sharding_places_the_magnitude_as_lora_b_without_its_rank():
   assert out["lora_B"] == P(None, None, "tp") and out["lora_magnitude"] == P(None, "tp")
 
 
+def test_sharded_init_reads_the_kernel_norms():
+  params, _ = _dense_case(bias=False)
+  cfg = jlora.LoraConfig(r=3, target_modules=("fc",), use_dora=True)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",))
+  lora = jlora.init(params, cfg, key=K[2], shardings=mesh)
+  np.testing.assert_allclose(
+    lora["fc"]["kernel"]["lora_magnitude"], np.linalg.norm(params["fc"]["kernel"], axis=0), rtol=1e-6
+  )
+
+
 def test_loraplus_puts_the_magnitude_in_group_b():
   case = zoo.BUILDERS["llama_scan"]()
   cfg = dataclasses.replace(case.config, use_dora=True)

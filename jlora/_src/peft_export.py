@@ -199,7 +199,8 @@ def export_peft(
   ``adapter_model.safetensors`` holds ``base_model.model.<module>.lora_A.weight``
   ``(r, in)`` and ``...lora_B.weight`` ``(out, r)`` for each adapted module
   (``lora_embedding_A`` ``(r, vocab)`` / ``lora_embedding_B`` ``(d, r)`` for
-  embeddings), one module per entry of a stacked kernel (a layer of a scanned
+  embeddings; with DoRA also ``...lora_magnitude_vector`` ``(out,)``), one module
+  per entry of a stacked kernel (a layer of a scanned
   kernel; k and v of gemma's fused ``kv_einsum``), the trained copies of
   `modules_to_save` (``kernel`` transposed to ``weight``), and the biases
   `bias` trains as PEFT names them (``<module>.base_layer.bias`` for an
