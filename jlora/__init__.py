@@ -10,6 +10,7 @@ fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
 
 from importlib import metadata as _metadata
 
+from jlora._src.bank import Bank, BankConfig, stack
 from jlora._src.checkpoint import (
   AdapterCheckpointManager,
   RestoredAdapter,
@@ -43,6 +44,8 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout wit
 
 __all__ = [
   "AdapterCheckpointManager",
+  "Bank",
+  "BankConfig",
   "CheckpointBusyError",
   "Layout",
   "LoraConfig",
@@ -72,6 +75,7 @@ __all__ = [
   "save_adapter",
   "save_merged",
   "split",
+  "stack",
   "summary",
   "to_plain_lora",
   "trainable_mask",
