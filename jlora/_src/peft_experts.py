@@ -48,8 +48,9 @@ def peft_shapes(layout: layouts.Layout, shape: tuple[int, ...], p: PeftParameter
 
 def to_peft(a: np.ndarray, b: np.ndarray, layout: layouts.Layout, p: PeftParameter, where: str):
   """One layer's canonical ``A`` ``(E, D, r)``, ``B`` ``(E, r, F)`` -> PEFT's ``lora_A``, ``lora_B``."""
+  in_is_fan_in = _peft_in_is_fan_in(layout, p, where)
   experts, _, rank = a.shape
-  if _peft_in_is_fan_in(layout, p, where):
+  if in_is_fan_in:
     la, lb = a.transpose(0, 2, 1), b.transpose(2, 1, 0)  # (E, r, D), (F, r, E)
   else:
     la, lb = b, a.transpose(1, 2, 0)  # (E, r, F), (D, r, E)

@@ -38,10 +38,11 @@ def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
     module = paths.module_path(path, collections)
     cand = targets.Candidate(path, module, (), None)
     a, b = node[paths.LORA_A], node[paths.LORA_B]
+    pattern = config.layout_for(cand.names)
     found = [
       (lay, shape)
       for lay, shape in layouts.kernels_for(a.shape, b.shape, config.rank_for(cand.names))
-      if layouts.from_pattern(config.layout_for(cand.names), shape, paths.to_str(cand.path)) in (None, lay)
+      if _fits(pattern, lay, shape, paths.to_str(cand.path))
     ]
     if len(found) != 1:
       raise ValueError(
@@ -58,6 +59,14 @@ def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
     )
     bound.append(adapters.Bound(spec, None, a, b))
   return bound
+
+
+def _fits(pattern: Any, layout: layouts.Layout, shape: tuple[int, ...], where: str) -> bool:
+  """Whether a `layout_pattern` value allows ``layout`` for a candidate kernel of ``shape``."""
+  try:
+    return layouts.from_pattern(pattern, shape, where) in (None, layout)
+  except ValueError:  # a pattern of another rank: not this candidate
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
