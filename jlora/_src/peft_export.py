@@ -246,7 +246,10 @@ def export_peft(
   `modules_to_save` (``kernel`` transposed to ``weight``), and the biases
   `bias` trains as PEFT names them (``<module>.base_layer.bias`` for an
   adapted module, ``<module>.bias`` otherwise). Fan-in and fan-out
-  axes are flattened row-major in the kernel's axis order.
+  axes are flattened row-major in the kernel's axis order. An expert kernel,
+  which the name map names a `jlora.PeftParameter`, is written in PEFT's
+  ``target_parameters`` format (one adapter per layer, listed in
+  ``target_parameters``; see `jlora.PeftParameter`).
   ``adapter_config.json`` keeps ``target_modules`` as the user wrote them
   (``["q_proj", "v_proj"]``) when, with ``base`` given, they select exactly
   the exported modules in PEFT's matching (else the PyTorch short names, else
@@ -281,7 +284,10 @@ def export_peft(
 
   Raises:
     FileExistsError: if adapter files exist and ``overwrite`` is false.
-    ValueError: for adapters PEFT cannot express (more than one stacked axis),
+    ValueError: for adapters PEFT cannot express (more than one stacked axis
+      unless the kernel is a scanned stack of experts; an expert kernel with
+      more than one fan-in or fan-out axis, or with ``lora_dropout``; two
+      kernels on one PyTorch parameter),
       weights no name map knows, two adapters mapped to the same PEFT name,
       or an adapter that does not fit ``base``.
 

@@ -389,8 +389,10 @@ def import_peft(
     directory: a PEFT adapter directory (``adapter_config.json`` +
       ``adapter_model.safetensors``).
     tree: the Flax base tree with the same weights as PEFT's base model.
-    name_map: ``name_map(path, index) -> module name``; default: the map of
-      the model family (see `export_peft`).
+    name_map: ``name_map(path, index) -> module name`` (or a
+      `jlora.PeftParameter` for an expert kernel, read from the file's
+      ``target_parameters`` adapters); default: the map of the model family
+      (see `export_peft`).
     apply_fn: the model's apply function, to read each weight's layout from
       use (needed for kernels of 3+ dimensions and transposed 2-D kernels).
     example_args: example inputs for ``apply_fn``.
