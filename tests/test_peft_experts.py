@@ -141,6 +141,24 @@ def test_peft_format_errors(moe, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "adapter_config.json"))
 
 
+def test_import_refuses_a_file_missing_parameters_its_config_targets(moe, tmp_path):
+  cfg = jlora.LoraConfig(r=3, target_modules=("experts/wi", "experts/wo"), init_lora_weights=False)
+  lora = jlora.init(moe.tree, cfg, key=jax.random.key(3), apply_fn=moe.apply_fn, example_args=(moe.inputs,))
+  pcfg = jlora.export_peft(tmp_path, lora, cfg, name_map=_zoo_names, base=moe.tree)
+  assert pcfg["target_parameters"] == ["down_proj", "gate_up_proj"]
+  _, tensors = _read(tmp_path)
+  kept = {k: v for k, v in tensors.items() if ".layers.0." not in k}
+  safetensors.numpy.save_file(
+    kept, os.path.join(tmp_path, "adapter_model.safetensors")
+  )  # as PEFT writes: no checksum
+  with pytest.raises(
+    ValueError, match=r"`target_parameters`.*model\.layers\.0\.mlp\.experts\.down_proj.*no tensors"
+  ):
+    jlora.import_peft(
+      tmp_path, moe.tree, name_map=_zoo_names, apply_fn=moe.apply_fn, example_args=(moe.inputs,)
+    )
+
+
 def test_peft_parameter_keys_nest_by_registration_order():
   from jlora._src.peft_names import Keys  # noqa: PLC0415
 
