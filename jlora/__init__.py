@@ -29,7 +29,7 @@ from jlora._src.nnx_models import nnx_merge, nnx_split
 from jlora._src.optim import combine, freeze_base, split, trainable_mask
 from jlora._src.peft_export import export_peft
 from jlora._src.peft_import import import_peft
-from jlora._src.peft_names import peft_module_name
+from jlora._src.peft_names import PeftParameter, peft_module_name
 from jlora._src.pissa import LoraWithResidual, init_with_residual, to_plain_lora
 from jlora._src.quantize import QuantizedArray, dequantize, quantize
 from jlora._src.sharding import adapter_specs
@@ -51,6 +51,7 @@ __all__ = [
   "LoraConfig",
   "LoraWithResidual",
   "MaterializationWarning",
+  "PeftParameter",
   "QuantizedArray",
   "RestoredAdapter",
   "adapter_specs",
