@@ -211,7 +211,7 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
 
 def _scan(eqn, invals, ctx):
   p = eqn.params
-  nc, nk = p["num_consts"], p["num_carry"]
+  nc, nk = jax_compat.scan_counts(p)
   closed = p["jaxpr"]
   consts = invals[:nc]
   init = plain_outputs(invals[nc : nc + nk], ctx, "a `scan` carry")
