@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._src import adapters, paths
+from jlora._src.bank import adapter_pairs
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.peft_export import bound_adapters
 
@@ -402,12 +403,7 @@ def add_weighted(
     >>> lora_m["q_proj"]["kernel"]["lora_A"].shape, cfg_m.r, cfg_m.lora_alpha
     ((6, 3), 3, 3.0)
   """
-  adapters_ = list(adapters)
-  if not adapters_:
-    raise ValueError("`jlora.add_weighted` needs at least one (lora, config) pair.")
-  for i, item in enumerate(adapters_):
-    if not isinstance(item, tuple) or len(item) != 2:
-      raise TypeError(f"adapters[{i}] must be a (lora, config) pair; got {type(item).__name__}.")
+  adapters_ = adapter_pairs(adapters, "jlora.add_weighted")
   weights = list(weights)
   if len(weights) != len(adapters_) or not all(
     isinstance(w, (int, float, np.floating, np.integer)) and not isinstance(w, bool) for w in weights
