@@ -74,7 +74,7 @@ def _peft_deltas(model, name):
   out = {}
   for m in SHAPES:
     layer = getattr(model.base_model.model, m)
-    if name in layer.lora_A:
+    if hasattr(layer, "lora_A") and name in layer.lora_A:
       b = layer.lora_B[name].weight.detach().numpy()
       a = layer.lora_A[name].weight.detach().numpy()
       out[m] = layer.scaling[name] * (b @ a).T
@@ -140,6 +140,38 @@ def test_matches_peft_mixed_ranks(method, kw):
   for m in want:
     np.testing.assert_allclose(got[m], want[m], atol=TOL, rtol=TOL, err_msg=f"{method} at {m}")
   assert cfg.r == model.peft_config["mix"].r == {"cat": 10, "svd": kw.get("r", 4), "ties_svd": 4}[method]
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "linear"])
+def test_matches_peft_with_rank_pattern(method):
+  """A `rank_pattern` rank counts as PEFT's adapter rank (the largest): cat sums them, svd takes the
+  largest, and the kernels of smaller rank are zero-padded to the result's rank."""
+  specs = [("one", 4, 8.0, ("q", "v"), {}), ("two", 3, 6.0, ("q", "v"), {})]
+  model = None
+  torch.manual_seed(1)
+  for name, r, alpha, targets, _ in specs:
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), rank_pattern={"v": 2},
+                          init_lora_weights=False)  # fmt: skip
+    model = peft.get_peft_model(_Tiny(), cfg, adapter_name=name) if model is None else model
+    if name not in model.peft_config:
+      model.add_adapter(name, cfg)
+  pairs = []
+  for name, r, alpha, targets, _ in specs:
+    lora, _ = _jlora_adapter(model, name, r, alpha, targets, {})
+    pairs.append(
+      (lora, jlora.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, rank_pattern={"v": 2}))
+    )
+  if method == "linear":  # PEFT's rule: the adapters' ranks (4 and 3) differ
+    with pytest.raises(ValueError, match=r"one rank .*\[4, 3\]"):
+      jlora.add_weighted(pairs, [0.6, 0.9], method=method)
+    return
+  model.add_weighted_adapter(["one", "two"], [0.6, 0.9], "mix", combination_type=method)
+  lora, cfg = jlora.add_weighted(pairs, [0.6, 0.9], method=method)
+  want, got = _peft_deltas(model, "mix"), _jlora_deltas(lora, cfg)
+  for m in want:
+    np.testing.assert_allclose(got[m], want[m], atol=TOL, rtol=TOL, err_msg=f"{method} at {m}")
+  assert cfg.r == model.peft_config["mix"].r == {"cat": 7, "svd": 4}[method]
+  assert lora["v"]["kernel"]["lora_A"].shape == (6, cfg.r)
 
 
 def test_linear_and_cat_are_the_combination():

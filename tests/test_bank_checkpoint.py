@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora._src.checkpoint_format import CorruptCheckpointError
+from jlora._src.checkpoint_format import CorruptCheckpointError, metadata_checksum
 
 PARAMS = {
   "params": {
@@ -112,3 +112,28 @@ def test_stack_of_loaded_and_imported_adapters(tmp_path):
   # And the bank of them saves and loads.
   jlora.save_bank(tmp_path / "bank", bank, base=params)
   _assert_same_bank(jlora.load_bank(tmp_path / "bank", base=params), bank)
+
+
+def test_corrupted_arrays_are_an_error(tmp_path):
+  jlora.save_bank(tmp_path, _bank())
+  # orbax's merged array store: its own checks catch a flipped byte.
+  data_dir = tmp_path / "0" / "adapter" / "d"
+  big = max(data_dir.iterdir(), key=lambda p: p.stat().st_size)
+  original = big.read_bytes()
+  blob = bytearray(original)
+  blob[len(blob) // 2] ^= 0xFF
+  big.write_bytes(bytes(blob))
+  with pytest.raises(CorruptCheckpointError, match="truncated or corrupted"):
+    jlora.load_bank(tmp_path)
+  big.write_bytes(original)
+  # Arrays that differ from their saved CRC32 (metadata rewritten with valid checksums around it).
+  path = _meta_file(tmp_path)
+  with open(path) as f:
+    meta = json.load(f)
+  meta["adapters"][1]["leaves"][0]["crc32"] ^= 1
+  meta["adapters"][1]["meta_crc32"] = metadata_checksum(meta["adapters"][1])
+  meta["meta_crc32"] = metadata_checksum(meta)
+  with open(path, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(CorruptCheckpointError, match=r"data of '[^']*lora_A' fails its checksum"):
+    jlora.load_bank(tmp_path)
