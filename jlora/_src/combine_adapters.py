@@ -303,19 +303,22 @@ def _svd_merge(
       f"At {where!r} the kernel's update is {n_in} x {n_out} (fan-in x fan-out), which has no rank-{rank} "
       f"SVD factors; pass `r` <= {min(n_in, n_out)}."
     )
-  deltas = jnp.stack(
-    [s * jnp.matmul(a, b, precision=_HIGHEST) for a, b, s in zip(kern.a, kern.b, kern.scales)]
-  )
-  delta = _merge(deltas, jnp.asarray(weights, jnp.float32), merge, key)
-  # PEFT's orientation: the SVD of the (out, in) update, U S -> lora_B, Vh -> lora_A.
-  u, s, vh = jnp.linalg.svd(jnp.swapaxes(delta, 1, 2), full_matrices=False)
-  u = u[..., :rank] * s[:, None, :rank]
-  vh = vh[:, :rank, :]
-  if clamp is not None:
-    dist = jnp.concatenate([u.reshape(u.shape[0], -1), vh.reshape(vh.shape[0], -1)], axis=1)
-    hi = jnp.quantile(dist, clamp, axis=1)[:, None, None]
-    u, vh = jnp.clip(u, -hi, hi), jnp.clip(vh, -hi, hi)
-  return jnp.swapaxes(vh, 1, 2), jnp.swapaxes(u, 1, 2)
+  w = jnp.asarray(weights, jnp.float32)
+  keys = None if key is None else jax.random.split(key, kern.a[0].shape[0])
+
+  def one(xs):  # one stacked entry (one PEFT module): the full update exists for one entry at a time
+    a, b, k = xs
+    deltas = jnp.stack([s * jnp.matmul(x, y, precision=_HIGHEST) for x, y, s in zip(a, b, kern.scales)])
+    delta = _merge(deltas[:, None], w, merge, k)[0]
+    # PEFT's orientation: the SVD of the (out, in) update, U S -> lora_B, Vh -> lora_A.
+    u, sv, vh = jnp.linalg.svd(delta.T, full_matrices=False)
+    u, vh = u[:, :rank] * sv[:rank], vh[:rank]
+    if clamp is not None:
+      hi = jnp.quantile(jnp.concatenate([u.ravel(), vh.ravel()]), clamp)
+      u, vh = jnp.clip(u, -hi, hi), jnp.clip(vh, -hi, hi)
+    return vh.T, u.T
+
+  return jax.lax.map(one, (kern.a, kern.b, keys))
 
 
 def _cat(kern: _Kernel, weights: list[float], rank: int):
