@@ -11,6 +11,7 @@ fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
 from importlib import metadata as _metadata
 
 from jlora._src.bank import Bank, BankConfig, stack
+from jlora._src.bank_checkpoint import load_bank, save_bank
 from jlora._src.checkpoint import (
   AdapterCheckpointManager,
   RestoredAdapter,
@@ -18,6 +19,7 @@ from jlora._src.checkpoint import (
   save_adapter,
 )
 from jlora._src.checkpoint_lock import CheckpointBusyError
+from jlora._src.combine_adapters import add_weighted
 from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
 from jlora._src.interpreter import MaterializationWarning
@@ -55,6 +57,7 @@ __all__ = [
   "QuantizedArray",
   "RestoredAdapter",
   "adapter_specs",
+  "add_weighted",
   "combine",
   "count_params",
   "dequantize",
@@ -65,6 +68,7 @@ __all__ = [
   "init",
   "init_with_residual",
   "load_adapter",
+  "load_bank",
   "loraplus",
   "loraplus_labels",
   "merge",
@@ -74,6 +78,7 @@ __all__ = [
   "peft_module_name",
   "quantize",
   "save_adapter",
+  "save_bank",
   "save_merged",
   "split",
   "stack",

@@ -222,6 +222,17 @@ _DIFFERENT = (
 )
 
 
+def adapter_pairs(adapters: Sequence[Any], caller: str) -> list[tuple[Any, Any]]:
+  """``adapters`` as a list of ``(lora, config)`` pairs, at least one (the configs are checked later)."""
+  adapters = list(adapters)
+  if not adapters:
+    raise ValueError(f"`{caller}` needs at least one (lora, config) pair.")
+  for i, item in enumerate(adapters):
+    if not isinstance(item, tuple) or len(item) != 2:
+      raise TypeError(f"adapters[{i}] must be a (lora, config) pair; got {type(item).__name__}.")
+  return adapters
+
+
 def stack(adapters: Sequence[tuple[Any, LoraConfig]], names: Sequence[str] | None = None) -> Bank:
   """Stacks adapters of one base into a `Bank` for per-example routing.
 
@@ -259,12 +270,7 @@ def stack(adapters: Sequence[tuple[Any, LoraConfig]], names: Sequence[str] | Non
     >>> bank.lora["q_proj"]["kernel"]["lora_A"].shape
     (2, 4, 4)
   """
-  adapters = list(adapters)
-  if not adapters:
-    raise ValueError("`jlora.stack` needs at least one (lora, config) pair.")
-  for i, item in enumerate(adapters):
-    if not isinstance(item, tuple) or len(item) != 2:
-      raise TypeError(f"adapters[{i}] must be a (lora, config) pair; got {type(item).__name__}.")
+  adapters = adapter_pairs(adapters, "jlora.stack")
   names = tuple(f"adapter_{i}" for i in range(len(adapters))) if names is None else tuple(names)
   if (
     len(names) != len(adapters) or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names)
