@@ -203,7 +203,8 @@ def lora_dot(
     """``scale * ((x @ first) @ second)``, the rank-r product first."""
     f, sec = (a, b) if br.first_is_a else (b, a)
     t = first_product(x, f, br) if t is None else t
-    t = t * jnp.asarray(kv.scale, t.dtype)
+    if kv.scale != 1.0:  # alpha == r: no multiply to trace, linearize and lower
+      t = t * jnp.asarray(kv.scale, t.dtype)
     return contract(t, br.t_lab, sec.astype(t.dtype), br.second_lab, br.out_lab, **dict(br.opts))
 
   base_w = kv.base
