@@ -37,6 +37,7 @@ from jax import lax
 from jax.extend import core as jex
 
 from jlora._src import (
+  interpreter_fusion,
   interpreter_moe,
   interpreter_parallel,
   interpreter_products,
@@ -130,9 +131,14 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Cont
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  for eqn in jaxpr.eqns:
+  siblings = interpreter_fusion.Siblings(jaxpr, env, ctx, _eval_eqn)  # sibling fusion
+  for i, eqn in enumerate(jaxpr.eqns):
+    if siblings.done(i):
+      continue
     with jax_compat.source_context(eqn):
-      outs = _eval_eqn(eqn, [read(v) for v in eqn.invars], ctx)
+      invals = [read(v) for v in eqn.invars]
+      outs = siblings.eval(i, eqn, invals)
+      outs = _eval_eqn(eqn, invals, ctx) if outs is None else outs
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, jex.DropVar):
         env[v] = x

@@ -24,6 +24,8 @@ class Context:
     warned: kernel paths already warned about (shared across calls).
     roles: probe mode: ``{kernel path: [(primitive, {kernel axis: role})]}``.
     counter: the dropout counter of this scope.
+    fuse_siblings: whether kernels that read one input share one first product
+      (`jlora._src.interpreter_fusion`).
   """
 
   strategy: str
@@ -34,6 +36,7 @@ class Context:
   roles: dict[str, list[tuple[str, dict[int, str]]]] | None = None
   counter: int = 0
   batched: bool = False
+  fuse_siblings: bool = True
 
   def may_merge(self) -> bool:
     """Whether ``strategy="auto"`` may merge a kernel for one use (where that costs fewer FLOPs):

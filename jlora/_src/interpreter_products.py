@@ -92,7 +92,8 @@ def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: _Dot, ctx: Context) -> list[Any
   return [Probe(_bind_dot(eqn, dot, kv.base, x)[0], tuple(origin), kv.site, output=True)]
 
 
-def _merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
+def merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
+  """Whether ``strategy="auto"`` merges this use: allowed here, and fewer FLOPs than the branch."""
   if not ctx.may_merge():
     return False
   m = math.prod(kv.shape[i] for i in dot.kc)
@@ -130,7 +131,23 @@ def _sum_unused(x: jax.Array, lab: str, keep: str) -> jax.Array:
   return x.sum(axis=axes) if axes else x
 
 
-def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[Any] | None:
+@dataclasses.dataclass(frozen=True)
+class Branch:
+  """How one ``dot_general``'s LoRA branch contracts, as ``einsum`` labels: ``x`` (``x_lab``)
+  with the first factor (``first_lab``, rank last) to ``t`` (``t_lab``), then ``t`` with the
+  second factor (``second_lab``) to the output (``out_lab``)."""
+
+  first_is_a: bool
+  x_lab: str
+  first_lab: str
+  t_lab: str
+  second_lab: str
+  out_lab: str
+  opts: tuple[tuple[str, Any], ...]
+
+
+def branch_of(eqn: Any, kv: LoraValue, x: Any, dot: _Dot) -> Branch | None:
+  """The factorized branch of ``eqn`` on ``kv``; ``None`` where the contraction spans both factors."""
   nk = len(kv.shape)
   lab = V.letters(nk + x.ndim + 1)
   k_lab, x_lab, r = lab[:nk], lab[nk : nk + x.ndim], lab[-1]
@@ -148,24 +165,53 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
     return None  # the contraction spans both factors: materialise
   keep = set(second_lab) | set(out_lab)
   t_lab = "".join(c for c in dict.fromkeys(x_lab + first_lab) if c in keep)
-  labels = ("".join(x_lab), "".join(first_lab), t_lab, "".join(second_lab), "".join(out_lab))
-  opts = dict(
-    precision=eqn.params.get("precision"), preferred_element_type=eqn.params.get("preferred_element_type")
+  opts = (
+    ("precision", eqn.params.get("precision")),
+    ("preferred_element_type", eqn.params.get("preferred_element_type")),
   )
+  labels = ("".join(x_lab), "".join(first_lab), t_lab, "".join(second_lab), "".join(out_lab))
+  return Branch(first_is_a, *labels, opts)
 
-  def branch(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+
+def kernel_dot(eqn: Any, invals: Sequence[Any]) -> tuple[Any, Any, _Dot] | None:
+  """A ``dot_general``'s kernel view, its other operand and its axes; ``None`` unless exactly
+  one operand is a kernel view."""
+  lhs, rhs = invals
+  if is_special(lhs) == is_special(rhs):
+    return None
+  k_is_lhs = is_special(lhs)
+  kv, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  return kv, x, _Dot(k_is_lhs, *((lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)))
+
+
+def first_product(x: jax.Array, first: jax.Array, br: Branch) -> jax.Array:
+  """``t``: ``x`` contracted with the branch's first factor (rank last), unscaled."""
+  return contract(x, br.x_lab, first.astype(x.dtype), br.first_lab, br.t_lab, **dict(br.opts))
+
+
+def lora_dot(
+  eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context, *, first: jax.Array | None = None
+) -> list[Any] | None:
+  """The rule's result for a kernel `LoraValue`; ``first`` is ``x``'s product with the first
+  factor where a caller has computed it already (`jlora._src.interpreter_fusion`: no dropout)."""
+  br = branch_of(eqn, kv, x, dot)
+  if br is None:
+    return None
+
+  def branch(x: jax.Array, a: jax.Array, b: jax.Array, t: jax.Array | None = None) -> jax.Array:
     """``scale * ((x @ first) @ second)``, the rank-r product first."""
-    x_l, f_l, t_l, s_l, o_l = labels
-    f, sec = (a, b) if first_is_a else (b, a)
-    t = contract(x, x_l, f.astype(x.dtype), f_l, t_l, **opts)
-    t = t * jnp.asarray(kv.scale, t.dtype)
-    return contract(t, t_l, sec.astype(t.dtype), s_l, o_l, **opts)
+    f, sec = (a, b) if br.first_is_a else (b, a)
+    t = first_product(x, f, br) if t is None else t
+    if kv.scale != 1.0:  # alpha == r: no multiply to trace, linearize and lower
+      t = t * jnp.asarray(kv.scale, t.dtype)
+    return contract(t, br.t_lab, sec.astype(t.dtype), br.second_lab, br.out_lab, **dict(br.opts))
 
   base_w = kv.base
-  if _merged_is_cheaper(kv, x, dot, ctx):
+  if first is None and merged_is_cheaper(kv, x, dot, ctx):
     return [_merged_with_factorized_grad(eqn, dot, kv, branch)(x, base_w, kv.a, kv.b)]
   base = _bind_dot(eqn, dot, base_w, x)[0]
-  lora = branch(dropout(x, ctx), kv.a, kv.b)
+  lora = branch(x if first is not None else dropout(x, ctx), kv.a, kv.b, first)
   return [PendingSum(base, lora.astype(base.dtype))]
 
 
@@ -195,16 +241,13 @@ def _merged_with_factorized_grad(
 
 
 def _dot_general(eqn, invals, ctx):
-  lhs, rhs = invals
-  if is_special(lhs) == is_special(rhs):
+  found = kernel_dot(eqn, invals)
+  if found is None:
     return None
-  k_is_lhs = is_special(lhs)
-  kv, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  dot = _Dot(k_is_lhs, *((lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)))
+  kv, x, dot = found
   if isinstance(kv, Probe):
     return _probe_dot(eqn, kv, x, dot, ctx)
-  return _lora_dot(eqn, kv, x, dot, ctx)
+  return lora_dot(eqn, kv, x, dot, ctx)
 
 
 def _plus_b_branch(base: jax.Array, y: jax.Array, kv: LoraValue, axis: int) -> jax.Array:

@@ -127,7 +127,9 @@ def _inputs(traced: _Traced, bound: list[adapters.Bound], saved: Mapping[paths.P
   return vals
 
 
-def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Strategy) -> Callable[..., Any]:
+def _make_apply(
+  apply_fn: Callable[..., Any], config: LoraConfig, strategy: Strategy, fuse_siblings: bool
+) -> Callable[..., Any]:
   """The wrapped apply of `wrap`, with its trace and all-linear caches."""
   warned: set[str] = set()
   cache: dict = {}
@@ -159,6 +161,7 @@ def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Stra
       dropout_rate=config.lora_dropout,
       key=lora_dropout_key if dropout else None,
       warned=warned,
+      fuse_siblings=fuse_siblings,
     )
     outs = interpreter.eval_jaxpr(
       traced.closed.jaxpr, traced.closed.consts, _inputs(traced, bound, saved), ctx
@@ -170,7 +173,11 @@ def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Stra
 
 
 def wrap(
-  apply_fn: Callable[..., Any], config: LoraConfig, *, strategy: Strategy = "auto"
+  apply_fn: Callable[..., Any],
+  config: LoraConfig,
+  *,
+  strategy: Strategy = "auto",
+  fuse_siblings: bool = True,
 ) -> Callable[..., Any]:
   """Wraps a model's apply function so it runs with a LoRA adapter tree.
 
@@ -205,6 +212,12 @@ def wrap(
       the static shapes (merged when a kernel sees more tokens than
       ``in*out/(in+out)``); a merged use still has factorized gradients, so
       ``grad`` of an already-jitted apply forms no kernel-sized gradient.
+    fuse_siblings: kernels that read the same input (q/k/v, gate/up) compute
+      their rank-r products ``x @ A_i`` as one product ``x @ concat(A_i)``,
+      and so their ``A`` gradients as one product too (fewer, larger dots;
+      equal to the unfused result up to float rounding). Not with LoRA
+      dropout (each branch draws its own mask). ``False`` computes each
+      branch on its own (for comparison).
 
   Returns:
     ``apply(tree, lora, *args, lora_dropout_key=None, **kwargs)``. LoRA dropout
@@ -221,7 +234,7 @@ def wrap(
       of the wrong shape, naming the path; for ``"all-linear"`` every weight
       the model uses as a linear layer in the call needs one), or the base and
       adapter trees are swapped.
-    TypeError: if ``config`` is not a `LoraConfig`.
+    TypeError: if ``config`` is not a `LoraConfig`, or ``fuse_siblings`` not a bool.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -241,7 +254,9 @@ def wrap(
   if not callable(apply_fn):
     raise TypeError(f"`apply_fn` must be callable; got {type(apply_fn).__name__}.")
   config = check_config(config)
-  apply = _make_apply(apply_fn, config, strategy)
+  if not isinstance(fuse_siblings, bool):
+    raise TypeError(f"`fuse_siblings` must be True or False; got {fuse_siblings!r}.")
+  apply = _make_apply(apply_fn, config, strategy, fuse_siblings)
   apply.__signature__ = agreement.call_signature(apply_fn, inspect.signature(apply, follow_wrapped=False))
   return apply
 
