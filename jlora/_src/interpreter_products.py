@@ -63,7 +63,7 @@ def dropout(x: jax.Array, ctx: Context) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Dot:
+class Dot:
   """A ``dot_general`` seen from the kernel: which operand it is, and its axes on each side."""
 
   k_is_lhs: bool
@@ -79,20 +79,20 @@ class _Dot:
     return [k_axes[i] for i in self.kb] + (k_free + x_free if self.k_is_lhs else x_free + k_free)
 
 
-def _bind_dot(eqn: Any, dot: _Dot, kernel: jax.Array, x: Any) -> list[Any]:
+def bind_dot(eqn: Any, dot: Dot, kernel: jax.Array, x: Any) -> list[Any]:
   return jax_compat.bind(eqn, [kernel, x] if dot.k_is_lhs else [x, kernel])
 
 
-def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: _Dot, ctx: Context) -> list[Any]:
+def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: Dot, ctx: Context) -> list[Any]:
   roles = {i: layouts.OUT for i in range(len(kv.shape))}
   roles.update({i: layouts.IN for i in dot.kc})
   roles.update({i: layouts.STACKED for i in dot.kb})
   ctx.record(kv, roles, "dot_general")
   origin = dot.out_order(kv.origin, [()] * x.ndim)
-  return [Probe(_bind_dot(eqn, dot, kv.base, x)[0], tuple(origin), kv.site, output=True)]
+  return [Probe(bind_dot(eqn, dot, kv.base, x)[0], tuple(origin), kv.site, output=True)]
 
 
-def _merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
+def _merged_is_cheaper(kv: LoraValue, x: Any, dot: Dot, ctx: Context) -> bool:
   if not ctx.may_merge():
     return False
   m = math.prod(kv.shape[i] for i in dot.kc)
@@ -130,7 +130,23 @@ def _sum_unused(x: jax.Array, lab: str, keep: str) -> jax.Array:
   return x.sum(axis=axes) if axes else x
 
 
-def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[Any] | None:
+@dataclasses.dataclass(frozen=True)
+class Branch:
+  """The einsum labels of a ``dot_general``'s LoRA branch, ``(x @ first) @ second``: ``first`` is the
+  factor the dot contracts (``A``, or ``B`` where the model contracts the fan-out axes); each
+  factor's labels end with the rank's; ``t`` labels the rank-r product."""
+
+  first_is_a: bool
+  x: str
+  first: str
+  t: str
+  second: str
+  out: str
+
+
+def branch(kv: LoraValue, x: Any, dot: Dot) -> Branch | None:
+  """The `Branch` of ``kv`` used in ``dot`` with ``x`` (``None`` if the dot contracts axes of both
+  factors: no rank-r product exists)."""
   nk = len(kv.shape)
   lab = V.letters(nk + x.ndim + 1)
   k_lab, x_lab, r = lab[:nk], lab[nk : nk + x.ndim], lab[-1]
@@ -145,45 +161,55 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
   elif contracted <= set(b_lab):
     first_is_a, first_lab, second_lab = False, b_lab, a_lab
   else:
-    return None  # the contraction spans both factors: materialise
+    return None
   keep = set(second_lab) | set(out_lab)
   t_lab = "".join(c for c in dict.fromkeys(x_lab + first_lab) if c in keep)
-  labels = ("".join(x_lab), "".join(first_lab), t_lab, "".join(second_lab), "".join(out_lab))
-  opts = dict(
+  return Branch(first_is_a, "".join(x_lab), "".join(first_lab), t_lab, "".join(second_lab), "".join(out_lab))
+
+
+def dot_options(eqn: Any) -> dict[str, Any]:
+  """The precision options of a ``dot_general`` equation, for the products of its branch."""
+  return dict(
     precision=eqn.params.get("precision"), preferred_element_type=eqn.params.get("preferred_element_type")
   )
 
-  def branch(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+
+def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: Dot, ctx: Context) -> list[Any] | None:
+  plan = branch(kv, x, dot)
+  if plan is None:
+    return None  # the contraction spans both factors: materialise
+  opts = dot_options(eqn)
+
+  def branch_fn(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """``scale * ((x @ first) @ second)``, the rank-r product first."""
-    x_l, f_l, t_l, s_l, o_l = labels
-    f, sec = (a, b) if first_is_a else (b, a)
-    t = contract(x, x_l, f.astype(x.dtype), f_l, t_l, **opts)
+    f, sec = (a, b) if plan.first_is_a else (b, a)
+    t = contract(x, plan.x, f.astype(x.dtype), plan.first, plan.t, **opts)
     t = t * jnp.asarray(kv.scale, t.dtype)
-    return contract(t, t_l, sec.astype(t.dtype), s_l, o_l, **opts)
+    return contract(t, plan.t, sec.astype(t.dtype), plan.second, plan.out, **opts)
 
   base_w = kv.base
   if _merged_is_cheaper(kv, x, dot, ctx):
-    return [_merged_with_factorized_grad(eqn, dot, kv, branch)(x, base_w, kv.a, kv.b)]
-  base = _bind_dot(eqn, dot, base_w, x)[0]
-  lora = branch(dropout(x, ctx), kv.a, kv.b)
+    return [_merged_with_factorized_grad(eqn, dot, kv, branch_fn)(x, base_w, kv.a, kv.b)]
+  base = bind_dot(eqn, dot, base_w, x)[0]
+  lora = branch_fn(dropout(x, ctx), kv.a, kv.b)
   return [PendingSum(base, lora.astype(base.dtype))]
 
 
 def _merged_with_factorized_grad(
-  eqn: Any, dot: _Dot, kv: LoraValue, branch: Callable[..., jax.Array]
+  eqn: Any, dot: Dot, kv: LoraValue, branch: Callable[..., jax.Array]
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
   """``x @ (W + scale * A @ B)`` forward (fewer FLOPs for many tokens), with the factorized
   gradients: ``grad`` of an already-jitted apply (which chose this path, seeing no autodiff)
   never forms a kernel-sized gradient. The frozen base gets no cotangent."""
 
   def merged(x, w, a, b):
-    return _bind_dot(eqn, dot, dataclasses.replace(kv, w=w, a=a, b=b).dense(), x)[0]
+    return bind_dot(eqn, dot, dataclasses.replace(kv, w=w, a=a, b=b).dense(), x)[0]
 
   def backward(res, g):
     x, w, a, b = res
 
     def factorized(x, a, b):
-      base = _bind_dot(eqn, dot, w, x)[0]
+      base = bind_dot(eqn, dot, w, x)[0]
       return base + branch(x, a, b).astype(base.dtype)
 
     dx, da, db = jax.vjp(factorized, x, a, b)[1](g)
@@ -194,14 +220,22 @@ def _merged_with_factorized_grad(
   return f
 
 
-def _dot_general(eqn, invals, ctx):
+def dot_operands(eqn: Any, invals: list[Any]) -> tuple[Any, Any, Dot] | None:
+  """``(kernel view, other operand, Dot)`` of a ``dot_general`` with one kernel view, else ``None``."""
   lhs, rhs = invals
   if is_special(lhs) == is_special(rhs):
     return None
   k_is_lhs = is_special(lhs)
   kv, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  dot = _Dot(k_is_lhs, *((lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)))
+  return kv, x, Dot(k_is_lhs, *((lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)))
+
+
+def _dot_general(eqn, invals, ctx):
+  found = dot_operands(eqn, invals)
+  if found is None:
+    return None
+  kv, x, dot = found
   if isinstance(kv, Probe):
     return _probe_dot(eqn, kv, x, dot, ctx)
   return _lora_dot(eqn, kv, x, dot, ctx)
@@ -243,26 +277,42 @@ def _gather(eqn, invals, ctx):
   kv, idx = invals
   if is_special(idx) or not is_special(kv):
     return None
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  base = jax_compat.bind(eqn, [kv.base, idx])[0]
-  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
-  full = [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
   if isinstance(kv, Probe):
+    full = _full_axes(eqn, kv)
     roles = {ax: layouts.OUT for ax in full}
     roles.update({ax: layouts.IN for ax in range(len(kv.shape)) if ax not in full})
     ctx.record(kv, roles, "gather")
-    return [base]
+    return [jax_compat.bind(eqn, [kv.base, idx])[0]]
+  rows = lookup_rows(eqn, kv, idx)
+  if rows is None:
+    return None
+  base, g, axis = rows
+  return [_plus_b_branch(base, g, kv, axis)]
+
+
+def _full_axes(eqn: Any, kv: Any) -> list[int]:
+  """The kernel axes a ``gather`` takes whole (the others it indexes)."""
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+  return [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
+
+
+def lookup_rows(eqn: Any, kv: LoraValue, idx: jax.Array) -> tuple[jax.Array, jax.Array, int] | None:
+  """An embedding lookup of ``kv``: ``(base rows, rows of A, the rank's axis in them)``; ``None``
+  where the lookup does not take whole rows of one fan-out axis."""
+  dn = eqn.params["dimension_numbers"]
   b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
-  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in full:
+  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in _full_axes(eqn, kv):
     return None
   d = b_only[0]
-  sizes = list(p["slice_sizes"])
+  sizes = list(eqn.params["slice_sizes"])
   sizes[d] = kv.rank
+  base = jax_compat.bind(eqn, [kv.base, idx])[0]
   g = jax_compat.bind(eqn, [kv.factor_in_view("a", d), idx], slice_sizes=tuple(sizes))[0]
   dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
   kept = [ax for ax in range(len(kv.shape)) if ax not in dropped]
-  return [_plus_b_branch(base, g, kv, dn.offset_dims[kept.index(d)])]
+  return base, g, dn.offset_dims[kept.index(d)]
 
 
 RULES: dict[Any, Callable[..., list[Any] | None]] = {
