@@ -139,7 +139,8 @@ def _bind_bank(tree: Any, lora: Any, bank: BankConfig, hint: Callable[[], Any]) 
         f"config stacks {n} adapters: every leaf needs a leading adapter axis of size {n}. Pass `bank.lora` "
         "with its own `bank.config`."
       )
-  bound, _ = adapters.bind(tree, jax.tree.map(lambda x: x[0], lora), bank.lora_config, hint)
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), lora)  # shapes suffice
+  bound, _ = adapters.bind(tree, one, bank.lora_config, hint)
   full = dict(leaves)
   return [
     dataclasses.replace(
