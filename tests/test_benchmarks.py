@@ -5,6 +5,7 @@ program identity come from XLA's compiled-program analyses and are asserted here
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -51,3 +52,24 @@ def test_compile_depth_runs():
   full_dots, jlora_dots = map(int, row[-1].split("/"))
   # LoRA's extra products: two forward and four backward rank-r dots per adapted kernel, none for dW.
   assert full_dots < jlora_dots < 3 * full_dots
+
+
+@pytest.mark.slow
+def test_multi_adapter_quick(tmp_path):
+  out = tmp_path / "multi_adapter.json"
+  subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "multi_adapter.py"), "--quick", "--out", str(out)],
+    check=True,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": str(ROOT)},
+  )
+  result = json.loads(out.read_text())
+  assert result["checks"]["prefill: routed outputs equal the separate runs (rel err < 1e-4)"]
+  assert result["checks"]["decode: routed outputs equal the separate runs (rel err < 1e-4)"]
+  for phase in ("prefill", "decode"):
+    for res in result["phases"][phase].values():
+      # The gathered branch does one adapter's FLOPs per example: within a few percent of a single
+      # adapter's (the gathers and per-example scales), whatever the bank's size.
+      assert res["gather"]["flops_vs_single"] < 1.1, phase
+      assert res["separate"]["flops_vs_single"] == pytest.approx(1.0, rel=0.01)
