@@ -34,7 +34,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _gpt  # noqa: E402
+from lora_step import _time_interleaved  # noqa: E402
 
 import jlora  # noqa: E402
 
@@ -59,19 +59,6 @@ def _cost(fn: Callable, *args: Any, **kwargs: Any) -> dict[str, float]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"flops": float(cost["flops"]), "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
-
-
-def _time(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-  """Seconds per call of each ``fn`` per round, the variants interleaved (alternating order)."""
-  out: dict[str, list[float]] = {k: [] for k in fns}
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  for r in range(rounds):
-    for k in list(fns) if r % 2 == 0 else list(reversed(fns)):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fns[k]())
-      out[k].append(time.perf_counter() - t0)
-  return out
 
 
 def _adapters(variables: Any, n: int, rank: int, key: jax.Array) -> list[tuple[Any, jlora.LoraConfig]]:
@@ -116,7 +103,7 @@ def _phase(model: Any, variables: Any, tokens: jax.Array, pairs: list, rounds: i
     "separate": separate,
     **{d: (lambda fn=fn: fn(variables, bank.lora, tokens, adapter_ids=ids)) for d, fn in routed.items()},
   }
-  times = _time(calls, rounds)
+  times = _time_interleaved(calls, rounds)
   for name, ts in times.items():
     res[name]["time_s"] = statistics.median(ts)
     res[name]["time_vs_single"] = statistics.median(a / b for a, b in zip(ts, times["single"]))
