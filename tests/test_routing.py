@@ -2,6 +2,7 @@
 equals the model run alone with its own adapter merged; gradients reach only the adapters used."""
 
 import functools
+import inspect
 
 import chex
 import jax
@@ -232,3 +233,18 @@ def test_a_bank_for_another_base_is_an_error():
   other = zoo.BUILDERS["llama"]()
   with pytest.raises(ValueError, match="matches no module of the tree"):
     jlora.wrap(other.apply_fn, bank.config)(other.tree, bank.lora, tokens, adapter_ids=jnp.array(IDS))
+
+
+def test_signature_has_adapter_ids_for_a_bank_only():
+  _, _, pairs, bank = _setup("llama")
+  fn = lambda params, x, **kw: x  # noqa: E731
+  assert list(inspect.signature(jlora.wrap(fn, bank.config)).parameters) == [
+    "params",
+    "lora",
+    "x",
+    "lora_dropout_key",
+    "adapter_ids",
+    "kw",
+  ]
+  assert "adapter_ids" not in inspect.signature(jlora.wrap(fn, pairs[0][1])).parameters
+  assert "adapter_ids" not in inspect.signature(jlora.wrap(lambda *a: a, pairs[0][1])).parameters

@@ -351,14 +351,22 @@ def wrap(
   else:
     config = check_config(config)
   apply = _make_apply(apply_fn, config, strategy, routing)
-  sig = agreement.call_signature(apply_fn, inspect.signature(apply, follow_wrapped=False))
-  if isinstance(config, BankConfig) and "adapter_ids" not in sig.parameters:
-    ids = inspect.Parameter("adapter_ids", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=jax.Array)
-    params = list(sig.parameters.values())
-    at = len(params) - (1 if params[-1].kind is inspect.Parameter.VAR_KEYWORD else 0)
-    sig = sig.replace(parameters=[*params[:at], ids, *params[at:]])
-  apply.__signature__ = sig
+  apply.__signature__ = _signature(apply_fn, apply, isinstance(config, BankConfig))
   return apply
+
+
+def _signature(apply_fn: Callable[..., Any], apply: Callable[..., Any], bank: bool) -> inspect.Signature:
+  """The wrapped apply's signature (`agreement.call_signature`), with a keyword-only ``adapter_ids``
+  before ``**kwargs`` for a bank and without it otherwise."""
+  plain = inspect.signature(apply, follow_wrapped=False)
+  plain = plain.replace(parameters=[p for n, p in plain.parameters.items() if n != "adapter_ids"])
+  sig = agreement.call_signature(apply_fn, plain)
+  if not bank:
+    return sig
+  ids = inspect.Parameter("adapter_ids", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=jax.Array)
+  params = list(sig.parameters.values())
+  at = len(params) - (1 if params[-1].kind is inspect.Parameter.VAR_KEYWORD else 0)
+  return sig.replace(parameters=[*params[:at], ids, *params[at:]])
 
 
 def read_uses(
