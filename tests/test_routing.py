@@ -121,9 +121,10 @@ def test_gradients_reach_only_the_adapters_used(design):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * s, err_msg=jax.tree_util.keystr(p))
 
 
-def test_no_kernel_sized_value_forward_or_backward():
+@pytest.mark.parametrize("design", DESIGNS)
+def test_no_kernel_sized_value_forward_or_backward(design):
   case, tokens, pairs, bank = _setup("llama")
-  apply = jlora.wrap(case.apply_fn, bank.config)
+  apply = jlora.wrap(case.apply_fn, bank.config, routing=design)
   ids = jnp.array(IDS)
   kernel_like = {(zoo.D, zoo.D), (zoo.D, zoo.FF), (zoo.FF, zoo.D), (zoo.D, zoo.VOCAB), (zoo.VOCAB, zoo.D)}
   fwd = jax.make_jaxpr(lambda lo: apply(case.tree, lo, tokens, adapter_ids=ids))(bank.lora)
