@@ -5,6 +5,7 @@ program identity come from XLA's compiled-program analyses and are asserted here
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -14,16 +15,22 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_lora_step_quick(tmp_path):
-  out = tmp_path / "lora_step.json"
+def _quick(script: str, tmp_path: pathlib.Path) -> dict:
+  """The JSON result of ``benchmarks/<script> --quick`` (this checkout's jlora imported)."""
+  out = tmp_path / "result.json"
   subprocess.run(
-    [sys.executable, str(ROOT / "benchmarks" / "lora_step.py"), "--quick", "--out", str(out)],
+    [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out)],
     check=True,
     capture_output=True,
     text=True,
+    env={**os.environ, "PYTHONPATH": str(ROOT)},
   )
-  result = json.loads(out.read_text())
+  return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_lora_step_quick(tmp_path):
+  result = _quick("lora_step.py", tmp_path)
   ratios, checks = result["ratios"], result["checks"]
   # The wrapped train step is the hand-written one: same FLOPs, same temporaries.
   assert ratios["flops.jlora/hand"] == pytest.approx(1.0, abs=0.02)
@@ -55,3 +62,16 @@ def test_compile_depth_runs():
   full_dots, jlora_dots = map(int, row[-1].split("/"))
   # LoRA's extra products: two forward and four backward rank-r dots per adapted kernel, none for dW.
   assert full_dots < jlora_dots < 3 * full_dots
+
+
+@pytest.mark.slow
+def test_multi_adapter_quick(tmp_path):
+  result = _quick("multi_adapter.py", tmp_path)
+  assert result["checks"]["prefill: routed outputs equal the separate runs (rel err < 1e-4)"]
+  assert result["checks"]["decode: routed outputs equal the separate runs (rel err < 1e-4)"]
+  for phase in ("prefill", "decode"):
+    for res in result["phases"][phase].values():
+      # The gathered branch does one adapter's FLOPs per example: within a few percent of a single
+      # adapter's (the gathers and per-example scales), whatever the bank's size.
+      assert res["gather"]["flops_vs_single"] < 1.1, phase
+      assert res["separate"]["flops_vs_single"] == pytest.approx(1.0, rel=0.01)

@@ -41,6 +41,7 @@ from jlora._src import (
   interpreter_moe,
   interpreter_parallel,
   interpreter_products,
+  interpreter_routing,
   interpreter_views,
   jax_compat,
   layouts,
@@ -83,6 +84,8 @@ def materialize(x: Any, ctx: Context, why: str) -> Any:
     return V.dense_weight(x.w)
   if not isinstance(x, LoraValue):
     return x
+  if x.routed is not None:
+    raise interpreter_routing.unroutable(x, why)
   if x.site not in ctx.warned:
     ctx.warned.add(x.site)
     warnings.warn(
@@ -200,14 +203,13 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
   def rebuild(xs, inv):
     w, a_s, b_s = xs
     a_i, b_i = inv
-    return LoraValue(
-      rebuild_w(w),
-      a_s if sliced_a else a_i,
-      b_s if sliced_b else b_i,
-      shift(x.a_axes),
-      shift(x.b_axes),
-      x.scale,
-      x.site,
+    return dataclasses.replace(
+      x,
+      w=rebuild_w(w),
+      a=a_s if sliced_a else a_i,
+      b=b_s if sliced_b else b_i,
+      a_axes=shift(x.a_axes),
+      b_axes=shift(x.b_axes),
     )
 
   xs = (w_xs, a if sliced_a else None, b if sliced_b else None)
@@ -307,4 +309,5 @@ _RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.cond_p: _cond,
   P.custom_jvp_call_p: _inline("call_jaxpr"),
   P.custom_vjp_call_p: _inline("call_jaxpr"),
+  **interpreter_routing.RULES,  # a bank's kernels, per example; others go on to the rules above
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -26,6 +27,8 @@ class Context:
     counter: the dropout counter of this scope.
     fuse_siblings: whether kernels that read one input share one first product
       (`jlora._src.interpreter_fusion`).
+    routing: a bank's per-example adapter ids (`jlora._src.interpreter_routing.Routing`);
+      ``None`` for a single adapter.
   """
 
   strategy: str
@@ -37,6 +40,7 @@ class Context:
   counter: int = 0
   batched: bool = False
   fuse_siblings: bool = True
+  routing: Any = None
 
   def may_merge(self) -> bool:
     """Whether ``strategy="auto"`` may merge a kernel for one use (where that costs fewer FLOPs):

@@ -77,6 +77,11 @@ class LoraValue:
 
   ``w`` may be a `QuantizedArray` (a quantized base, before its first view);
   `base` is the array it stands for.
+
+  ``routed`` marks a bank's kernel (`jlora.stack`): the adapters' scales here,
+  one per adapter. The rank axis of ``a`` and ``b`` then holds the adapters'
+  factors side by side (``N * r``, adapter-major) and each example uses its own
+  adapter's (`jlora._src.interpreter_routing`); ``scale`` is 1.
   """
 
   w: jax.Array | QuantizedArray
@@ -86,6 +91,7 @@ class LoraValue:
   b_axes: Axes = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
   site: str = dataclasses.field(metadata=dict(static=True))
+  routed: tuple[float, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
