@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jlora
+from jlora._src import interpreter_routing
 from tests import zoo
 from tests._jaxpr import out_shapes
 
@@ -250,3 +251,18 @@ def test_signature_has_adapter_ids_for_a_bank_only():
   ]
   assert "adapter_ids" not in inspect.signature(jlora.wrap(fn, pairs[0][1])).parameters
   assert "adapter_ids" not in inspect.signature(jlora.wrap(lambda *a: a, pairs[0][1])).parameters
+
+
+def test_routing_index_arithmetic():
+  route = interpreter_routing.routing(3, jnp.array([0, 2, -1, 1]), "gather", (0.1, 0.0, 0.5))
+  np.testing.assert_array_equal(route.slots(), [0, 2, 3, 1])  # -1: slot N, no adapter
+  np.testing.assert_allclose(route.per_example((2.0, 3.0, 4.0), jnp.float32), [2.0, 4.0, 0.0, 3.0])
+  # Traced ids cannot be checked: out of range gives no adapter and a NaN scale.
+  traced = jax.jit(
+    lambda ids: interpreter_routing.routing(3, ids, "gather", (0.0,) * 3).per_example((1.0,) * 3, jnp.float32)
+  )
+  got = traced(jnp.array([3, -2, 0]))
+  assert bool(jnp.isnan(got[0])) and bool(jnp.isnan(got[1])) and float(got[2]) == 1.0
+  # The folded rank axis (adapter-major) comes apart as (N, ..., r).
+  folded = jnp.arange(2 * 6).reshape(2, 6)  # (fan-in 2, N=3 adapters x r=2)
+  np.testing.assert_array_equal(interpreter_routing._unfold(folded, 3)[1], [[2, 3], [8, 9]])
