@@ -4,6 +4,9 @@
 * ``jlora``: the plain model run through ``jlora.wrap`` with an ``"all-linear"``
   adapter tree; AdamW on the adapter tree only, the base passed as a
   non-differentiated argument.
+* ``qwix``: Google's qwix LoRA (``qwix.LoraProvider`` on every ``*_proj`` layer of
+  the blocks, the same rank and alpha); AdamW on its ``*_lora_a``/``*_lora_b``
+  params only (measured where qwix is installed: ``pip install jlora[bench]``).
 * ``hand``: the same model with factorized LoRA written into every linear
   layer of the blocks (``x @ W + s * (x @ A) @ B``, ``A``/``B`` separate
   params): the overhead-free ideal jlora is measured against. AdamW on the
@@ -29,6 +32,11 @@ from flax import traverse_util
 
 import jlora
 
+try:
+  import qwix
+except ImportError:  # the `bench` extra
+  qwix = None
+
 LORA_LEAVES = ("lora_A", "lora_B")
 
 
@@ -45,10 +53,13 @@ class GPTConfig:
   batch: int = 8
   rank: int = 16
   alpha: float = 32.0
+  bias: bool = True  # biases on the blocks' linear layers
+  mlp: str = "gelu"  # "gelu": up, down; "swiglu": gate, up, down (Llama's seven linear layer types)
 
 
 class Linear(nn.Module):
-  """``nn.Dense`` (kernel ``(in, out)``, bias), optionally with hand-written LoRA.
+  """``nn.Dense`` (kernel ``(in, out)``, bias unless ``use_bias=False``), optionally with
+  hand-written LoRA.
 
   With ``lora_rank > 0`` it computes ``x @ W + b + s * (x @ A) @ B`` with
   ``A`` ``(in, r)`` (Kaiming-uniform, as PEFT) and ``B`` ``(r, out)`` (zeros).
@@ -57,13 +68,15 @@ class Linear(nn.Module):
   features: int
   lora_rank: int = 0
   lora_alpha: float = 32.0
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d_in = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (d_in, self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros_init(), (self.features,))
     if self.lora_rank:
       bound = 1.0 / math.sqrt(d_in)
       a_init = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound)
@@ -75,7 +88,7 @@ class Linear(nn.Module):
 
 
 class Block(nn.Module):
-  """A pre-LN transformer block: causal self-attention, then a GELU MLP."""
+  """A pre-LN transformer block: causal self-attention, then a GELU (or SwiGLU) MLP."""
 
   cfg: GPTConfig
   lora_rank: int = 0
@@ -83,7 +96,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.cfg
-    dense = lambda n, name: Linear(n, self.lora_rank, cfg.alpha, name=name)
+    dense = lambda n, name: Linear(n, self.lora_rank, cfg.alpha, cfg.bias, name=name)
     bsz, t, d = x.shape
     h, dh = cfg.n_heads, d // cfg.n_heads
     y = nn.LayerNorm(name="ln_1")(x)
@@ -96,9 +109,11 @@ class Block(nn.Module):
     o = jnp.einsum("bhts,bshd->bthd", att, v).reshape(bsz, t, d)
     x = x + dense(d, "o_proj")(o)
     y = nn.LayerNorm(name="ln_2")(x)
-    y = dense(cfg.mlp_ratio * d, "up_proj")(y)
-    y = dense(d, "down_proj")(nn.gelu(y))
-    return x + y
+    if cfg.mlp == "swiglu":
+      y = nn.silu(dense(cfg.mlp_ratio * d, "gate_proj")(y)) * dense(cfg.mlp_ratio * d, "up_proj")(y)
+    else:
+      y = nn.gelu(dense(cfg.mlp_ratio * d, "up_proj")(y))
+    return x + dense(d, "down_proj")(y)
 
 
 class GPT(nn.Module):
@@ -197,6 +212,8 @@ def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[s
   is computed but no kernel gradient and no LoRA branch (the matmul-only
   limit of LoRA, used to split the step time into its parts). ``qlora_*``
   run jlora's step on the base quantized by `jlora.quantize` (block 64).
+  ``jlora_unfused`` is jlora's step with ``fuse_siblings=False``; ``qwix`` (where
+  qwix is installed) qwix's LoRA step.
   """
   k_init, k_lora, k_tok = jax.random.split(key, 3)
   tokens = jax.random.randint(k_tok, (cfg.batch, cfg.seq_len), 0, cfg.vocab)
@@ -245,4 +262,34 @@ def make_variants(cfg: GPTConfig, *, key: jax.Array, lr: float = 1e-3) -> dict[s
   frozen = _variant(
     "frozen", opt, lambda n, r, t: _xent(model.apply(with_base(r, n), t), t), ln, rest, tokens
   )
-  return {"full": full, "jlora": jl, "hand": hand, "frozen": frozen, **quantized}
+  variants = {"full": full, "jlora": jl, "hand": hand, "frozen": frozen, **quantized}
+  unfused = jlora.wrap(model.apply, lcfg, fuse_siblings=False)
+  variants["jlora_unfused"] = _variant(
+    "jlora_unfused",
+    opt,
+    lambda lo, v, t: _xent(unfused(v, lo, t), t),
+    jax.tree_util.tree_map(jnp.copy, lora),
+    variables,
+    tokens,
+  )
+  if qwix is not None:
+    variants["qwix"] = _qwix_variant(model, cfg, opt, k_init, tokens)
+  return variants
+
+
+def _qwix_variant(
+  model: GPT, cfg: GPTConfig, opt: optax.GradientTransformation, key: jax.Array, tokens: jax.Array
+) -> Variant:
+  """qwix's LoRA on every linear layer of the blocks; AdamW on its LoRA params only."""
+  qmodel = qwix.apply_lora_to_model(
+    model, qwix.LoraProvider(module_path=r".*_proj", rank=cfg.rank, alpha=cfg.alpha)
+  )
+  flat = traverse_util.flatten_dict(qmodel.init(key, tokens)["params"])
+  is_lora = lambda k: k[-1].endswith(("_lora_a", "_lora_b"))  # noqa: E731
+  lora = {k: v for k, v in flat.items() if is_lora(k)}
+  base = {k: v for k, v in flat.items() if not is_lora(k)}
+
+  def loss(lo, b, t):
+    return _xent(qmodel.apply({"params": traverse_util.unflatten_dict({**b, **lo})}, t), t)
+
+  return _variant("qwix", opt, loss, lora, base, tokens)

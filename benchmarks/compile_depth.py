@@ -6,7 +6,8 @@ and compiles, in one run, the gradient step of full fine-tuning (``grad`` w.r.t.
 jlora (``grad`` w.r.t. the adapter tree of ``jlora.wrap(model.apply, cfg)``), and prints the seconds,
 their ratio and the number of dots in each compiled program (what XLA's compile time follows).
 
-Run: ``python benchmarks/compile_depth.py`` (``--depths 8,32,80``).
+Run: ``python benchmarks/compile_depth.py`` (``--depths 8,32,80``; ``--unfused`` wraps with
+``fuse_siblings=False``, for comparison).
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def _timed(fn: Any, arg: Any) -> tuple[float, float, int]:
   return t1 - t0, time.perf_counter() - t1, compiled.as_text().count(" dot(")
 
 
-def measure(layers: int) -> dict[str, float]:
+def measure(layers: int, fuse_siblings: bool = True) -> dict[str, float]:
   model, tokens = Decoder(layers), jnp.zeros((2, 16), jnp.int32)
   params = model.init(jax.random.key(0), tokens)
   cfg = jlora.LoraConfig(r=8, target_modules="all-linear")
   lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(tokens,))
-  wrapped = jlora.wrap(model.apply, cfg)
+  wrapped = jlora.wrap(model.apply, cfg, fuse_siblings=fuse_siblings)
   loss = lambda logits: jnp.mean(logits**2)  # noqa: E731
   full = jax.jit(jax.grad(lambda p: loss(model.apply(p, tokens))))
   lo = jax.jit(jax.grad(lambda a: loss(wrapped(params, a, tokens))))
@@ -73,11 +74,12 @@ def measure(layers: int) -> dict[str, float]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--depths", default="8,32,80")
+  parser.add_argument("--unfused", action="store_true", help="jlora.wrap(..., fuse_siblings=False)")
   args = parser.parse_args()
   head = ("layers", "full lower+compile", "jlora lower+compile", "ratio", "dots full/jlora")
   print(f"{head[0]:>6} {head[1]:>20} {head[2]:>21} {head[3]:>6} {head[4]:>16}")
   for layers in map(int, args.depths.split(",")):
-    r = measure(layers)
+    r = measure(layers, fuse_siblings=not args.unfused)
     print(
       f"{layers:>6} {r['full_lower']:>8.2f} + {r['full_compile']:>6.2f} s {r['jlora_lower']:>9.2f} + "
       f"{r['jlora_compile']:>6.2f} s {r['ratio']:>6.2f} {r['full_dots']:>7}/{r['jlora_dots']:<7}",

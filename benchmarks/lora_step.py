@@ -58,7 +58,7 @@ import _gpt  # noqa: E402
 import jlora  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STEPS = ("full", "hand", "jlora", "frozen", "qlora_nf4", "qlora_int8")
+STEPS = ("full", "hand", "jlora", "jlora_unfused", "frozen", "qlora_nf4", "qlora_int8", "qwix")
 DECODE = ("base", "merged", "hand", "auto", "factorized")
 
 
@@ -162,12 +162,23 @@ def _decode(cfg: _gpt.GPTConfig, args: argparse.Namespace, key: jax.Array) -> di
   return res
 
 
+def _no_bias_temp(cfg: _gpt.GPTConfig) -> dict[str, float]:
+  """Temp bytes of the full and jlora steps on ``cfg`` without biases (compiled, not run)."""
+  variants = _gpt.make_variants(dataclasses.replace(cfg, bias=False), key=jax.random.key(1))
+  out: dict[str, float] = {}
+  for name in ("full", "jlora"):
+    v = variants[name]
+    out[name] = _cost(v.step.lower(*v.state, *v.static).compile())["temp_bytes"]
+  out["jlora/full"] = out["jlora"] / out["full"]
+  return out
+
+
 def _table(title: str, cols: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> None:
-  head = f"{title:<20}" + "".join(f"{c:>13}" for c in cols)
+  head = f"{title:<20}" + "".join(f"{c:>14}" for c in cols)
   print(head)
   print("-" * len(head))
   for label, cells in rows:
-    print(f"{label:<20}" + "".join(f"{c:>13}" for c in cells))
+    print(f"{label:<20}" + "".join(f"{c:>14}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -179,6 +190,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--vocab", type=int, default=4096)
+  p.add_argument("--no-bias", action="store_true", help="no biases on the blocks' linear layers")
+  p.add_argument(
+    "--mlp", choices=("gelu", "swiglu"), default="gelu", help="swiglu: gate/up/down (seven linear types)"
+  )
   p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (one step each)")
   p.add_argument("--compile-reps", type=int, default=3)
   p.add_argument(
@@ -201,9 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batch=args.batch,
     rank=args.rank,
     alpha=2.0 * args.rank,
+    bias=not args.no_bias,
+    mlp=args.mlp,
   )
 
   variants = _gpt.make_variants(cfg, key=jax.random.key(0))
+  names = [n for n in STEPS if n in variants]  # qwix where installed
   adapted = sorted(
     jax.tree_util.keystr(kp[:-1])
     for kp, _ in jax.tree_util.tree_leaves_with_path(variants["jlora"].state[0])
@@ -213,12 +231,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     raise RuntimeError(f"'all-linear' adapted the output head: {adapted}")
 
   steps: dict[str, dict[str, Any]] = {}
-  for name in STEPS:
+  for name in names:
     v = variants[name]
     compiled, secs = _compile(v.step, (*v.state, *v.static), args.compile_reps)
     v.step = compiled
     steps[name] = {**_cost(compiled), "compile_s": secs, "trainable_params": v.n_trainable}
-  times = _time_interleaved({k: variants[k].run for k in STEPS}, rounds=args.rounds)
+  times = _time_interleaved({k: variants[k].run for k in names}, rounds=args.rounds)
+  no_bias = _no_bias_temp(cfg)
   for name, ts in times.items():
     steps[name]["time_s"] = statistics.median(ts)
     steps[name]["time_min_s"] = min(ts)
@@ -236,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ("frozen", "full"),
     ("qlora_nf4", "jlora"),
     ("qlora_int8", "jlora"),
+    ("jlora", "jlora_unfused"),
+    *((("jlora", "qwix"), ("qwix", "full")) if "qwix" in names else ()),
   )
   ratios = {
     f"{k}.{a}/{b}": steps[a][k] / steps[b][k] for k in ("flops", "temp_bytes", "compile_s") for a, b in pairs
@@ -256,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       for w in widths
     },
     "compile jlora/full <= 1.5": ratios["compile_s.jlora/full"] <= 1.5,
+    "time jlora/full <= 0.85": ratios["time_s.jlora/full"] <= 0.85,
+    "time jlora/hand <= 0.80": ratios["time_s.jlora/hand"] <= 0.80,
+    "temp jlora/full <= 1.00 (no biases)": no_bias["jlora/full"] <= 1.0,
   }
 
   # -- tables ------------------------------------------------------------------
@@ -272,12 +296,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ("temp_bytes", "temp bytes", lambda x: f"{x / 2**20:.1f} MiB"),
     ("compile_s", "compile", lambda x: f"{x:.2f} s"),
   ):
-    cells = [fmt(steps[n][key]) for n in STEPS]
+    cells = [fmt(steps[n][key]) for n in names]
     if f"{key}.jlora/hand" in ratios:
       cells += [f"{ratios[f'{key}.{a}/{b}']:.3f}" for a, b in pairs[:3]]
     rows.append((label, cells))
-  rows.append(("trainable", [f"{steps[n]['trainable_params']:,}" for n in STEPS]))
-  _table("train step", [*STEPS, "jlora/hand", "jlora/full", "hand/full"], rows)
+  rows.append(("trainable", [f"{steps[n]['trainable_params']:,}" for n in names]))
+  _table("train step", [*names, "jlora/hand", "jlora/full", "hand/full"], rows)
+  print(
+    f"sibling fusion: jlora / jlora_unfused time {ratios['time_s.jlora/jlora_unfused']:.3f}, "
+    f"temp {ratios['temp_bytes.jlora/jlora_unfused']:.3f}, flops {ratios['flops.jlora/jlora_unfused']:.3f}"
+  )
+  if "qwix" in names:
+    t, m = ratios["time_s.jlora/qwix"], ratios["temp_bytes.jlora/qwix"]
+    print(f"qwix: jlora/qwix time {t:.3f}, temp {m:.3f}")
+  print(
+    f"no biases: temp bytes full {no_bias['full'] / 2**20:.1f} MiB, jlora {no_bias['jlora'] / 2**20:.1f} MiB "
+    f"(jlora/full {no_bias['jlora/full']:.3f})"
+  )
   print(
     "quantized base / full-precision base (jlora): "
     + ", ".join(f"{q}: time {ratios[f'time_s.{q}/jlora']:.3f}, temp {ratios[f'temp_bytes.{q}/jlora']:.3f}"
@@ -316,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     },
     "adapted_modules": len(adapted),
     "steps": steps,
+    "no_bias_temp_bytes": no_bias,
     "decode": {str(w): dec for w, dec in decode.items()},
     "ratios": ratios,
     "checks": checks,

@@ -10,6 +10,8 @@ fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
 
 from importlib import metadata as _metadata
 
+from jlora._src.bank import Bank, BankConfig, stack
+from jlora._src.bank_checkpoint import load_bank, save_bank
 from jlora._src.checkpoint import (
   AdapterCheckpointManager,
   RestoredAdapter,
@@ -17,6 +19,7 @@ from jlora._src.checkpoint import (
   save_adapter,
 )
 from jlora._src.checkpoint_lock import CheckpointBusyError
+from jlora._src.combine_adapters import add_weighted
 from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
 from jlora._src.interpreter import MaterializationWarning
@@ -28,7 +31,7 @@ from jlora._src.nnx_models import nnx_merge, nnx_split
 from jlora._src.optim import combine, freeze_base, split, trainable_mask
 from jlora._src.peft_export import export_peft
 from jlora._src.peft_import import import_peft
-from jlora._src.peft_names import peft_module_name
+from jlora._src.peft_names import PeftParameter, peft_module_name
 from jlora._src.pissa import LoraWithResidual, init_with_residual, to_plain_lora
 from jlora._src.quantize import QuantizedArray, dequantize, quantize
 from jlora._src.sharding import adapter_specs
@@ -43,14 +46,18 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout wit
 
 __all__ = [
   "AdapterCheckpointManager",
+  "Bank",
+  "BankConfig",
   "CheckpointBusyError",
   "Layout",
   "LoraConfig",
   "LoraWithResidual",
   "MaterializationWarning",
+  "PeftParameter",
   "QuantizedArray",
   "RestoredAdapter",
   "adapter_specs",
+  "add_weighted",
   "combine",
   "count_params",
   "dequantize",
@@ -61,6 +68,7 @@ __all__ = [
   "init",
   "init_with_residual",
   "load_adapter",
+  "load_bank",
   "loraplus",
   "loraplus_labels",
   "merge",
@@ -70,8 +78,10 @@ __all__ = [
   "peft_module_name",
   "quantize",
   "save_adapter",
+  "save_bank",
   "save_merged",
   "split",
+  "stack",
   "summary",
   "to_plain_lora",
   "trainable_mask",

@@ -166,3 +166,18 @@ def test_peft_saved_biases_import(bias, tmp_path):
   assert np.abs(ours - _apply(params, _X)).max() > 1e-2
   print(f"bias={bias}: PEFT -> jlora logits max abs diff {np.abs(ours - theirs).max():.2e}")
   np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_lora_only_bias_of_a_stacked_kernel_adapted_in_part_is_refused():
+  params = {"params": {"layers": {"up": {"kernel": jnp.ones((4, 8, 5)), "bias": jnp.ones((4, 5))}}}}
+  common = dict(r=2, target_modules=("up",), layers_to_transform=(1, 2), layout_pattern={"up": "sio"})
+  with pytest.raises(ValueError, match=r"only layers \[1, 2\] of the stacked kernel at 'params/layers/up"):
+    jlora.init(params, jlora.LoraConfig(**common, bias="lora_only"), key=jax.random.key(0))
+  # bias="all" trains every bias of every layer, as PEFT does: allowed, and counted whole.
+  cfg = jlora.LoraConfig(**common, bias="all")
+  lora = jlora.init(params, cfg, key=jax.random.key(0))
+  assert lora["params"]["layers"]["up"]["bias"].shape == (4, 5)
+  # A tree made otherwise (here by hand) is refused when it is read, too.
+  cut = jlora.LoraConfig(**common, bias="lora_only")
+  with pytest.raises(ValueError, match="bias='lora_only' with layers_to_transform"):
+    jlora.merge(params, lora, cut)

@@ -207,3 +207,68 @@ def test_batched_sees_vmap_through_autodiff():
   jax.vmap(f)({"a": jnp.ones((2, 3))})
   jax.vmap(jax.grad(f))({"a": jnp.ones((2, 3))})
   assert seen == [False, True, True]
+
+
+# -- equation params a JAX release renamed: one accessor each ------------------------------
+
+
+def test_scan_counts_of_a_traced_scan():
+  def fn(w, c, xs):
+    return jax.lax.scan(lambda c, x: ((c[0] * w + x, c[1] + 1.0), c[0]), c, xs)
+
+  closed = jax.make_jaxpr(fn)(jnp.ones(3), (jnp.ones(3), 0.0), jnp.ones((4, 3)))
+  (eqn,) = [e for e in closed.jaxpr.eqns if e.primitive.name == "scan"]
+  assert jax_compat.scan_counts(eqn.params) == (1, 2)  # w; the two carries; then the one xs
+  assert len(eqn.invars) == 4
+
+
+class _Leaf:
+  """jax 0.11's ``FTSingleton``: one operand."""
+
+  def __len__(self):
+    return 1
+
+
+class _Tuple:
+  """jax 0.11's ``FTTuple``: ``unpack`` gives its parts; its length is its number of operands."""
+
+  def __init__(self, *elts):
+    self.elts = elts
+
+  def unpack(self):
+    return self.elts
+
+  def __len__(self):
+    return sum(len(e) for e in self.elts)
+
+
+class _Filtered:
+  """jax 0.11's ``FTFiltered`` (``filter_with_mask``): its length counts the kept operands only."""
+
+  def __init__(self, mask):
+    self.mask = mask
+
+  def __len__(self):
+    return sum(self.mask)
+
+
+def _nones(n):
+  return _Tuple(*(_Leaf() for _ in range(n)))  # ft.nones(n): a tuple of n singletons
+
+
+def test_scan_counts_read_jax_0_11_flat_trees():
+  # jax 0.11 replaced num_consts/num_carry by ft_in, a flat tree of (consts, carry, xs), built as
+  # jax/_src/lax/control_flow/loops.py does at jax-v0.11.0 (with the jax/_src/flattree.py classes above).
+  # `lax.scan` (loops.py:459-463): ft.pack((ft.nones(len(consts)), ft.nones(num_carry), ft.nones(num_xs)))
+  traced = {"ft_in": _Tuple(_nones(2), _nones(3), _nones(1)), "ft_out": _Tuple(_nones(3), _nones(1))}
+  assert jax_compat.scan_counts(traced) == (2, 3)
+  # the JVP's tangent scan (loops.py:869-874): residuals and the nonzero consts are the consts,
+  # ft.pack(((ft.nones(len(int_res)), nz_consts_g), nz_carry_g, (nz_xs_g, ft.nones(len(ext_res)))))
+  consts = _Tuple(_nones(4), _Filtered([True, False, True]))
+  tangent = {"ft_in": _Tuple(consts, _Filtered([True, True]), _Tuple(_Filtered([False]), _nones(2)))}
+  assert jax_compat.scan_counts(tangent) == (6, 2)
+
+
+def test_scan_counts_of_an_unknown_spelling_names_the_supported_versions():
+  with pytest.raises(RuntimeError, match=r"consts and carry counts of a `scan`.*jlora supports jax>=0\.10"):
+    jax_compat.scan_counts({"jaxpr": None, "length": 2})

@@ -49,8 +49,9 @@ def test_readme_python_blocks_run(capsys):
 @pytest.mark.parametrize("devices", [8, 1])
 def test_readme_sharding_block_runs_on_any_device_count(devices):
   (code,) = [code for heading, code in _python_blocks() if heading in MULTI_DEVICE_SECTIONS]
-  env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-  env.pop("JAX_PLATFORMS", None)
+  # The simulated devices are CPU devices: on a machine with a GPU, jax would pick the GPU instead.
+  flags = f"--xla_force_host_platform_device_count={devices}"
+  env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
   check = f"\nassert len(jax.devices()) == {devices}, jax.devices()\n"
   proc = subprocess.run(
     [sys.executable, "-c", code + check],

@@ -230,6 +230,35 @@ def test_fori_loop_and_cond():
   _check(fn, params, ("fc", "st"), X, layout_pattern={"st": (1, 1)})
 
 
+def test_unstack_follows_the_kernel_view():
+  # `lax.unstack` is what iterating over an array binds from jax 0.11 (`for w in kernel`; jax 0.10
+  # sliced and squeezed): a stacked axis in the middle ("iso", read from the unstack), and a fan-out
+  # axis that only B carries.
+  def fn(p, x):
+    h = x
+    for w in lax.unstack(p["st"]["kernel"], axis=1):
+      h = jnp.tanh(h @ w)
+    a, b = lax.unstack(p["fo"]["kernel"], axis=2)
+    return h @ a + jnp.sin(h @ b)
+
+  params = {"st": {"kernel": _w(8, 2, 8)}, "fo": {"kernel": _w(8, 6, 2, key=K[3])}}
+  cfg, lora = _check(fn, params, ("st", "fo"), X, layout_pattern={"fo": "ioo"})
+  st = lora["st"]["kernel"]
+  assert st["lora_A"].shape == (8, 2, 3) and st["lora_B"].shape == (3, 2, 8)  # "iso": one adapter per layer
+
+
+def test_unstacked_product_splits_a_fused_kernel():
+  # gemma's `k, v = einsum(x, kv)` on jax 0.11: the product's fused axis, taken apart entry by
+  # entry, is stacked (one adapter for k, one for v).
+  def fn(p, x):
+    k, v = lax.unstack(jnp.einsum("btd,cdh->cbth", x, p["kv"]["kernel"]))
+    return k * jnp.tanh(v)
+
+  _, lora = _check(fn, {"kv": {"kernel": _w(2, 8, 4)}}, ("kv",), X)
+  kv = lora["kv"]["kernel"]
+  assert kv["lora_A"].shape == (2, 8, 3) and kv["lora_B"].shape == (2, 3, 4)  # "sio"
+
+
 # -- materialisation, strategies, dropout, tracing ------------------------------------
 
 

@@ -207,7 +207,28 @@ def saved_paths(tree: Any, config: LoraConfig, specs: list[AdapterSpec]) -> list
   biases ``config.bias`` trains, in tree order."""
   saved = targets.saved_module_paths(tree, config)
   biases = targets.bias_paths(tree, config, {spec.module for spec in specs})
+  check_bias_layers(specs, biases, config, paths.is_collections(tree))
   return saved + [p for p in biases if p not in set(saved)]
+
+
+def check_bias_layers(
+  specs: Collection[AdapterSpec], saved: Collection[paths.Path], config: LoraConfig, collections: bool
+) -> None:
+  """Refuses ``bias="lora_only"`` on a stacked kernel that `layers_to_transform` adapts in part: PEFT
+  trains the biases of the selected layers only, and a trained copy is the whole stacked leaf."""
+  if config.bias != "lora_only":
+    return
+  cut = {spec.module: spec for spec in specs if spec.layers is not None}
+  for path in saved:
+    spec = cut.get(paths.module_path(path, collections))
+    if spec is not None and str(path[-1]) == "bias":
+      raise ValueError(
+        f"bias='lora_only' with layers_to_transform={config.layers_to_transform} adapts only layers "
+        f"{list(spec.layers)} of the stacked kernel at {spec.where!r}, but its trained bias "
+        f"{paths.to_str(path)!r} would be the whole stacked leaf, every layer (PEFT trains the selected "
+        "layers' biases only). Use bias='all' (every bias of every layer), bias='none', or adapt every "
+        "layer of this kernel."
+      )
 
 
 def add_saved_copies(out: dict, tree: Any, config: LoraConfig, specs: list[AdapterSpec]) -> None:
@@ -413,6 +434,7 @@ def bind(
       _check_magnitude_shape(spec, m)
     bound.append(Bound(spec, kernel, a, b, m))
   agreement.check_complete(expect, {item.spec.path for item in bound}, saved, config)
+  check_bias_layers([item.spec for item in bound], saved, config, collections)
   return bound, saved
 
 

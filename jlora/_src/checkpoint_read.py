@@ -224,6 +224,11 @@ class StepReader:
       "is corrupted."
     ) from error
 
+  def _check_fit(self, plan: _ReadPlan, lora: Any, base: Any) -> None:
+    """Reads the restored adapter against ``base`` (when given)."""
+    if base is not None:
+      adapters.bind(base, lora, plan.meta.config)
+
   def restore(self, step: int | None, *, base: Any, shardings: Any, opt_state: Any) -> RestoredAdapter:
     """See `AdapterCheckpointManager.restore`."""
     for attempt in range(_READ_ATTEMPTS):
@@ -236,8 +241,7 @@ class StepReader:
         self._explain_failed_read(chosen, step_id, e, retry=attempt < _READ_ATTEMPTS - 1)
         time.sleep(0.02 * (attempt + 1))
         continue
-      if base is not None:
-        adapters.bind(base, lora, plan.meta.config)
+      self._check_fit(plan, lora, base)
       return RestoredAdapter(lora=lora, config=plan.meta.config, opt_state=opt, step=int(chosen))
     raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
 

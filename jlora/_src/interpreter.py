@@ -37,9 +37,11 @@ from jax import lax
 from jax.extend import core as jex
 
 from jlora._src import (
+  interpreter_fusion,
   interpreter_moe,
   interpreter_parallel,
   interpreter_products,
+  interpreter_routing,
   interpreter_views,
   jax_compat,
   layouts,
@@ -82,6 +84,8 @@ def materialize(x: Any, ctx: Context, why: str) -> Any:
     return V.dense_weight(x.w)
   if not isinstance(x, LoraValue):
     return x
+  if x.routed is not None:
+    raise interpreter_routing.unroutable(x, why)
   if x.site not in ctx.warned:
     ctx.warned.add(x.site)
     warnings.warn(
@@ -130,9 +134,14 @@ def eval_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Cont
     env[v] = x
   for v, x in zip(jaxpr.invars, args):
     env[v] = x
-  for eqn in jaxpr.eqns:
+  siblings = interpreter_fusion.Siblings(jaxpr, env, ctx, _eval_eqn)  # sibling fusion
+  for i, eqn in enumerate(jaxpr.eqns):
+    if siblings.done(i):
+      continue
     with jax_compat.source_context(eqn):
-      outs = _eval_eqn(eqn, [read(v) for v in eqn.invars], ctx)
+      invals = [read(v) for v in eqn.invars]
+      outs = siblings.eval(i, eqn, invals)
+      outs = _eval_eqn(eqn, invals, ctx) if outs is None else outs
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, jex.DropVar):
         env[v] = x
@@ -195,15 +204,14 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
   def rebuild(xs, inv):
     w, a_s, b_s, g_s = xs
     a_i, b_i, g_i = inv
-    return LoraValue(
-      rebuild_w(w),
-      a_s if sliced_a else a_i,
-      b_s if sliced_b else b_i,
-      shift(x.a_axes),
-      shift(x.b_axes),
-      x.scale,
-      x.site,
-      g_s if sliced_b else g_i,
+    return dataclasses.replace(
+      x,
+      w=rebuild_w(w),
+      a=a_s if sliced_a else a_i,
+      b=b_s if sliced_b else b_i,
+      a_axes=shift(x.a_axes),
+      b_axes=shift(x.b_axes),
+      g=g_s if sliced_b else g_i,
     )
 
   xs = (w_xs, a if sliced_a else None, b if sliced_b else None, g if sliced_b else None)
@@ -213,7 +221,7 @@ def _split_scanned(x: Special) -> tuple[Any, Any, Callable[[Any, Any], Special]]
 
 def _scan(eqn, invals, ctx):
   p = eqn.params
-  nc, nk = p["num_consts"], p["num_carry"]
+  nc, nk = jax_compat.scan_counts(p)
   closed = p["jaxpr"]
   consts = invals[:nc]
   init = plain_outputs(invals[nc : nc + nk], ctx, "a `scan` carry")
@@ -303,4 +311,5 @@ _RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.cond_p: _cond,
   P.custom_jvp_call_p: _inline("call_jaxpr"),
   P.custom_vjp_call_p: _inline("call_jaxpr"),
+  **interpreter_routing.RULES,  # a bank's kernels, per example; others go on to the rules above
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 
@@ -24,6 +25,10 @@ class Context:
     warned: kernel paths already warned about (shared across calls).
     roles: probe mode: ``{kernel path: [(primitive, {kernel axis: role})]}``.
     counter: the dropout counter of this scope.
+    fuse_siblings: whether kernels that read one input share one first product
+      (`jlora._src.interpreter_fusion`).
+    routing: a bank's per-example adapter ids (`jlora._src.interpreter_routing.Routing`);
+      ``None`` for a single adapter.
   """
 
   strategy: str
@@ -34,6 +39,8 @@ class Context:
   roles: dict[str, list[tuple[str, dict[int, str]]]] | None = None
   counter: int = 0
   batched: bool = False
+  fuse_siblings: bool = True
+  routing: Any = None
 
   def may_merge(self) -> bool:
     """Whether ``strategy="auto"`` may merge a kernel for one use (where that costs fewer FLOPs):

@@ -63,7 +63,7 @@ def dropout(x: jax.Array, ctx: Context) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Dot:
+class Dot:
   """A ``dot_general`` seen from the kernel: which operand it is, and its axes on each side."""
 
   k_is_lhs: bool
@@ -79,20 +79,21 @@ class _Dot:
     return [k_axes[i] for i in self.kb] + (k_free + x_free if self.k_is_lhs else x_free + k_free)
 
 
-def _bind_dot(eqn: Any, dot: _Dot, kernel: jax.Array, x: Any) -> list[Any]:
+def bind_dot(eqn: Any, dot: Dot, kernel: jax.Array, x: Any) -> list[Any]:
   return jax_compat.bind(eqn, [kernel, x] if dot.k_is_lhs else [x, kernel])
 
 
-def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: _Dot, ctx: Context) -> list[Any]:
+def _probe_dot(eqn: Any, kv: Probe, x: Any, dot: Dot, ctx: Context) -> list[Any]:
   roles = {i: layouts.OUT for i in range(len(kv.shape))}
   roles.update({i: layouts.IN for i in dot.kc})
   roles.update({i: layouts.STACKED for i in dot.kb})
   ctx.record(kv, roles, "dot_general")
   origin = dot.out_order(kv.origin, [()] * x.ndim)
-  return [Probe(_bind_dot(eqn, dot, kv.base, x)[0], tuple(origin), kv.site, output=True)]
+  return [Probe(bind_dot(eqn, dot, kv.base, x)[0], tuple(origin), kv.site, output=True)]
 
 
-def _merged_is_cheaper(kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> bool:
+def merged_is_cheaper(kv: LoraValue, x: Any, dot: Dot, ctx: Context) -> bool:
+  """Whether ``strategy="auto"`` merges this use: allowed here, and fewer FLOPs than the branch."""
   if not ctx.may_merge():
     return False
   m = math.prod(kv.shape[i] for i in dot.kc)
@@ -130,7 +131,23 @@ def _sum_unused(x: jax.Array, lab: str, keep: str) -> jax.Array:
   return x.sum(axis=axes) if axes else x
 
 
-def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[Any] | None:
+@dataclasses.dataclass(frozen=True)
+class Branch:
+  """How one ``dot_general``'s LoRA branch contracts, as ``einsum`` labels: ``x`` (``x_lab``)
+  with the first factor (``first_lab``, rank last) to ``t`` (``t_lab``), then ``t`` with the
+  second factor (``second_lab``) to the output (``out_lab``)."""
+
+  first_is_a: bool
+  x_lab: str
+  first_lab: str
+  t_lab: str
+  second_lab: str
+  out_lab: str
+  opts: tuple[tuple[str, Any], ...]
+
+
+def branch_of(eqn: Any, kv: LoraValue, x: Any, dot: Dot) -> Branch | None:
+  """The factorized branch of ``eqn`` on ``kv``; ``None`` where the contraction spans both factors."""
   nk = len(kv.shape)
   lab = V.letters(nk + x.ndim + 1)
   k_lab, x_lab, r = lab[:nk], lab[nk : nk + x.ndim], lab[-1]
@@ -145,59 +162,88 @@ def _lora_dot(eqn: Any, kv: LoraValue, x: Any, dot: _Dot, ctx: Context) -> list[
   elif contracted <= set(b_lab):
     first_is_a, first_lab, second_lab = False, b_lab, a_lab
   else:
-    return None  # the contraction spans both factors: materialise
+    return None
   keep = set(second_lab) | set(out_lab)
   t_lab = "".join(c for c in dict.fromkeys(x_lab + first_lab) if c in keep)
-  labels = ("".join(x_lab), "".join(first_lab), t_lab, "".join(second_lab), "".join(out_lab))
-  opts = dict(
-    precision=eqn.params.get("precision"), preferred_element_type=eqn.params.get("preferred_element_type")
+  opts = (
+    ("precision", eqn.params.get("precision")),
+    ("preferred_element_type", eqn.params.get("preferred_element_type")),
   )
+  labels = ("".join(x_lab), "".join(first_lab), t_lab, "".join(second_lab), "".join(out_lab))
+  return Branch(first_is_a, *labels, opts)
 
-  def branch(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+
+def kernel_dot(eqn: Any, invals: Sequence[Any]) -> tuple[Any, Any, Dot] | None:
+  """A ``dot_general``'s kernel view, its other operand and its axes; ``None`` unless exactly
+  one operand is a kernel view."""
+  lhs, rhs = invals
+  if is_special(lhs) == is_special(rhs):
+    return None
+  k_is_lhs = is_special(lhs)
+  kv, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  return kv, x, Dot(k_is_lhs, *((lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)))
+
+
+def first_product(x: jax.Array, first: jax.Array, br: Branch) -> jax.Array:
+  """``t``: ``x`` contracted with the branch's first factor (rank last), unscaled."""
+  return contract(x, br.x_lab, first.astype(x.dtype), br.first_lab, br.t_lab, **dict(br.opts))
+
+
+def lora_dot(
+  eqn: Any, kv: LoraValue, x: Any, dot: Dot, ctx: Context, *, first: jax.Array | None = None
+) -> list[Any] | None:
+  """The rule's result for a kernel `LoraValue`; ``first`` is ``x``'s product with the first
+  factor where a caller has computed it already (`jlora._src.interpreter_fusion`: no dropout)."""
+  br = branch_of(eqn, kv, x, dot)
+  if br is None:
+    return None
+
+  def branch(x: jax.Array, a: jax.Array, b: jax.Array, t: jax.Array | None = None) -> jax.Array:
     """``scale * ((x @ first) @ second)``, the rank-r product first."""
-    x_l, f_l, t_l, s_l, o_l = labels
-    f, sec = (a, b) if first_is_a else (b, a)
-    t = contract(x, x_l, f.astype(x.dtype), f_l, t_l, **opts)
-    t = t * jnp.asarray(kv.scale, t.dtype)
-    return contract(t, t_l, sec.astype(t.dtype), s_l, o_l, **opts)
+    f, sec = (a, b) if br.first_is_a else (b, a)
+    t = first_product(x, f, br) if t is None else t
+    if kv.scale != 1.0:  # alpha == r: no multiply to trace, linearize and lower
+      t = t * jnp.asarray(kv.scale, t.dtype)
+    return contract(t, br.t_lab, sec.astype(t.dtype), br.second_lab, br.out_lab, **dict(br.opts))
 
   base_w = kv.base
   if kv.g is not None:  # DoRA (jlora._src.interpreter_dora); never merged
-    g_lab = "".join(b_lab[:-1])
-    g = interpreter_dora.on_output(kv.g, g_lab, "".join(out_lab))
+    g_lab = (br.second_lab if br.first_is_a else br.first_lab)[:-1]
+    g = interpreter_dora.on_output(kv.g, g_lab, br.out_lab)
     if g is None:  # the model contracts the scaled axes (a tied head, x @ E.T): scale x instead
-      g_in = interpreter_dora.on_output(kv.g, g_lab, "".join(x_lab))
-      if g_in is None:
+      g_in = interpreter_dora.on_output(kv.g, g_lab, br.x_lab)
+      if g_in is None or first is not None:
         return None
       x = x * g_in.astype(x.dtype)
-      base = _bind_dot(eqn, dot, base_w, x)[0]
+      base = bind_dot(eqn, dot, base_w, x)[0]
       return [PendingSum(base, branch(dropout(x, ctx), kv.a, kv.b).astype(base.dtype))]
-    xd = dropout(x, ctx)
-    dropped = None if xd is x else _bind_dot(eqn, dot, base_w, xd)[0]
-    base = _bind_dot(eqn, dot, base_w, x)[0]
-    return [interpreter_dora.combine(g, base, branch(xd, kv.a, kv.b), dropped)]
-  if _merged_is_cheaper(kv, x, dot, ctx):
+    xd = x if first is not None else dropout(x, ctx)
+    dropped = None if xd is x else bind_dot(eqn, dot, base_w, xd)[0]
+    base = bind_dot(eqn, dot, base_w, x)[0]
+    return [interpreter_dora.combine(g, base, branch(xd, kv.a, kv.b, first), dropped)]
+  if first is None and merged_is_cheaper(kv, x, dot, ctx):
     return [_merged_with_factorized_grad(eqn, dot, kv, branch)(x, base_w, kv.a, kv.b)]
-  base = _bind_dot(eqn, dot, base_w, x)[0]
-  lora = branch(dropout(x, ctx), kv.a, kv.b)
+  base = bind_dot(eqn, dot, base_w, x)[0]
+  lora = branch(x if first is not None else dropout(x, ctx), kv.a, kv.b, first)
   return [PendingSum(base, lora.astype(base.dtype))]
 
 
 def _merged_with_factorized_grad(
-  eqn: Any, dot: _Dot, kv: LoraValue, branch: Callable[..., jax.Array]
+  eqn: Any, dot: Dot, kv: LoraValue, branch: Callable[..., jax.Array]
 ) -> Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]:
   """``x @ (W + scale * A @ B)`` forward (fewer FLOPs for many tokens), with the factorized
   gradients: ``grad`` of an already-jitted apply (which chose this path, seeing no autodiff)
   never forms a kernel-sized gradient. The frozen base gets no cotangent."""
 
   def merged(x, w, a, b):
-    return _bind_dot(eqn, dot, dataclasses.replace(kv, w=w, a=a, b=b).dense(), x)[0]
+    return bind_dot(eqn, dot, dataclasses.replace(kv, w=w, a=a, b=b).dense(), x)[0]
 
   def backward(res, g):
     x, w, a, b = res
 
     def factorized(x, a, b):
-      base = _bind_dot(eqn, dot, w, x)[0]
+      base = bind_dot(eqn, dot, w, x)[0]
       return base + branch(x, a, b).astype(base.dtype)
 
     dx, da, db = jax.vjp(factorized, x, a, b)[1](g)
@@ -209,16 +255,13 @@ def _merged_with_factorized_grad(
 
 
 def _dot_general(eqn, invals, ctx):
-  lhs, rhs = invals
-  if is_special(lhs) == is_special(rhs):
+  found = kernel_dot(eqn, invals)
+  if found is None:
     return None
-  k_is_lhs = is_special(lhs)
-  kv, x = (lhs, rhs) if k_is_lhs else (rhs, lhs)
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  dot = _Dot(k_is_lhs, *((lc, rc, lb, rb) if k_is_lhs else (rc, lc, rb, lb)))
+  kv, x, dot = found
   if isinstance(kv, Probe):
     return _probe_dot(eqn, kv, x, dot, ctx)
-  return _lora_dot(eqn, kv, x, dot, ctx)
+  return lora_dot(eqn, kv, x, dot, ctx)
 
 
 def _b_branch(y: jax.Array, kv: LoraValue, axis: int) -> jax.Array:
@@ -268,26 +311,42 @@ def _gather(eqn, invals, ctx):
   kv, idx = invals
   if is_special(idx) or not is_special(kv):
     return None
-  p = eqn.params
-  dn = p["dimension_numbers"]
-  base = jax_compat.bind(eqn, [kv.base, idx])[0]
-  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
-  full = [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
   if isinstance(kv, Probe):
+    full = _full_axes(eqn, kv)
     roles = {ax: layouts.OUT for ax in full}
     roles.update({ax: layouts.IN for ax in range(len(kv.shape)) if ax not in full})
     ctx.record(kv, roles, "gather")
-    return [base]
+    return [jax_compat.bind(eqn, [kv.base, idx])[0]]
+  rows = lookup_rows(eqn, kv, idx)
+  if rows is None:
+    return None
+  base, g, axis = rows
+  return [_plus_b_branch(base, g, kv, axis)]
+
+
+def _full_axes(eqn: Any, kv: Any) -> list[int]:
+  """The kernel axes a ``gather`` takes whole (the others it indexes)."""
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  indexed = set(dn.start_index_map) | set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
+  return [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
+
+
+def lookup_rows(eqn: Any, kv: LoraValue, idx: jax.Array) -> tuple[jax.Array, jax.Array, int] | None:
+  """An embedding lookup of ``kv``: ``(base rows, rows of A, the rank's axis in them)``; ``None``
+  where the lookup does not take whole rows of one fan-out axis."""
+  dn = eqn.params["dimension_numbers"]
   b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
-  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in full:
+  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in _full_axes(eqn, kv):
     return None
   d = b_only[0]
-  sizes = list(p["slice_sizes"])
+  sizes = list(eqn.params["slice_sizes"])
   sizes[d] = kv.rank
+  base = jax_compat.bind(eqn, [kv.base, idx])[0]
   g = jax_compat.bind(eqn, [kv.factor_in_view("a", d), idx], slice_sizes=tuple(sizes))[0]
   dropped = set(dn.collapsed_slice_dims) | set(dn.operand_batching_dims)
   kept = [ax for ax in range(len(kv.shape)) if ax not in dropped]
-  return [_plus_b_branch(base, g, kv, dn.offset_dims[kept.index(d)])]
+  return base, g, dn.offset_dims[kept.index(d)]
 
 
 RULES: dict[Any, Callable[..., list[Any] | None]] = {

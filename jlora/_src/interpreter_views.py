@@ -1,7 +1,7 @@
 """Interpreter rules for view primitives: the adapter factors follow the kernel.
 
 A view (reshape, transpose, unit-axis broadcast, cast, copy, sharding
-constraint, slice, dynamic slice, reverse, squeeze) is bound on the base
+constraint, slice, dynamic slice, reverse, squeeze, unstack) is bound on the base
 kernel ``w``; the `LoraValue` then rearranges its factors to match, or the
 `Probe` records which kernel axes each view axis came from. A rule returns
 ``None`` where the view cannot be followed; the interpreter then materialises
@@ -14,12 +14,15 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
 from jlora._src import jax_compat, layouts
 from jlora._src.interpreter_context import Context
-from jlora._src.values import Probe, Special, is_special
+from jlora._src.interpreter_moe import traced_primitive
+from jlora._src.values import LoraValue, Probe, Special, is_special
 
 P = jex.primitives
 
@@ -67,16 +70,20 @@ def _same_view(x, w, params, ctx, *dyn):
   return dataclasses.replace(x, w=w)
 
 
-def _probe_index(x: Probe, w: Any, ctx: Context, starts: Sequence[Any]) -> Probe:
-  """Axes a slice cuts down to one entry (``w[i]``) are read as stacked layer axes; on a
-  product (an output probe), as the fan-out axes the model takes apart entry by entry."""
-  cut = [ax for ax in range(len(x.shape)) if w.shape[ax] == 1 < x.shape[ax]]
+def _record_index(x: Probe, ctx: Context, starts: dict[int, Any]) -> None:
+  """Axes the model cuts down to one entry (``w[i]``, at ``starts[axis]``) are read as stacked layer
+  axes; on a product (an output probe), as the fan-out axes the model takes apart entry by entry."""
   if x.output:
-    picked = {ax: f"{layouts.SPLIT}{starts[ax]}" for ax in cut if isinstance(starts[ax], int)}
+    picked = {ax: f"{layouts.SPLIT}{i}" for ax, i in starts.items() if isinstance(i, int)}
   else:
-    picked = {ax: layouts.STACKED for ax in cut}
+    picked = {ax: layouts.STACKED for ax in starts}
   if picked:
     ctx.record(x, picked, "index")
+
+
+def _probe_index(x: Probe, w: Any, ctx: Context, starts: Sequence[Any]) -> Probe:
+  cut = [ax for ax in range(len(x.shape)) if w.shape[ax] == 1 < x.shape[ax]]
+  _record_index(x, ctx, {ax: starts[ax] for ax in cut})
   return dataclasses.replace(x, w=w)
 
 
@@ -114,6 +121,38 @@ def _squeeze(x, w, params, ctx):
   return x.reshape(tuple(w.shape), w)
 
 
+UNSTACK_P = traced_primitive("unstack", lax.unstack, jax.ShapeDtypeStruct((2, 2), jnp.float32))
+
+
+def _unstack(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+  """``lax.unstack``, which iterating over an array binds from jax 0.11 (``k, v = kv``; jax 0.10
+  sliced and squeezed): entry ``i`` is the view at index ``i`` of ``axis``, without that axis."""
+  (x,) = invals
+  if not isinstance(x, (LoraValue, Probe)):
+    return None
+  axis = eqn.params["axis"]
+  ws = jax_compat.bind(eqn, [x.base])
+  if isinstance(x, Probe):
+    if x.shape[axis] > 1:
+      for i in range(len(ws)):
+        _record_index(x, ctx, {axis: i})
+    origin = x.origin[:axis] + x.origin[axis + 1 :]
+    return [dataclasses.replace(x, w=w, origin=origin) for w in ws]
+
+  def drop(axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(ax - (ax > axis) for ax in axes if ax != axis)
+
+  return [
+    dataclasses.replace(
+      x.map_axis(axis, lambda f, d, i=i: lax.index_in_dim(f, i, d, keepdims=False)),
+      w=w,
+      a_axes=drop(x.a_axes),
+      b_axes=drop(x.b_axes),
+    )
+    for i, w in enumerate(ws)
+  ]
+
+
 RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.transpose_p: _view(_transpose),
   P.reshape_p: _view(_reshape),
@@ -125,6 +164,7 @@ RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.slice_p: _view(_slice),
   P.dynamic_slice_p: _view(_dynamic_slice),
   P.rev_p: _view(_rev),
+  UNSTACK_P: _unstack,
 }
 
 # The views an output probe follows (the other primitives see the plain product).
@@ -137,5 +177,6 @@ OUTPUT_VIEWS = frozenset(
     P.copy_p,
     P.sharding_constraint_p,
     P.slice_p,
+    UNSTACK_P,
   }
 )

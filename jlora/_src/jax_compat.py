@@ -25,6 +25,10 @@ stated way when a JAX release moves it, never silently:
   slower for serving many tokens, where ``strategy="merged"`` helps), and
   ``import jlora`` warns once (`JaxCompatWarning`).
 
+Equation params that a JAX release renamed are read through one accessor each
+(`scan_counts`, `shard_map_manual_axes`), which knows every supported spelling
+and raises `RuntimeError` naming the supported versions on any other.
+
 `MISSING` lists the internals this JAX lacks (empty on a supported JAX);
 ``tests/test_jax_compat.py`` checks each one is present and behaves as jlora relies on.
 """
@@ -33,14 +37,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 from jax.extend import core as jex
 
 # The JAX versions jlora supports: pyproject.toml's requirement (tests/test_jax_compat.py checks they agree).
-SUPPORTED_JAX = "jax>=0.10"
+SUPPORTED_JAX = "jax>=0.10,<0.12"
 
 
 class JaxCompatWarning(UserWarning):
@@ -155,13 +159,40 @@ def batched(tree: Any) -> bool:
   return False
 
 
-def shard_map_manual_axes(params: Any) -> Any:
+# -- equation params a JAX release renamed: one accessor each ------------------------------
+
+
+def _unreadable(what: str, primitive: str, params: Mapping[str, Any]) -> RuntimeError:
+  return RuntimeError(
+    f"jlora cannot read the {what} of a `{primitive}` in jax {jax.__version__} (params {sorted(params)}); "
+    f"jlora supports {SUPPORTED_JAX}."
+  )
+
+
+def scan_counts(params: Mapping[str, Any]) -> tuple[int, int]:
+  """``(num_consts, num_carry)`` of a ``scan`` equation, whose operands are its consts, then its
+  carry, then its scanned inputs.
+
+  jax 0.10 names the two counts. jax 0.11 replaced them by ``ft_in``, a flat tree
+  (``jax._src.flattree``) packing the three operand groups, ``ft.pack((consts, carry, xs))``
+  (``lax.scan`` and every scan rule in ``jax/_src/lax/control_flow/loops.py``); each group's
+  ``len`` is its number of operands, nested groups included.
+
+  Raises:
+    RuntimeError: on a JAX that spells them neither way, naming the supported versions.
+  """
+  if "num_consts" in params:  # jax 0.10
+    return params["num_consts"], params["num_carry"]
+  if "ft_in" in params:  # jax 0.11
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(consts), len(carry)
+  raise _unreadable("consts and carry counts", "scan", params)
+
+
+def shard_map_manual_axes(params: Mapping[str, Any]) -> Any:
   """The mesh axes a ``shard_map`` equation makes manual (``newly_manual_axes`` from jax 0.10.2,
   ``manual_axes`` before)."""
   for name in ("newly_manual_axes", "manual_axes"):
     if name in params:
       return params[name]
-  raise RuntimeError(
-    f"jlora cannot read the manual axes of a `shard_map` in jax {jax.__version__} (params {sorted(params)}); "
-    f"jlora supports {SUPPORTED_JAX}."
-  )
+  raise _unreadable("manual axes", "shard_map", params)

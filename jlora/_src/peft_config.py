@@ -34,6 +34,7 @@ _USED = frozenset(
     "layers_pattern",
     "bias",
     "use_dora",
+    "target_parameters",
   }
 )
 # Fields whose value does not change what the saved weights compute (or that
@@ -67,7 +68,6 @@ _REQUIRED = {
   "peft_type": ("LORA",),
   "lora_bias": (False,),
   "layer_replication": (None,),
-  "target_parameters": (None, []),
   "trainable_token_indices": (None,),
   "use_qalora": (False,),
   "megatron_config": (None,),
@@ -117,18 +117,13 @@ def read_peft_config(path: str) -> dict[str, Any]:
       "(`save_pretrained(..., path_initial_model_for_weight_conversion=...)`; jlora's own: "
       "`jlora.export_peft(..., initial_lora=...)`)."
     )
+  tp = data.get("target_parameters")
+  if tp is not None and (not isinstance(tp, list) or not all(isinstance(t, str) for t in tp)):
+    raise ValueError(f"{path!r}: `target_parameters` must be a list of parameter names; got {tp!r}.")
   for field in ("rank_pattern", "alpha_pattern"):
     if not isinstance(data.get(field) or {}, Mapping):
       raise ValueError(f"{path!r}: `{field}` must be a JSON object; got {data[field]!r}.")
   return dict(data)
-
-
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-  """PEFT's `get_pattern_key`: the first pattern matching the module name or a dotted suffix."""
-  for key, value in patterns.items():
-    if re.match(rf"(.*\.)?({key})$", name):
-      return value
-  return default
 
 
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
@@ -146,6 +141,8 @@ def exported_targets(
   the short names, where they select exactly the exported modules among the ``known`` ones;
   otherwise the full names."""
   want = set(exported)
+  if not want:
+    return [], None, None  # expert parameters only: `None` would make PEFT pick its default modules
   short = sorted({n.rsplit(".", 1)[-1] for n in exported})
   options: list[tuple[Any, list[int] | None]] = []
   if not isinstance(config.target_modules, str):
@@ -159,6 +156,23 @@ def exported_targets(
   return sorted(want), None, None
 
 
+def parameter_selected(target_parameters: Sequence[str] | None, name: str) -> bool:
+  """PEFT's `_inject_parameters` match of one parameter name: a full name or a dotted suffix."""
+  return any(name == t or name.endswith("." + t) for t in target_parameters or ())
+
+
+def exported_parameters(exported: Sequence[str], known: set[str] | None) -> list[str] | None:
+  """``target_parameters`` for PEFT: the parameters' short names where they select exactly the
+  exported ones among the ``known`` ones; otherwise their full names (``None`` for none)."""
+  if not exported:
+    return None
+  short = sorted({n.rsplit(".", 1)[-1] for n in exported})
+  want = set(exported)
+  if known is not None and {n for n in known | want if parameter_selected(short, n)} == want:
+    return short
+  return sorted(exported)
+
+
 def peft_config_of(
   config: LoraConfig,
   *,
@@ -166,10 +180,12 @@ def peft_config_of(
   alphas: Mapping[str, float],
   saved_modules: Sequence[str],
   targets: tuple[Any, list[int] | None, str | None],
+  parameters: list[str] | None,
   base_model_name_or_path: str | None,
   task_type: str | None,
 ) -> dict[str, Any]:
-  """The ``adapter_config.json`` of an export: per-module ranks and alphas by exact name."""
+  """The ``adapter_config.json`` of an export: per-module (and per-parameter) ranks and alphas by
+  exact name; ``target_parameters`` for expert kernels."""
   target, layers, layers_pattern = targets
   return {
     "peft_type": "LORA",
@@ -183,6 +199,7 @@ def peft_config_of(
     "use_rslora": config.use_rslora,
     "init_lora_weights": config.init_lora_weights,
     "target_modules": target,
+    "target_parameters": parameters,
     "exclude_modules": None,
     "layers_to_transform": layers,
     "layers_pattern": layers_pattern,

@@ -11,13 +11,22 @@ from typing import Any
 
 import numpy as np
 
-from jlora._src import adapters, layouts, paths, peft_io, targets
+from jlora._src import adapters, layouts, paths, peft_experts, peft_io, targets
 from jlora._src.atomic import write_atomic
 from jlora._src.config import LoraConfig
+from jlora._src.peft_config import exported_parameters, peft_config_of
 from jlora._src.peft_config import exported_targets as _exported_targets
-from jlora._src.peft_config import peft_config_of
 from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
-from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys, magnitude_key
+from jlora._src.peft_names import (
+  PREFIX,
+  Keys,
+  NameMap,
+  PeftParameter,
+  default_name_map,
+  is_conv1d,
+  magnitude_key,
+  name_str,
+)
 
 
 def bound_adapters(lora: Any, config: LoraConfig, base: Any) -> tuple[list[adapters.Bound], dict]:
@@ -38,10 +47,11 @@ def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
     module = paths.module_path(path, collections)
     cand = targets.Candidate(path, module, (), None)
     a, b = node[paths.LORA_A], node[paths.LORA_B]
+    pattern = config.layout_for(cand.names)
     found = [
       (lay, shape)
       for lay, shape in layouts.kernels_for(a.shape, b.shape, config.rank_for(cand.names))
-      if layouts.from_pattern(config.layout_for(cand.names), shape, paths.to_str(cand.path)) in (None, lay)
+      if _fits(pattern, lay, shape, paths.to_str(cand.path))
     ]
     if len(found) != 1:
       raise ValueError(
@@ -60,24 +70,46 @@ def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
   return bound
 
 
+def _fits(pattern: Any, layout: layouts.Layout, shape: tuple[int, ...], where: str) -> bool:
+  """Whether a `layout_pattern` value allows ``layout`` for a candidate kernel of ``shape``."""
+  try:
+    return layouts.from_pattern(pattern, shape, where) in (None, layout)
+  except ValueError:  # a pattern of another rank: not this candidate
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class _Factors:
-  """One PEFT module's factors: ``a`` ``(r, in)`` and ``b`` ``(out, r)``; DoRA's ``m`` ``(out,)``."""
+  """One PEFT module's factors: ``a`` ``(r, in)`` and ``b`` ``(out, r)`` (an expert parameter's:
+  ``(E * r, in)`` and ``(out, r * E)``); DoRA's magnitude ``m`` ``(out,)``."""
 
-  index: int | None  # entry of the stacked axis
+  index: int | None  # entry of the stacked axis (the layer, for an expert kernel)
   a: np.ndarray
   b: np.ndarray
-  m: np.ndarray | None
+  m: np.ndarray | None = None
 
 
-def _peft_factors(item: adapters.Bound) -> Iterator[_Factors]:
+def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any]) -> Iterator[_Factors]:
   spec = item.spec
+  a, b = (np.asarray(x) for x in adapters.canonical(spec, item.a, item.b))
+  ids = spec.layers if spec.layers is not None else range(a.shape[0])
+  if isinstance(next(iter(names.values())), PeftParameter):
+    if item.m is not None:
+      raise ValueError(
+        f"DoRA adapter at {spec.where!r}: PEFT's `target_parameters` adapters (expert weights) refuse "
+        "`use_dora`, so PEFT could not load the file; export expert weights from a plain LoRA adapter."
+      )
+    if len(spec.layout.stacked_axes) < 2:
+      yield _Factors(None, *peft_experts.to_peft(a, b, spec.layout, names[None], spec.where))
+      return
+    for i, a_l, b_l in zip(ids, a, b):
+      yield _Factors(i, *peft_experts.to_peft(a_l, b_l, spec.layout, names[i], spec.where))
+    return
   if len(spec.layout.stacked_axes) > 1:
     raise ValueError(
       f"Adapter at {spec.where!r} has {len(spec.layout.stacked_axes)} stacked axes (layout "
       f"{spec.layout}); a PEFT module can carry one at most (exported as one module per entry)."
     )
-  a, b = (np.asarray(x) for x in adapters.canonical(spec, item.a, item.b))
   m = None if item.m is None else np.asarray(adapters.canonical_magnitude(spec, item.m))
   n_in, n_out = math.prod(spec.in_shape), math.prod(spec.out_shape)
   if not spec.layout.stacked_axes:
@@ -88,21 +120,21 @@ def _peft_factors(item: adapters.Bound) -> Iterator[_Factors]:
       None if m is None else m.reshape(n_out),
     )
     return
-  ids = spec.layers if spec.layers is not None else range(a.shape[0])
   for j, (i, a_l, b_l) in enumerate(zip(ids, a, b)):
     m_l = None if m is None else m[j].reshape(n_out)
     yield _Factors(i, a_l.reshape(n_in, spec.rank).T, b_l.reshape(spec.rank, n_out).T, m_l)
 
 
-def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> set[str]:
-  """The PEFT names of every adaptable weight of ``base`` that the name map knows."""
+def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> tuple[set[str], set[str]]:
+  """The PEFT names of every adaptable weight of ``base`` that the name map knows: modules, and
+  expert parameters."""
   by_path = {item.spec.path: item.spec.layout for item in bound}
-  names: set[str] = set()
+  names: set[str | PeftParameter] = set()
   for cand in targets.candidates(base):
     layout = by_path.get(cand.path)
     for lay in [layout] if layout is not None else peft_io.name_guesses(cand):
       names.update(n for _, n in peft_io.safe_module_names(cand, lay, name_map))
-  return names
+  return {n for n in names if isinstance(n, str)}, {n.name for n in names if isinstance(n, PeftParameter)}
 
 
 @dataclasses.dataclass
@@ -115,34 +147,68 @@ class _Tensors:
   def put(self, key: str, value: np.ndarray, where: str) -> None:
     if key in self.arrays:
       raise ValueError(
-        f"Adapters at {self.origin[key]!r} and {where!r} both map to PEFT key {key!r}; pass a `name_map`."
+        f"Adapters at {self.origin[key]!r} and {where!r} both map to PEFT key {key!r}; pass a `name_map`. "
+        "PEFT adapts each PyTorch module or parameter once: kernels that PyTorch fuses into one (separate "
+        "gate and up expert kernels for a fused `gate_up_proj`) have no PEFT format; fuse them in the model."
       )
     self.arrays[key], self.origin[key] = np.ascontiguousarray(value), where
 
 
 def _adapter_tensors(
   bound: list[adapters.Bound], config: LoraConfig, name_map: NameMap, out: _Tensors
-) -> tuple[dict[str, int], dict[str, float]]:
-  """Each adapter's ``lora_A``/``lora_B`` (one module per stacked entry); the rank and alpha by module."""
+) -> tuple[dict[str, int], dict[str, float], list[str]]:
+  """Each adapter's ``lora_A``/``lora_B`` (one module per stacked entry, or one expert parameter per
+  layer); the rank and alpha by module or parameter name; the expert parameters' names."""
+  named = [
+    (item, dict(peft_io.module_names(s.path, s.layout, s.kernel_shape, name_map, s.layers)))
+    for item in bound
+    for s in [item.spec]
+  ]
+  params = {
+    n.name: (n, item.spec.where)
+    for item, names in named
+    for n in names.values()
+    if isinstance(n, PeftParameter)
+  }
+  if params:
+    _check_experts_exportable(config, params, [n for _, names in named for n in names.values()])
+  keys = Keys(p for p, _ in params.values())
   ranks: dict[str, int] = {}
   alphas: dict[str, float] = {}
-  for item in bound:
+  for item, names in named:
     spec = item.spec
     embedding = peft_io.is_embedding(spec.path)
     if embedding and (len(spec.in_shape) != 1 or len(spec.out_shape) != 1):
       raise ValueError(
         f"Embedding adapter at {spec.where!r} must be 2-D (vocab, d); got {spec.kernel_shape}."
       )
-    for f in _peft_factors(item):
-      name = name_map(spec.path, f.index)
-      key_a, key_b = lora_keys(name, embedding)
+    for f in _peft_factors(item, names):
+      name = names[f.index]
+      key_a, key_b = keys(name, embedding)
       out.put(key_a, f.a, spec.where)
       out.put(key_b, f.b, spec.where)
       if f.m is not None:
-        out.put(magnitude_key(name), f.m, spec.where)
-      ranks[name] = spec.rank
-      alphas[name] = config.alpha_for((spec.module, spec.param))
-  return ranks, alphas
+        out.put(magnitude_key(name_str(name)), f.m, spec.where)
+      ranks[name_str(name)] = spec.rank
+      alphas[name_str(name)] = config.alpha_for((spec.module, spec.param))
+  return ranks, alphas, sorted(params)
+
+
+def _check_experts_exportable(config: LoraConfig, params: Mapping[str, tuple], names: list) -> None:
+  """PEFT's `ParamWrapper` refuses dropout, and `fan_in_fan_out` (which GPT-2's modules need)."""
+  where = next(iter(params.values()))[1]
+  if config.lora_dropout:
+    raise ValueError(
+      f"Expert adapter at {where!r}: PEFT's `target_parameters` adapters refuse `lora_dropout` != 0 "
+      f"(the config has {config.lora_dropout}), so PEFT could not load the file. Export with "
+      "`dataclasses.replace(config, lora_dropout=0.0)` (dropout does not change the weights)."
+    )
+  conv1d = [n for n in names if isinstance(n, str) and is_conv1d(n)]
+  if conv1d:
+    raise ValueError(
+      f"Expert adapter at {where!r} and GPT-2 `Conv1D` module {conv1d[0]!r} cannot share a PEFT file: "
+      "the Conv1D modules need `fan_in_fan_out=True`, which PEFT's `target_parameters` adapters refuse."
+    )
 
 
 def _saved_tensors(
@@ -205,7 +271,10 @@ def export_peft(
   `modules_to_save` (``kernel`` transposed to ``weight``), and the biases
   `bias` trains as PEFT names them (``<module>.base_layer.bias`` for an
   adapted module, ``<module>.bias`` otherwise). Fan-in and fan-out
-  axes are flattened row-major in the kernel's axis order.
+  axes are flattened row-major in the kernel's axis order. An expert kernel,
+  which the name map names a `jlora.PeftParameter`, is written in PEFT's
+  ``target_parameters`` format (one adapter per layer, listed in
+  ``target_parameters``; see `jlora.PeftParameter`).
   ``adapter_config.json`` keeps ``target_modules`` as the user wrote them
   (``["q_proj", "v_proj"]``) when, with ``base`` given, they select exactly
   the exported modules in PEFT's matching (else the PyTorch short names, else
@@ -240,7 +309,10 @@ def export_peft(
 
   Raises:
     FileExistsError: if adapter files exist and ``overwrite`` is false.
-    ValueError: for adapters PEFT cannot express (more than one stacked axis),
+    ValueError: for adapters PEFT cannot express (more than one stacked axis
+      unless the kernel is a scanned stack of experts; an expert kernel with
+      more than one fan-in or fan-out axis, or with ``lora_dropout``; two
+      kernels on one PyTorch parameter),
       weights no name map knows, two adapters mapped to the same PEFT name,
       or an adapter that does not fit ``base``.
 
@@ -262,17 +334,19 @@ def export_peft(
     lora, config = to_plain_lora(lora, initial_lora, config, base=base)
   bound, saved = bound_adapters(lora, config, base)
   tensors = _Tensors()
-  ranks, alphas = _adapter_tensors(bound, config, name_map, tensors)
+  ranks, alphas, params = _adapter_tensors(bound, config, name_map, tensors)
   saved_modules = _saved_tensors(
     saved, config, paths.is_collections(lora), name_map=name_map, ranks=ranks, out=tensors
   )
-  known = _known_names(base, bound, name_map) if base is not None else None
+  known_modules, known_params = _known_names(base, bound, name_map) if base is not None else (None, None)
+  modules = sorted(set(ranks) - set(params))
   peft_config = peft_config_of(
     config,
     ranks=ranks,
     alphas=alphas,
     saved_modules=saved_modules,
-    targets=_exported_targets(config, sorted(ranks), known),
+    targets=_exported_targets(config, modules, known_modules),
+    parameters=exported_parameters(params, known_params),
     base_model_name_or_path=base_model_name_or_path,
     task_type=task_type,
   )

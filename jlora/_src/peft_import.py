@@ -19,10 +19,18 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import adapters, dora, layouts, paths, peft_config, peft_io, targets
+from jlora._src import adapters, dora, layouts, paths, peft_config, peft_experts, peft_io, targets
 from jlora._src.config import LoraConfig, freeze_layout_pattern, longest_match
 from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
-from jlora._src.peft_names import PREFIX, NameMap, default_name_map, lora_keys, magnitude_key
+from jlora._src.peft_names import (
+  PREFIX,
+  Keys,
+  NameMap,
+  PeftParameter,
+  default_name_map,
+  magnitude_key,
+  name_str,
+)
 
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
@@ -58,14 +66,21 @@ class _Match:
 
   cand: targets.Candidate
   layout: layouts.Layout
-  names: tuple[tuple[int | None, str], ...]  # (entry of the stacked axis, module name), in the file
+  # (entry of the stacked axis, module name or expert parameter), in the file
+  names: tuple[tuple[int | None, str | PeftParameter], ...]
   embedding: bool
   rank: int
   alpha: float
 
   @property
+  def experts(self) -> bool:
+    return isinstance(self.names[0][1], PeftParameter)
+
+  @property
   def layer_axis(self) -> bool:
-    """Whether the stacked axis is cut to the entries in the file (`layers_to_transform`)."""
+    """Whether the first stacked axis is cut to the entries in the file (`layers_to_transform`)."""
+    if self.experts:
+      return len(self.layout.stacked_axes) == 2
     return bool(self.layout.stacked_axes) and targets.layer_index(self.cand.module, None) is None
 
 
@@ -103,8 +118,10 @@ def _find_modules(
   lays: tuple[Mapping[paths.Path, layouts.Layout], Mapping[paths.Path, str]],
   name_map: NameMap,
   info: Mapping[str, Any],
+  *,
+  keys: Keys,
   weights_path: str,
-) -> tuple[list[tuple[targets.Candidate, layouts.Layout, list[tuple[int | None, str]]]], str | None]:
+) -> tuple[list[tuple[targets.Candidate, layouts.Layout, list[tuple[int | None, Any]]]], str | None]:
   """The weights the file adapts, with their module names; and the first weight no name map knows."""
   known, unknown = lays
   found, unmapped = [], None
@@ -114,10 +131,12 @@ def _find_modules(
       names = {
         n for lay in peft_io.name_guesses(cand) for _, n in peft_io.safe_module_names(cand, lay, name_map)
       }
-      hit = next((n for n in sorted(names) if lora_keys(n, peft_io.is_embedding(cand.path))[0] in info), None)
+      embedding = peft_io.is_embedding(cand.path)
+      hit = next((n for n in names if keys.has(n) and keys(n, embedding)[0] in info), None)
       if hit is not None:
         raise ValueError(
-          f"PEFT module {hit!r} adapts a kernel whose layout jlora does not know: {unknown[cand.path]}"
+          f"PEFT module {name_str(hit)!r} adapts a kernel whose layout jlora does not know: "
+          f"{unknown[cand.path]}"
         )
       continue
     names = peft_io.safe_module_names(cand, layout, name_map)
@@ -127,11 +146,13 @@ def _find_modules(
     embedding = peft_io.is_embedding(cand.path)
     hits = []
     for index, name in names:
-      key_a, key_b = lora_keys(name, embedding)
+      if not keys.has(name):
+        continue
+      key_a, key_b = keys(name, embedding)
       if (key_a in info) != (key_b in info):
         has, lacks = (key_a, key_b) if key_a in info else (key_b, key_a)
         raise ValueError(
-          f"{weights_path!r} has {has!r} but not {lacks!r}: the adapter of module {name!r} is "
+          f"{weights_path!r} has {has!r} but not {lacks!r}: the adapter of {name_str(name)!r} is "
           "incomplete (the file is truncated or was edited)."
         )
       if key_a in info:
@@ -145,8 +166,9 @@ def _check_module(
   cand: targets.Candidate,
   *,
   layout: layouts.Layout,
-  hits: list[tuple[int | None, str]],
+  hits: list[tuple[int | None, Any]],
   info: Mapping[str, Any],
+  keys: Keys,
   pcfg: Mapping[str, Any],
   weights_path: str,
 ) -> _Match:
@@ -156,23 +178,31 @@ def _check_module(
   out_shape = tuple(cand.shape[i] for i in layout.out_axes)
   if embedding and (len(in_shape) != 1 or len(out_shape) != 1):
     raise ValueError(f"Embedding {paths.to_str(cand.path)!r} must be 2-D to take PEFT's embedding LoRA.")
+  where = paths.to_str(cand.path)
   rank = None
   for _, name in hits:
-    keys = lora_keys(name, embedding)
-    (sa, da), (sb, db) = info[keys[0]], info[keys[1]]
-    rank = rank if rank is not None else (sa[0] if len(sa) == 2 else None)
-    want = ((rank, math.prod(in_shape)), (math.prod(out_shape), rank))
-    for key, got, w in zip(keys, (sa, sb), want):
+    ks = keys(name, embedding)
+    (sa, da), (sb, db) = info[ks[0]], info[ks[1]]
+    if isinstance(name, PeftParameter):
+      experts = cand.shape[layout.stacked_axes[-1]] if layout.stacked_axes else 1
+      if rank is None and len(sa) == 2 and sa[0] % experts == 0:
+        rank = sa[0] // experts
+      want = peft_experts.peft_shapes(layout, cand.shape, name, rank or 0, where)
+      form = "PEFT's target_parameters: lora_A (E*r, in), lora_B (out, r*E)"
+    else:
+      rank = rank if rank is not None else (sa[0] if len(sa) == 2 else None)
+      want = ((rank, math.prod(in_shape)), (math.prod(out_shape), rank))
+      form = "PEFT: lora_A (r, in), lora_B (out, r)"
+    for key, got, w in zip(ks, (sa, sb), want):
       if rank is None or tuple(got) != w:
         raise ValueError(
-          f"{weights_path!r}: tensor {key!r} has shape {tuple(got)}, but kernel "
-          f"{paths.to_str(cand.path)!r} of shape {cand.shape} (layout {layout}: fan-in {in_shape}, "
-          f"fan-out {out_shape}) needs {w} (PEFT: lora_A (r, in), lora_B (out, r)). Wrong base model or "
-          "`name_map`?"
+          f"{weights_path!r}: tensor {key!r} has shape {tuple(got)}, but kernel {where!r} of shape "
+          f"{cand.shape} (layout {layout}: fan-in {in_shape}, fan-out {out_shape}) needs {w} ({form}). "
+          "Wrong base model or `name_map`?"
         )
     if da != db:
-      raise ValueError(f"{weights_path!r}: {keys[0]!r} is {da} but {keys[1]!r} is {db}; they must match.")
-  torch_name = hits[0][1]
+      raise ValueError(f"{weights_path!r}: {ks[0]!r} is {da} but {ks[1]!r} is {db}; they must match.")
+  torch_name = name_str(hits[0][1])
   cfg_rank = peft_config.pattern_value(pcfg.get("rank_pattern") or {}, torch_name, pcfg.get("r", 8))
   if rank != cfg_rank:
     raise ValueError(
@@ -236,18 +266,23 @@ def _bias_leaves(
   return out
 
 
-def _check_peft_targets(pcfg: Mapping[str, Any], matches: list[_Match], known: set[str], where: str) -> None:
-  """Every module PEFT's ``target_modules`` selects must have tensors in the file."""
+def _check_peft_targets(pcfg: Mapping[str, Any], matches: list[_Match], known: set, where: str) -> None:
+  """Every module PEFT's ``target_modules`` selects, and every parameter its ``target_parameters``
+  selects, must have tensors in the file."""
   target = pcfg.get("target_modules")
-  if not target:
-    return
   layers = pcfg.get("layers_to_transform")
   layers = [layers] if isinstance(layers, int) else layers
-  present = {name for m in matches for _, name in m.names}
-  missing = sorted(n for n in known - present if peft_io.peft_selects(target, layers, n))
+  present = {name_str(name) for m in matches for _, name in m.names}
+  modules = {n for n in known if isinstance(n, str)} - present
+  params = {n.name for n in known if isinstance(n, PeftParameter)} - present
+  missing = sorted(
+    [n for n in modules if target and peft_io.peft_selects(target, layers, n)]
+    + [n for n in params if peft_config.parameter_selected(pcfg.get("target_parameters"), n)]
+  )
   if missing:
     raise ValueError(
-      f"{where!r}: `target_modules`={target!r} selects module {missing[0]!r}"
+      f"{where!r}: `target_modules`={target!r} / `target_parameters`={pcfg.get('target_parameters')!r} "
+      f"select {missing[0]!r}"
       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
       + f", but {WEIGHTS_NAME} has no tensors for it: the adapter is incomplete."
     )
@@ -302,7 +337,7 @@ def _import_config(
     raise ValueError(f"{where!r} has an invalid value: {e}") from e
 
 
-def _read_factors(handle: Any, m: _Match, weights_path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_factors(handle: Any, m: _Match, keys: Keys, weights_path: str) -> tuple[np.ndarray, np.ndarray]:
   """The canonical factors of one weight, read from the file (zeros for missing fused parts)."""
 
   def get(key: str) -> np.ndarray:
@@ -315,9 +350,15 @@ def _read_factors(handle: Any, m: _Match, weights_path: str) -> tuple[np.ndarray
   out_shape = tuple(m.cand.shape[i] for i in m.layout.out_axes)
   parts = {}
   for index, name in m.names:
-    key_a, key_b = lora_keys(name, m.embedding)
-    parts[index] = (get(key_a).T.reshape(in_shape + (m.rank,)), get(key_b).T.reshape((m.rank,) + out_shape))
-  if not m.layout.stacked_axes:
+    key_a, key_b = keys(name, m.embedding)
+    if m.experts:
+      experts, where = m.cand.shape[m.layout.stacked_axes[-1]], paths.to_str(m.cand.path)
+      parts[index] = peft_experts.from_peft(
+        get(key_a), get(key_b), m.layout, name, experts=experts, where=where
+      )
+    else:
+      parts[index] = (get(key_a).T.reshape(in_shape + (m.rank,)), get(key_b).T.reshape((m.rank,) + out_shape))
+  if not m.layout.stacked_axes or (m.experts and not m.layer_axis):
     return parts[None]
   ids = [i for i, _ in m.names] if m.layer_axis else range(m.cand.shape[m.layout.stacked_axes[0]])
   zero = tuple(np.zeros_like(x) for x in next(iter(parts.values())))
@@ -391,8 +432,10 @@ def import_peft(
     directory: a PEFT adapter directory (``adapter_config.json`` +
       ``adapter_model.safetensors``).
     tree: the Flax base tree with the same weights as PEFT's base model.
-    name_map: ``name_map(path, index) -> module name``; default: the map of
-      the model family (see `export_peft`).
+    name_map: ``name_map(path, index) -> module name`` (or a
+      `jlora.PeftParameter` for an expert kernel, read from the file's
+      ``target_parameters`` adapters); default: the map of the model family
+      (see `export_peft`).
     apply_fn: the model's apply function, to read each weight's layout from
       use (needed for kernels of 3+ dimensions and transposed 2-D kernels).
     example_args: example inputs for ``apply_fn``.
@@ -430,14 +473,21 @@ def import_peft(
   cands = targets.candidates(tree)
   read = lambda: infer_layouts(apply_fn, tree, *example_args, **(example_kwargs or {})) if apply_fn else {}  # noqa: E731
   lays, unknown = _import_layouts(tree, cands, layout_pattern, read)
-  found, unmapped = _find_modules(cands, (lays, unknown), name_map, info, weights_path)
+  known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
+  targeted = pcfg.get("target_parameters")
+  keys = Keys(
+    n for n in known if isinstance(n, PeftParameter) and peft_config.parameter_selected(targeted, n.name)
+  )
+  found, unmapped = _find_modules(
+    cands, (lays, unknown), name_map, info, keys=keys, weights_path=weights_path
+  )
   matches = [
-    _check_module(c, layout=lay, hits=hits, info=info, pcfg=pcfg, weights_path=weights_path)
+    _check_module(c, layout=lay, hits=hits, info=info, keys=keys, pcfg=pcfg, weights_path=weights_path)
     for c, lay, hits in found
   ]
-  claimed = {k for m in matches for _, n in m.names for k in lora_keys(n, m.embedding)}
+  claimed = {k for m in matches for _, n in m.names for k in keys(n, m.embedding)}
   if pcfg.get("use_dora", False):
-    magnitudes = {magnitude_key(n) for m in matches for _, n in m.names}
+    magnitudes = {magnitude_key(name_str(n)) for m in matches for _, n in m.names}
     missing = sorted(magnitudes - set(info))
     if missing:
       raise ValueError(
@@ -453,7 +503,6 @@ def import_peft(
   _check_all_claimed(set(info) - claimed - set(saved.values()), unmapped, weights_path)
   if not matches:
     raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
-  known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
   _check_peft_targets(pcfg, matches, known, os.path.join(directory, CONFIG_NAME))
   dtypes = {_ST_DTYPES[info[k][1]] for k in claimed - set(biases.values())}
   kernel_dtypes = {jnp.dtype(m.cand.dtype).name for m in matches}
@@ -467,7 +516,9 @@ def import_peft(
     dtype=next(iter(dtypes)) if len(dtypes) == 1 and dtypes != kernel_dtypes else None,
     where=os.path.join(directory, CONFIG_NAME),
   )
-  lora = _build_tree(handle, tree, config, matches=matches, saved=saved, biases=biases, where=weights_path)
+  lora = _build_tree(
+    handle, tree, config, matches=matches, keys=keys, saved=saved, biases=biases, where=weights_path
+  )
   adapters.bind(tree, lora, config, lambda: lays)
   return lora, config
 
@@ -491,6 +542,7 @@ def _build_tree(
   config: LoraConfig,
   *,
   matches: list[_Match],
+  keys: Keys,
   saved: Mapping[paths.Path, str],
   biases: Mapping[paths.Path, str],
   where: str,
@@ -499,7 +551,7 @@ def _build_tree(
   lora: dict = {}
   leaves = dict(paths.leaves_with_paths(tree))
   for m in matches:
-    a, b = _read_factors(handle, m, where)
+    a, b = _read_factors(handle, m, keys, where)
     spec = adapters.AdapterSpec(m.cand.path, m.cand.module, m.cand.shape, m.layout, m.rank, 1.0, None)
     a, b = adapters.from_canonical(spec, jnp.asarray(a), jnp.asarray(b))
     node = {paths.LORA_A: a, paths.LORA_B: b}

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from jlora._src import layouts, paths, targets
-from jlora._src.peft_names import NameMap
+from jlora._src.peft_names import NameMap, PeftParameter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,11 +78,46 @@ def peft_selects(target_modules: Any, layers: Sequence[int] | None, name: str) -
   return m is not None and int(m.group(1)) in layers
 
 
-def module_names(spec_path: paths.Path, layout: layouts.Layout | None, shape: tuple, name_map: NameMap):
-  """The PEFT module names of one weight: one per entry of its stacked axis, or one."""
-  if layout is None or not layout.stacked_axes:
-    return [(None, name_map(spec_path, None))]
-  return [(i, name_map(spec_path, i)) for i in range(shape[layout.stacked_axes[0]])]
+def module_names(
+  path: paths.Path,
+  layout: layouts.Layout | None,
+  shape: tuple,
+  name_map: NameMap,
+  entries: Sequence[int] | None = None,
+) -> list:
+  """``[(index, name)]``: the PEFT modules of one weight (one per entry of its first stacked axis, or
+  one), or its expert parameters (`PeftParameter`: one, or one per layer of a scanned stack).
+
+  A kernel with one stacked axis is an expert kernel when ``name_map(path, None)`` answers a
+  `PeftParameter` (an error there, or a module name, means it is not: its entries are modules); one
+  with two stacked axes must be (layers, experts). ``entries``: the entries of the first stacked
+  axis to name (default: all).
+  """
+  stacked = () if layout is None else layout.stacked_axes
+  if not stacked:
+    return [(None, name_map(path, None))]
+  if len(stacked) == 1:
+    try:
+      whole = name_map(path, None)
+    except (ValueError, LookupError, TypeError):  # a map that names entries only
+      whole = None
+    if isinstance(whole, PeftParameter):
+      return [(None, whole)]
+  names = [(i, name_map(path, i)) for i in (range(shape[stacked[0]]) if entries is None else entries)]
+  experts = len(stacked) == 2
+  for i, name in names:
+    if isinstance(name, PeftParameter) != experts:
+      raise ValueError(
+        f"The name map gives {name!r} for entry {i} of {paths.to_str(path)!r} (layout {layout}). "
+        + (
+          "A kernel with two stacked axes is a scanned stack of experts (layers, experts, ...): return "
+          "`jlora.PeftParameter(...)` for each layer, PEFT's `target_parameters` name of the parameter."
+          if experts
+          else "For an expert kernel with one stacked axis (experts, ...) return the `jlora.PeftParameter` "
+          "for `index=None`; entries of a stacked axis are PEFT modules (str)."
+        )
+      )
+  return names
 
 
 def name_guesses(cand: targets.Candidate) -> list[layouts.Layout | None]:

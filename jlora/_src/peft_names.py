@@ -14,17 +14,75 @@ module tree: `peft_module_name`; paths with a layer container such as
 (mapped to the Hugging Face ``transformers`` module names of the same
 architecture). A weight none of them knows is an error that names
 it and the ``name_map=`` fix.
+
+An expert kernel (`PeftParameter`) is a PyTorch *parameter*, not a module:
+PEFT adapts it through ``target_parameters`` with a ``ParamWrapper`` around
+its module, and the wrappers of two parameters of one module nest (the
+parameter registered first innermost), so its keys carry one
+``.base_layer`` per adapted parameter registered after it (`Keys`). No
+default map names expert kernels: the Flax MoE code jlora knows has no
+PyTorch twin it mirrors, so a name map returns them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from jlora._src import paths, targets
 
 PREFIX = "base_model.model."
-NameMap = Callable[[paths.Path, "int | None"], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftParameter:
+  """A name map's answer for an expert kernel: the PyTorch parameter PEFT's ``target_parameters`` adapts.
+
+  A kernel with an expert axis (``(E, D, F)``, ``"sio"``; ``(L, E, D, F)``,
+  ``"ssio"``, in a scanned stack: the last stacked axis holds the experts) is
+  one 3-D ``nn.Parameter`` ``(E, P, Q)`` in PyTorch (the expert axis first,
+  the other two in the kernel's order), such as GptOss's and Llama4's
+  ``mlp.experts.gate_up_proj`` ``(E, hidden, 2 * expert_dim)``. jlora asks
+  ``name_map(path, None)`` for a kernel with one stacked axis and
+  ``name_map(path, layer)`` for each layer of one with two; a
+  ``PeftParameter`` answer exports the kernel in PEFT's ``ParamWrapper``
+  format, ``lora_A.weight`` ``(E * r, in)`` (expert-major rows) and
+  ``lora_B.weight`` ``(out, r * E)`` (rank-major columns), PEFT's ``in``
+  being ``Q`` (or ``P`` when ``transposed``).
+
+  Attributes:
+    name: the parameter's full name without ``base_model.model.``
+      (``"model.layers.0.mlp.experts.gate_up_proj"``).
+    order: its place among its module's parameters in PyTorch's registration
+      order (``[n for n, _ in module.named_parameters(recurse=False)]``;
+      GptOss and Llama4: ``gate_up_proj`` before ``down_proj``). Needed when a
+      module has two or more adapted parameters: it decides PEFT's nesting.
+    transposed: the PyTorch module sets ``is_transposed = True`` (PEFT then
+      reads the parameter as ``(E, in, out)``; transformers 4.57's MoE
+      modules do not set it, so PEFT reads ``(E, out, in)``).
+
+  Example:
+    >>> import jlora
+    >>> p = jlora.PeftParameter("model.layers.0.mlp.experts.down_proj", order=1)
+    >>> p.module, p.param
+    ('model.layers.0.mlp.experts', 'down_proj')
+  """
+
+  name: str
+  order: int = 0
+  transposed: bool = False
+
+  @property
+  def module(self) -> str:
+    return self.name.rpartition(".")[0]
+
+  @property
+  def param(self) -> str:
+    return self.name.rpartition(".")[2]
+
+
+NameMap = Callable[[paths.Path, "int | None"], "str | PeftParameter"]
 
 _LAYER_NAMES = frozenset(targets.DEFAULT_LAYER_NAMES)
 # gemma (`layer_3/...`) and tunix (`layers/3/...`): the part after the layer -> HF names, one per
@@ -67,6 +125,45 @@ def lora_keys(name: str, embedding: bool) -> tuple[str, str]:
 def magnitude_key(name: str) -> str:
   """PEFT's state-dict key of one module's DoRA magnitude vector."""
   return f"{PREFIX}{name}.lora_magnitude_vector"
+
+
+def name_str(name: str | PeftParameter) -> str:
+  """The module's or the parameter's full name."""
+  return name.name if isinstance(name, PeftParameter) else name
+
+
+class Keys:
+  """PEFT's state-dict keys of each adapted module and parameter (`lora_keys`; a parameter's key
+  carries one ``.base_layer`` per adapted parameter of its module registered after it)."""
+
+  def __init__(self, params: Iterable[PeftParameter]) -> None:
+    by_module: dict[str, dict[str, PeftParameter]] = {}
+    for p in params:
+      if not p.module:
+        raise ValueError(
+          f"PEFT parameter {p.name!r} has no module (PEFT cannot target a top-level parameter)."
+        )
+      by_module.setdefault(p.module, {})[p.param] = p
+    self._depth: dict[str, int] = {}
+    for module, ps in by_module.items():
+      orders = sorted(p.order for p in ps.values())
+      if len(set(orders)) != len(orders):
+        raise ValueError(
+          f"PEFT parameters {sorted(ps)} of module {module!r} share an `order`: PEFT nests their wrappers in "
+          "PyTorch's registration order, which decides their keys. Give each `jlora.PeftParameter` its "
+          "place among the module's parameters (`order=`; GptOss/Llama4: gate_up_proj 0, down_proj 1)."
+        )
+      for p in ps.values():
+        self._depth[p.name] = sum(q.order > p.order for q in ps.values())
+
+  def has(self, name: str | PeftParameter) -> bool:
+    """Whether ``name`` has keys: a module, or a parameter the adapter targets."""
+    return not isinstance(name, PeftParameter) or name.name in self._depth
+
+  def __call__(self, name: str | PeftParameter, embedding: bool = False) -> tuple[str, str]:
+    if not isinstance(name, PeftParameter):
+      return lora_keys(name, embedding)
+    return lora_keys(name.module + ".base_layer" * self._depth[name.name], False)
 
 
 def is_conv1d(name: str) -> bool:
@@ -185,5 +282,6 @@ def default_name_map(path: paths.Path, index: int | None = None) -> str:
     + (f" (entry {index} of its stacked axis)" if index is not None else "")
     + ": jlora maps Hugging Face Flax models (leaves 'kernel'/'embedding'), gemma's gm.nn.Transformer "
     "and tunix's NNX models. Pass `name_map=fn(path, index) -> 'model.layers.0.self_attn.q_proj'` "
-    "giving the PyTorch module name of each weight."
+    "giving the PyTorch module name of each weight (for an expert kernel, "
+    "`jlora.PeftParameter('model.layers.0.mlp.experts.gate_up_proj')`, PEFT's `target_parameters`)."
   )

@@ -76,10 +76,16 @@ class LoraValue:
   """A view of an adapted kernel: ``w + scale * einsum(a, b)`` (see module doc).
 
   ``w`` may be a `QuantizedArray` (a quantized base, before its first view);
-  `base` is the array it stands for. With DoRA, ``g`` is the per-output-feature
-  scale ``m / ||W + scale * A @ B||`` laid out as ``b`` without its rank axis
-  (over ``b_axes``), and the kernel the model means is ``g * (w + delta)``
-  (`jlora._src.dora`).
+  `base` is the array it stands for.
+
+  ``routed`` marks a bank's kernel (`jlora.stack`): the adapters' scales here,
+  one per adapter. The rank axis of ``a`` and ``b`` then holds the adapters'
+  factors side by side (``N * r``, adapter-major) and each example uses its own
+  adapter's (`jlora._src.interpreter_routing`); ``scale`` is 1.
+
+  With DoRA, ``g`` is the per-output-feature scale ``m / ||W + scale * A @ B||``
+  laid out as ``b`` without its rank axis (over ``b_axes``), and the kernel the
+  model means is ``g * (w + delta)`` (`jlora._src.dora`).
   """
 
   w: jax.Array | QuantizedArray
@@ -89,6 +95,7 @@ class LoraValue:
   b_axes: Axes = dataclasses.field(metadata=dict(static=True))
   scale: float = dataclasses.field(metadata=dict(static=True))
   site: str = dataclasses.field(metadata=dict(static=True))
+  routed: tuple[float, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
   g: jax.Array | None = None  # DoRA: m / ||W + scale * A @ B||, over b_axes
 
   @property

@@ -11,12 +11,25 @@ from typing import Any, Literal, NamedTuple
 import jax
 import numpy as np
 
-from jlora._src import adapters, agreement, dora, interpreter, jax_compat, layouts, paths, targets, values
+from jlora._src import (
+  adapters,
+  agreement,
+  dora,
+  interpreter,
+  interpreter_routing,
+  jax_compat,
+  layouts,
+  paths,
+  targets,
+  values,
+)
+from jlora._src.bank import BankConfig
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
 from jlora._src.merge import merge
 from jlora._src.qarray import QuantizedArray, is_quantized
 
 Strategy = Literal["auto", "factorized", "merged"]
+Routing = Literal["gather", "ragged"]
 _STRATEGIES = ("auto", "factorized", "merged")
 _CACHE_SIZE = 32
 
@@ -87,11 +100,63 @@ def _trace(
   return _Traced(closed, out_tree, tree_slots, dynamic, cache_key)
 
 
-def _lora_value(item: adapters.Bound) -> values.LoraValue:
-  value = adapters.view(item.spec, item.kernel, item.a, item.b)
+def _lora_value(item: adapters.Bound, routed: tuple[float, ...] | None = None) -> values.LoraValue:
+  """The interpreter's view of an adapted kernel; for a bank (``routed``: the adapters' scales),
+  ``item``'s factors hold all N adapters on a leading axis, laid side by side on the rank axis."""
+  spec = item.spec
+  lay = spec.layout
+  stacked = len(lay.stacked_axes)
+
+  def canonical(a: Any, b: Any) -> tuple[Any, Any]:
+    a, b = adapters.expand_layers(spec, *adapters.canonical(spec, a, b))
+    return a, jax.numpy.moveaxis(b, stacked, -1)
+
+  if routed is None:
+    a, b = canonical(item.a, item.b)
+  else:
+    fold = lambda f: jax.numpy.moveaxis(f, 0, -2).reshape(*f.shape[1:-1], -1)  # noqa: E731
+    a, b = map(fold, jax.vmap(canonical)(item.a, item.b))
+  value = values.LoraValue(
+    w=item.kernel,
+    a=a,
+    b=b,
+    a_axes=lay.stacked_axes + lay.in_axes,
+    b_axes=lay.stacked_axes + lay.out_axes,
+    scale=spec.scale,
+    site=spec.where,
+    routed=routed,
+  )
   if item.m is None:
     return value
-  return dataclasses.replace(value, g=dora.scale(value, item.m, item.spec.layers))
+  if routed is not None:
+    raise ValueError(
+      f"The adapter at {spec.where!r} is a DoRA adapter (`use_dora=True`): a bank of adapters "
+      "(`jlora.stack`) routes plain LoRA adapters only; stack adapters made without `use_dora`, or apply this one alone."
+    )
+  return dataclasses.replace(value, g=dora.scale(value, item.m, spec.layers))
+
+
+def _bind_bank(tree: Any, lora: Any, bank: BankConfig, hint: Callable[[], Any]) -> list[adapters.Bound]:
+  """Binds a bank's stacked tree: adapter 0's part is checked against the base (as one adapter of
+  ``bank.lora_config``), and each bound item then carries all N adapters' factors."""
+  n = bank.num_adapters
+  leaves = paths.leaves_with_paths(lora)
+  for path, leaf in leaves:
+    if getattr(leaf, "ndim", 0) < 1 or leaf.shape[0] != n:
+      raise ValueError(
+        f"The bank's adapter tree has {tuple(getattr(leaf, 'shape', ()))} at {paths.to_str(path)!r}, but its "
+        f"config stacks {n} adapters: every leaf needs a leading adapter axis of size {n}. Pass `bank.lora` "
+        "with its own `bank.config`."
+      )
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), lora)  # shapes suffice
+  bound, _ = adapters.bind(tree, one, bank.lora_config, hint)
+  full = dict(leaves)
+  return [
+    dataclasses.replace(
+      item, a=full[(*item.spec.path, paths.LORA_A)], b=full[(*item.spec.path, paths.LORA_B)]
+    )
+    for item in bound
+  ]
 
 
 def _linear_reader(traced: _Traced, tree: Any, cache: dict) -> Callable[[], set[paths.Path]]:
@@ -109,29 +174,53 @@ def _linear_reader(traced: _Traced, tree: Any, cache: dict) -> Callable[[], set[
   return read
 
 
-def _inputs(traced: _Traced, bound: list[adapters.Bound], saved: Mapping[paths.Path, Any]) -> list[Any]:
-  """The interpreter's inputs: adapted kernels as `LoraValue`s, trained copies in their leaves' places,
-  quantized weights as `QuantView`s, everything else as traced."""
+def _inputs(
+  traced: _Traced, bound: list[adapters.Bound], saved: Mapping[paths.Path, Any], bank: BankConfig | None
+) -> list[Any]:
+  """The interpreter's inputs: adapted kernels as `LoraValue`s (a bank's routed), trained copies in
+  their leaves' places, quantized weights as `QuantView`s, everything else as traced."""
   vals = [values.QuantView(x) if is_quantized(x) else x for x in traced.dynamic]
   for path, leaf in saved.items():
     vals[traced.tree_slots[path]] = leaf
   for item in bound:
-    vals[traced.tree_slots[item.spec.path]] = _lora_value(item)
+    routed = None if bank is None else bank.entry(item.spec.path).scales
+    vals[traced.tree_slots[item.spec.path]] = _lora_value(item, routed)
   return vals
 
 
-def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Strategy) -> Callable[..., Any]:
+def _make_apply(
+  apply_fn: Callable[..., Any],
+  config: LoraConfig | BankConfig,
+  strategy: Strategy,
+  routing: Routing,
+  fuse_siblings: bool,
+) -> Callable[..., Any]:
   """The wrapped apply of `wrap`, with its trace and all-linear caches."""
   warned: set[str] = set()
   cache: dict = {}
   linear_cache: dict = {}
+  bank = config if isinstance(config, BankConfig) else None
+  rates = tuple(c.lora_dropout for c in bank.configs) if bank else (config.lora_dropout,)
 
   @functools.wraps(apply_fn)
   def apply(
-    tree: Any, lora: Any, *args: Any, lora_dropout_key: jax.Array | None = None, **kwargs: Any
+    tree: Any,
+    lora: Any,
+    *args: Any,
+    lora_dropout_key: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
+    **kwargs: Any,
   ) -> Any:
     agreement.check_call_order(tree, lora, args)
-    dropout = lora_dropout_key is not None and config.lora_dropout > 0.0
+    route = None
+    if bank is not None:
+      route = interpreter_routing.routing(bank.num_adapters, adapter_ids, routing, rates)
+    elif adapter_ids is not None:
+      raise ValueError(
+        "`adapter_ids` routes examples to the adapters of a bank, but this apply wraps one adapter's "
+        "LoraConfig: stack the adapters with `bank = jlora.stack(...)` and wrap `bank.config`."
+      )
+    dropout = lora_dropout_key is not None and max(rates) > 0.0
     if strategy == "merged" and dropout:
       raise ValueError(
         "LoRA dropout needs the factorized path: use strategy='auto' or 'factorized' "
@@ -141,20 +230,25 @@ def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Stra
     # trained `modules_to_save` copies have their base leaves' shapes: they only change the values).
     traced = _trace(apply_fn, tree, args, kwargs, cache)
     hint = lambda: _layouts_from_uses(_probe_uses(traced, tree), tree)  # noqa: E731
-    linear = _linear_reader(traced, tree, linear_cache) if config.target_modules == ALL_LINEAR else None
-    bound, saved = adapters.bind(tree, lora, config, hint, linear=linear)
+    if bank is not None:
+      bound, saved = _bind_bank(tree, lora, bank, hint), {}
+    else:
+      linear = _linear_reader(traced, tree, linear_cache) if config.target_modules == ALL_LINEAR else None
+      bound, saved = adapters.bind(tree, lora, config, hint, linear=linear)
     if strategy == "merged":
       return apply_fn(merge(tree, lora, config), *args, **kwargs)
     ctx = interpreter.Context(
       strategy=strategy,
       differentiated=jax_compat.differentiated(lora),
       batched=jax_compat.batched(lora),
-      dropout_rate=config.lora_dropout,
+      dropout_rate=max(rates),
       key=lora_dropout_key if dropout else None,
       warned=warned,
+      fuse_siblings=fuse_siblings and route is None,  # a bank routes each branch itself
+      routing=route,
     )
     outs = interpreter.eval_jaxpr(
-      traced.closed.jaxpr, traced.closed.consts, _inputs(traced, bound, saved), ctx
+      traced.closed.jaxpr, traced.closed.consts, _inputs(traced, bound, saved, bank), ctx
     )
     outs = interpreter.plain_outputs(outs, ctx, "the model's output")
     return jax.tree_util.tree_unflatten(traced.out_tree, outs)
@@ -163,7 +257,12 @@ def _make_apply(apply_fn: Callable[..., Any], config: LoraConfig, strategy: Stra
 
 
 def wrap(
-  apply_fn: Callable[..., Any], config: LoraConfig, *, strategy: Strategy = "auto"
+  apply_fn: Callable[..., Any],
+  config: LoraConfig | BankConfig,
+  *,
+  strategy: Strategy = "auto",
+  fuse_siblings: bool = True,
+  routing: Routing = "gather",
 ) -> Callable[..., Any]:
   """Wraps a model's apply function so it runs with a LoRA adapter tree.
 
@@ -185,9 +284,20 @@ def wrap(
   Shapes: kernel ``(*stacked, *fan_in, *fan_out)``, ``lora_A``
   ``(*stacked, *fan_in, r)``, ``lora_B`` ``(*stacked, r, *fan_out)``.
 
+  Many adapters in one batch: wrap a bank's config (`jlora.stack`) and call
+  ``apply(tree, bank.lora, *args, adapter_ids=ids)``; example ``e`` (the
+  leading batch axis) runs with adapter ``ids[e]``, or with the base model
+  alone for ``-1``, exactly as ``apply_fn(jlora.merge(tree, *bank.adapter(ids[e])),
+  ...)`` would, always factorized. Every input to an adapted kernel must keep
+  the example axis leading (a model that flattens batch and sequence, or
+  sorts tokens for experts, is an error). Ids are traced (no retrace when they
+  change); concrete ids out of ``[-1, N)`` raise, and under ``jit`` such an
+  id makes its example's output NaN (never a silently clipped adapter).
+
   Args:
     apply_fn: the model's apply function; its first argument is the tree.
-    config: the config the adapter tree was made with.
+    config: the config the adapter tree was made with, or a bank's
+      `BankConfig` (``bank.config``).
     strategy: ``"factorized"`` always computes the LoRA branch factorized;
       ``"merged"`` merges every kernel once up front (fastest for serving
       many tokens; no dropout); ``"auto"`` (default) is factorized wherever
@@ -198,9 +308,23 @@ def wrap(
       the static shapes (merged when a kernel sees more tokens than
       ``in*out/(in+out)``); a merged use still has factorized gradients, so
       ``grad`` of an already-jitted apply forms no kernel-sized gradient.
+      A bank is always factorized (``"auto"``; ``"merged"`` is an error).
+    fuse_siblings: kernels that read the same input (q/k/v, gate/up) compute
+      their rank-r products ``x @ A_i`` as one product ``x @ concat(A_i)``,
+      and so their ``A`` gradients as one product too (fewer, larger dots;
+      equal to the unfused result up to float rounding). Not with LoRA
+      dropout (each branch draws its own mask). ``False`` computes each
+      branch on its own (for comparison).
+    routing: for a bank, how each example's branch is computed:
+      ``"gather"`` (default) gathers each example's adapter factors and
+      contracts them batched (BGMV); ``"ragged"`` sorts the examples by
+      adapter and uses ``lax.ragged_dot_general`` over the groups (SGMV),
+      where the product allows (Dense-like kernels; others gather). See the
+      README's measurements for which is faster where.
 
   Returns:
-    ``apply(tree, lora, *args, lora_dropout_key=None, **kwargs)``. LoRA dropout
+    ``apply(tree, lora, *args, lora_dropout_key=None, **kwargs)`` (for a bank,
+    ``adapter_ids=`` too: a 1-D integer array, one id per example). LoRA dropout
     (``config.lora_dropout``) is applied only when ``lora_dropout_key`` is
     given (training); without it (evaluation) there is none. The function is
     pure and traces once under ``jax.jit``.
@@ -213,8 +337,14 @@ def wrap(
       does not agree with ``config`` and the tree (an adapter missing, extra or
       of the wrong shape, naming the path; for ``"all-linear"`` every weight
       the model uses as a linear layer in the call needs one), or the base and
-      adapter trees are swapped.
-    TypeError: if ``config`` is not a `LoraConfig`.
+      adapter trees are swapped; for a bank, ``"merged"`` or an unknown
+      ``routing``, and when called, ``adapter_ids`` missing, not 1-D, out of
+      range (concrete) or not one per example at an adapted kernel, or a bank
+      kernel used where it cannot be routed (a convolution, ``ragged_dot``);
+      ``adapter_ids`` given for a plain `LoraConfig`.
+    TypeError: if ``config`` is not a `LoraConfig` or `BankConfig`, or
+      ``fuse_siblings`` not a bool; when called, for ``adapter_ids`` that are
+      not integers.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -233,10 +363,34 @@ def wrap(
     raise ValueError(f"`strategy` must be one of {_STRATEGIES}; got {strategy!r}.")
   if not callable(apply_fn):
     raise TypeError(f"`apply_fn` must be callable; got {type(apply_fn).__name__}.")
-  config = check_config(config)
-  apply = _make_apply(apply_fn, config, strategy)
-  apply.__signature__ = agreement.call_signature(apply_fn, inspect.signature(apply, follow_wrapped=False))
+  if not isinstance(fuse_siblings, bool):
+    raise TypeError(f"`fuse_siblings` must be True or False; got {fuse_siblings!r}.")
+  if isinstance(config, BankConfig):
+    if strategy == "merged":
+      raise ValueError(
+        "A bank is never merged (each example has its own adapter): use strategy='auto' or 'factorized'."
+      )
+    if routing not in interpreter_routing.DESIGNS:
+      raise ValueError(f"`routing` must be one of {interpreter_routing.DESIGNS}; got {routing!r}.")
+  else:
+    config = check_config(config)
+  apply = _make_apply(apply_fn, config, strategy, routing, fuse_siblings)
+  apply.__signature__ = _signature(apply_fn, apply, isinstance(config, BankConfig))
   return apply
+
+
+def _signature(apply_fn: Callable[..., Any], apply: Callable[..., Any], bank: bool) -> inspect.Signature:
+  """The wrapped apply's signature (`agreement.call_signature`), with a keyword-only ``adapter_ids``
+  before ``**kwargs`` for a bank and without it otherwise."""
+  plain = inspect.signature(apply, follow_wrapped=False)
+  plain = plain.replace(parameters=[p for n, p in plain.parameters.items() if n != "adapter_ids"])
+  sig = agreement.call_signature(apply_fn, plain)
+  if not bank:
+    return sig
+  ids = inspect.Parameter("adapter_ids", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=jax.Array)
+  params = list(sig.parameters.values())
+  at = len(params) - (1 if params[-1].kind is inspect.Parameter.VAR_KEYWORD else 0)
+  return sig.replace(parameters=[*params[:at], ids, *params[at:]])
 
 
 def read_uses(
