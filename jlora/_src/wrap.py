@@ -131,7 +131,8 @@ def _lora_value(item: adapters.Bound, routed: tuple[float, ...] | None = None) -
   if routed is not None:
     raise ValueError(
       f"The adapter at {spec.where!r} is a DoRA adapter (`use_dora=True`): a bank of adapters "
-      "(`jlora.stack`) routes plain LoRA adapters only; stack adapters made without `use_dora`, or apply this one alone."
+      "(`jlora.stack`) routes plain LoRA adapters only; stack adapters made without `use_dora`, or "
+      "apply this one alone."
     )
   return dataclasses.replace(value, g=dora.scale(value, item.m, spec.layers))
 
