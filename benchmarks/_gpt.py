@@ -19,8 +19,11 @@ Shapes: a Dense kernel is ``(in, out)``; ``lora_A`` is ``(in, r)`` and
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
+import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +58,41 @@ class GPTConfig:
   alpha: float = 32.0
   bias: bool = True  # biases on the blocks' linear layers
   mlp: str = "gelu"  # "gelu": up, down; "swiglu": gate, up, down (Llama's seven linear layer types)
+
+
+def add_size_args(p: argparse.ArgumentParser, *, seq: int = 128, batch: int = 8, seq_help: str = "") -> None:
+  """The decoder-size flags every benchmark takes (defaults: the README's GPT)."""
+  p.add_argument("--d-model", type=int, default=256)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--seq", type=int, default=seq, help=seq_help or None)
+  p.add_argument("--batch", type=int, default=batch)
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--vocab", type=int, default=4096)
+
+
+def config_from(args: argparse.Namespace, **fields: Any) -> GPTConfig:
+  """The `GPTConfig` of the size flags (heads of 64 dims, ``alpha = 2 r``), with ``fields`` on top."""
+  return GPTConfig(
+    vocab=args.vocab,
+    d_model=args.d_model,
+    n_layers=args.layers,
+    n_heads=max(1, args.d_model // 64),
+    seq_len=args.seq,
+    batch=args.batch,
+    rank=args.rank,
+    alpha=2.0 * args.rank,
+    **fields,
+  )
+
+
+def finish(checks: dict[str, bool], out: pathlib.Path, result: dict[str, Any]) -> dict[str, Any]:
+  """Prints each check as PASS/FAIL, writes ``result`` as JSON to ``out`` and returns it."""
+  for name, ok in checks.items():
+    print(f"{'PASS' if ok else 'FAIL'}  {name}")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1))
+  print(f"wrote {out}")
+  return result
 
 
 class Linear(nn.Module):

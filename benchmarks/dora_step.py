@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import platform
 import statistics
 import sys
@@ -105,28 +104,14 @@ def _steps(cfg: _gpt.GPTConfig, key: jax.Array) -> dict[str, _gpt.Variant]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
-  p.add_argument("--d-model", type=int, default=256)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--rank", type=int, default=16)
-  p.add_argument("--vocab", type=int, default=4096)
+  _gpt.add_size_args(p)
   p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (one step each)")
   p.add_argument("--out", type=Path, default=RESULTS / "dora_step.json")
   args = p.parse_args(argv)
   if args.quick:  # few tokens: the kernels, not the activations, set the temp bytes
     args.d_model, args.layers, args.seq, args.batch, args.rank, args.vocab = 256, 2, 8, 1, 4, 256
     args.rounds = 3
-  cfg = _gpt.GPTConfig(
-    vocab=args.vocab,
-    d_model=args.d_model,
-    n_layers=args.layers,
-    n_heads=max(1, args.d_model // 64),
-    seq_len=args.seq,
-    batch=args.batch,
-    rank=args.rank,
-    alpha=2.0 * args.rank,
-  )
+  cfg = _gpt.config_from(args)
   variants = _steps(cfg, jax.random.key(0))
   steps: dict[str, dict[str, Any]] = {}
   losses = {}
@@ -169,11 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{name:<12} {s['flops'] / 1e9:>9.3f} {s['temp_bytes'] / 2**20:>9.2f} {s['time_s'] * 1e3:>9.2f}")
   for k, v in ratios.items():
     print(f"{k:<32} {v:.3f}")
-  for k, ok in checks.items():
-    print(f"[{'ok' if ok else 'FAIL'}] {k}")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2))
-  return result
+  return _gpt.finish(checks, args.out, result)
 
 
 if __name__ == "__main__":

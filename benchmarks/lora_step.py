@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -184,12 +183,7 @@ def _table(title: str, cols: Sequence[str], rows: Sequence[tuple[str, Sequence[s
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (smoke test)")
-  p.add_argument("--d-model", type=int, default=256)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--rank", type=int, default=16)
-  p.add_argument("--vocab", type=int, default=4096)
+  _gpt.add_size_args(p)
   p.add_argument("--no-bias", action="store_true", help="no biases on the blocks' linear layers")
   p.add_argument(
     "--mlp", choices=("gelu", "swiglu"), default="gelu", help="swiglu: gate/up/down (seven linear types)"
@@ -207,18 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.d_model, args.layers, args.seq, args.batch, args.rank, args.vocab = 64, 2, 32, 2, 4, 512
     args.rounds, args.compile_reps, args.decode_widths = 3, 1, "64,128"
     args.decode_iters, args.decode_rounds = 5, 3
-  cfg = _gpt.GPTConfig(
-    vocab=args.vocab,
-    d_model=args.d_model,
-    n_layers=args.layers,
-    n_heads=max(1, args.d_model // 64),
-    seq_len=args.seq,
-    batch=args.batch,
-    rank=args.rank,
-    alpha=2.0 * args.rank,
-    bias=not args.no_bias,
-    mlp=args.mlp,
-  )
+  cfg = _gpt.config_from(args, bias=not args.no_bias, mlp=args.mlp)
 
   variants = _gpt.make_variants(cfg, key=jax.random.key(0))
   names = [n for n in STEPS if n in variants]  # qwix where installed
@@ -336,9 +319,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     _table(f"decode d={w}", DECODE, rows)
   print()
-  for name, ok in checks.items():
-    print(f"{'PASS' if ok else 'FAIL'}  {name}")
-
   result = {
     "config": dataclasses.asdict(cfg),
     "quick": args.quick,
@@ -356,10 +336,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "ratios": ratios,
     "checks": checks,
   }
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=2))
-  print(f"\nwrote {args.out}")
-  return result
+  return _gpt.finish(checks, args.out, result)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -131,12 +130,7 @@ def _print(phase: str, by_n: dict[int, dict[str, Any]]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="tiny sizes, N = 1 and 4 (smoke test)")
-  p.add_argument("--d-model", type=int, default=256)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--vocab", type=int, default=4096)
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--seq", type=int, default=32, help="prefill tokens per example")
-  p.add_argument("--rank", type=int, default=16)
+  _gpt.add_size_args(p, seq=32, batch=64, seq_help="prefill tokens per example")
   p.add_argument("--adapters", default="1,4,16,64", help="bank sizes N")
   p.add_argument("--rounds", type=int, default=6)
   p.add_argument("--out", type=Path, default=RESULTS / "multi_adapter.json")
@@ -144,15 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.quick:
     args.d_model, args.layers, args.vocab, args.batch, args.seq, args.rank = 64, 2, 256, 8, 8, 4
     args.adapters, args.rounds = "1,4", 2
-  cfg = _gpt.GPTConfig(
-    vocab=args.vocab,
-    d_model=args.d_model,
-    n_layers=args.layers,
-    n_heads=max(1, args.d_model // 64),
-    seq_len=args.seq,
-    batch=args.batch,
-    rank=args.rank,
-  )
+  cfg = _gpt.config_from(args)
   model = _gpt.GPT(cfg)
   key = jax.random.key(0)
   k_init, k_tok, k_lora = jax.random.split(key, 3)
@@ -189,11 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     result["checks"].update(checks)
   print()
-  for name, ok in result["checks"].items():
-    print(f"{'PASS' if ok else 'FAIL'}  {name}")
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(result, indent=1))
-  return result
+  return _gpt.finish(result["checks"], args.out, result)
 
 
 if __name__ == "__main__":
