@@ -230,6 +230,10 @@ def test_fori_loop_and_cond():
   _check(fn, params, ("fc", "st"), X, layout_pattern={"st": (1, 1)})
 
 
+_NEEDS_UNSTACK = pytest.mark.skipif(not hasattr(lax, "unstack"), reason="this jax has no `lax.unstack`")
+
+
+@_NEEDS_UNSTACK
 def test_unstack_follows_the_kernel_view():
   # `lax.unstack` is what iterating over an array binds from jax 0.11 (`for w in kernel`; jax 0.10
   # sliced and squeezed): a stacked axis in the middle ("iso", read from the unstack), and a fan-out
@@ -247,6 +251,7 @@ def test_unstack_follows_the_kernel_view():
   assert st["lora_A"].shape == (8, 2, 3) and st["lora_B"].shape == (3, 2, 8)  # "iso": one adapter per layer
 
 
+@_NEEDS_UNSTACK
 def test_unstacked_product_splits_a_fused_kernel():
   # gemma's `k, v = einsum(x, kv)` on jax 0.11: the product's fused axis, taken apart entry by
   # entry, is stacked (one adapter for k, one for v).

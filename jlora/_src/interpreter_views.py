@@ -121,7 +121,12 @@ def _squeeze(x, w, params, ctx):
   return x.reshape(tuple(w.shape), w)
 
 
-UNSTACK_P = traced_primitive("unstack", lax.unstack, jax.ShapeDtypeStruct((2, 2), jnp.float32))
+# `lax.unstack` is newer than jax 0.10.0 (the declared floor), which iterates by slice and squeeze.
+UNSTACK_P = (
+  traced_primitive("unstack", lax.unstack, jax.ShapeDtypeStruct((2, 2), jnp.float32))
+  if hasattr(lax, "unstack")
+  else None
+)
 
 
 def _unstack(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
@@ -164,8 +169,9 @@ RULES: dict[Any, Callable[..., list[Any] | None]] = {
   P.slice_p: _view(_slice),
   P.dynamic_slice_p: _view(_dynamic_slice),
   P.rev_p: _view(_rev),
-  UNSTACK_P: _unstack,
 }
+if UNSTACK_P is not None:
+  RULES[UNSTACK_P] = _unstack
 
 # The views an output probe follows (the other primitives see the plain product).
 OUTPUT_VIEWS = frozenset(
@@ -177,6 +183,6 @@ OUTPUT_VIEWS = frozenset(
     P.copy_p,
     P.sharding_constraint_p,
     P.slice_p,
-    UNSTACK_P,
   }
+  | ({UNSTACK_P} if UNSTACK_P is not None else set())
 )
