@@ -489,6 +489,56 @@ def _check_magnitude_shape(spec: AdapterSpec, m: Any) -> None:
     )
 
 
+def bound_adapters(lora: Any, config: LoraConfig, base: Any) -> tuple[list[Bound], dict]:
+  """The adapters of ``lora`` (bound to ``base`` when given, else read from their factor shapes)
+  and its saved copies: for what needs no model (export, combination, PiSSA conversion)."""
+  if base is not None:
+    return bind(base, lora, config)
+  saved = {p: x for p, x in paths.adapter_items(lora) if not paths.is_adapter(x)}
+  return _read_without_base(lora, config), saved
+
+
+def _read_without_base(lora: Any, config: LoraConfig) -> list[Bound]:
+  """Adapter specs read from the factor shapes alone (no base tree)."""
+  collections = paths.is_collections(lora)
+  bound = []
+  for path, node in paths.adapter_items(lora):
+    if not paths.is_adapter(node):
+      continue
+    module = paths.module_path(path, collections)
+    cand = targets.Candidate(path, module, (), None)
+    a, b = node[paths.LORA_A], node[paths.LORA_B]
+    pattern = config.layout_for(cand.names)
+    found = [
+      (lay, shape)
+      for lay, shape in layouts.kernels_for(a.shape, b.shape, config.rank_for(cand.names))
+      if _fits(pattern, lay, shape, paths.to_str(cand.path))
+    ]
+    if len(found) != 1:
+      raise ValueError(
+        f"Cannot tell the layout of the adapter at {paths.to_str(path)!r} (lora_A {tuple(a.shape)}, "
+        f"lora_B {tuple(b.shape)}) from its shapes; pass `base=` (the base tree)."
+      )
+    layout, shape = found[0]
+    layers = None
+    if layout.stacked_axes and config.layers_to_transform is not None:
+      if targets.layer_index(module, config.layers_pattern) is None:
+        layers = tuple(config.layers_to_transform[: shape[layout.stacked_axes[0]]])
+    spec = AdapterSpec(
+      path, module, shape, layout, config.rank_for(cand.names), config.scale_for(cand.names), layers
+    )
+    bound.append(Bound(spec, None, a, b, node.get(paths.LORA_MAGNITUDE)))
+  return bound
+
+
+def _fits(pattern: Any, layout: layouts.Layout, shape: tuple[int, ...], where: str) -> bool:
+  """Whether a `layout_pattern` value allows ``layout`` for a candidate kernel of ``shape``."""
+  try:
+    return layouts.from_pattern(pattern, shape, where) in (None, layout)
+  except ValueError:  # a pattern of another rank: not this candidate
+    return False
+
+
 def canonical(spec: AdapterSpec, a: Any, b: Any) -> tuple[Any, Any]:
   """The factors in canonical order: A ``(*stacked, *fan_in, r)``, B ``(*stacked, r, *fan_out)``."""
   return jnp.transpose(a, spec.layout.canonical_perm("a")), jnp.transpose(b, spec.layout.canonical_perm("b"))

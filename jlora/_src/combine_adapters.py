@@ -39,7 +39,6 @@ import numpy as np
 from jlora._src import adapters, paths
 from jlora._src.bank import adapter_pairs
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config
-from jlora._src.peft_export import bound_adapters
 
 METHODS = (
   "linear",
@@ -193,7 +192,7 @@ def _read(lora: Any, config: LoraConfig, base: Any, where: str) -> dict[paths.Pa
       f"`bias`={config.bias!r}), which are not LoRA factors to combine (PEFT starts the result's copies "
       "over from the base); combine adapters without them."
     )
-  bound, _ = bound_adapters(lora, config, base)
+  bound, _ = adapters.bound_adapters(lora, config, base)
   return {item.spec.path: item for item in bound}
 
 

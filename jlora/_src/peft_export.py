@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora._src import adapters, layouts, paths, peft_experts, peft_io, targets
+from jlora._src import adapters, paths, peft_experts, peft_io, targets
 from jlora._src.atomic import write_atomic
 from jlora._src.config import LoraConfig
 from jlora._src.peft_config import exported_parameters, peft_config_of
@@ -27,55 +27,6 @@ from jlora._src.peft_names import (
   magnitude_key,
   name_str,
 )
-
-
-def bound_adapters(lora: Any, config: LoraConfig, base: Any) -> tuple[list[adapters.Bound], dict]:
-  """The adapters of ``lora`` (read against ``base`` when given) and its saved copies."""
-  if base is not None:
-    return adapters.bind(base, lora, config)
-  saved = {p: x for p, x in paths.adapter_items(lora) if not paths.is_adapter(x)}
-  return _without_base(lora, config), saved
-
-
-def _without_base(lora: Any, config: LoraConfig) -> list[adapters.Bound]:
-  """Adapter specs read from the factor shapes alone (no base tree)."""
-  collections = paths.is_collections(lora)
-  bound = []
-  for path, node in paths.adapter_items(lora):
-    if not paths.is_adapter(node):
-      continue
-    module = paths.module_path(path, collections)
-    cand = targets.Candidate(path, module, (), None)
-    a, b = node[paths.LORA_A], node[paths.LORA_B]
-    pattern = config.layout_for(cand.names)
-    found = [
-      (lay, shape)
-      for lay, shape in layouts.kernels_for(a.shape, b.shape, config.rank_for(cand.names))
-      if _fits(pattern, lay, shape, paths.to_str(cand.path))
-    ]
-    if len(found) != 1:
-      raise ValueError(
-        f"Cannot tell the layout of the adapter at {paths.to_str(path)!r} (lora_A {tuple(a.shape)}, "
-        f"lora_B {tuple(b.shape)}) from its shapes; pass `base=` (the base tree)."
-      )
-    layout, shape = found[0]
-    layers = None
-    if layout.stacked_axes and config.layers_to_transform is not None:
-      if targets.layer_index(module, config.layers_pattern) is None:
-        layers = tuple(config.layers_to_transform[: shape[layout.stacked_axes[0]]])
-    spec = adapters.AdapterSpec(
-      path, module, shape, layout, config.rank_for(cand.names), config.scale_for(cand.names), layers
-    )
-    bound.append(adapters.Bound(spec, None, a, b, node.get(paths.LORA_MAGNITUDE)))
-  return bound
-
-
-def _fits(pattern: Any, layout: layouts.Layout, shape: tuple[int, ...], where: str) -> bool:
-  """Whether a `layout_pattern` value allows ``layout`` for a candidate kernel of ``shape``."""
-  try:
-    return layouts.from_pattern(pattern, shape, where) in (None, layout)
-  except ValueError:  # a pattern of another rank: not this candidate
-    return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +283,7 @@ def export_peft(
     from jlora._src.pissa import to_plain_lora  # noqa: PLC0415
 
     lora, config = to_plain_lora(lora, initial_lora, config, base=base)
-  bound, saved = bound_adapters(lora, config, base)
+  bound, saved = adapters.bound_adapters(lora, config, base)
   tensors = _Tensors()
   ranks, alphas, params = _adapter_tensors(bound, config, name_map, tensors)
   saved_modules = _saved_tensors(

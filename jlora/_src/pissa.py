@@ -250,16 +250,14 @@ def to_plain_lora(
     ValueError: if the two trees do not hold the same adapters, or with
       ``use_rslora`` together with `rank_pattern` or `alpha_pattern` (as PEFT).
   """
-  from jlora._src.peft_export import bound_adapters  # noqa: PLC0415
-
   config = check_config(config)
   if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
     raise ValueError(
       "Converting to plain LoRA is not supported with `use_rslora=True` together with `rank_pattern` or "
       "`alpha_pattern` (as in PEFT): the doubled rank would change their scales."
     )
-  trained, _ = bound_adapters(lora, config, base)
-  initial = {item.spec.path: item for item in bound_adapters(initial_lora, config, base)[0]}
+  trained, _ = adapters.bound_adapters(lora, config, base)
+  initial = {item.spec.path: item for item in adapters.bound_adapters(initial_lora, config, base)[0]}
   if set(initial) != {item.spec.path for item in trained}:
     raise ValueError(
       "`initial_lora` and `lora` hold adapters at different paths: pass the adapter tree "
