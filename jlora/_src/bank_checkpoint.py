@@ -37,7 +37,7 @@ from jlora._src.checkpoint_format import (
   metadata_checksum,
   parse_metadata,
 )
-from jlora._src.checkpoint_read import ADAPTER_ITEM, META_ITEM, StepReader, _reading, _ReadPlan
+from jlora._src.checkpoint_read import ADAPTER_ITEM, META_ITEM, ReadPlan, StepReader, reading
 from jlora._src.checkpoint_restore import abstract_lora, check_stored_arrays, verify_crc
 
 FORMAT = "jlora.bank"
@@ -85,7 +85,7 @@ def save_bank(directory: str | os.PathLike, bank: Bank, *, base: Any = None) -> 
   items = {ADAPTER_ITEM: ocp.args.StandardSave(trees), META_ITEM: ocp.args.JsonSave(meta)}
   with AdapterCheckpointManager(directory, max_to_keep=1, async_save=False) as mngr:
     latest = mngr.latest_step()
-    mngr._write(0 if latest is None else latest + 1, items)  # noqa: SLF001 - the manager's own writer
+    mngr.write_step(0 if latest is None else latest + 1, items)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,30 +131,30 @@ class _BankReader(StepReader):
   meta: _BankMeta | None = None
 
   def _read_meta(self, step: int, where: str) -> Metadata:
-    with _reading("jlora bank metadata", where):
+    with reading("jlora bank metadata", where):
       raw = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
     self.meta = _parse(raw[META_ITEM], where)
     return self.meta.adapters[0]
 
-  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> _ReadPlan:
+  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> ReadPlan:
     where = f"step {step} of {self.directory!r}"
     first = self._read_meta(step, where)
     if base is not None:
       for name, m in zip(self.meta.names, self.meta.adapters):
         check_base(m, base, f"adapter {name!r} of {where}")
     tree = {str(k): abstract_lora(m.leaves, shardings) for k, m in enumerate(self.meta.adapters)}
-    return _ReadPlan(meta=first, where=where, items={ADAPTER_ITEM: ocp.args.StandardRestore(tree)})
+    return ReadPlan(meta=first, where=where, items={ADAPTER_ITEM: ocp.args.StandardRestore(tree)})
 
-  def _read_step(self, step: int, plan: _ReadPlan) -> tuple[dict, Any]:
+  def _read_step(self, step: int, plan: ReadPlan) -> tuple[dict, Any]:
     where = plan.where
-    with _reading("array metadata", where):
+    with reading("array metadata", where):
       stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
     stored = getattr(stored, "tree", stored)
     if not isinstance(stored, Mapping) or set(stored) != {str(k) for k in range(len(self.meta.adapters))}:
       raise CorruptCheckpointError(f"{where} does not hold one adapter tree per bank entry; it is corrupted.")
     for k, m in enumerate(self.meta.adapters):
       check_stored_arrays(stored[str(k)], m.leaves, f"{where} (adapter {self.meta.names[k]!r})")
-    with _reading("arrays", where):
+    with reading("arrays", where):
       restored = self._manager.restore(step, args=ocp.args.Composite(**plan.items))[ADAPTER_ITEM]
     for k, m in enumerate(self.meta.adapters):
       by_path = dict(paths.leaves_with_paths(restored[str(k)]))
@@ -162,7 +162,7 @@ class _BankReader(StepReader):
       verify_crc(m.leaves, [by_path[p] for p in names], [paths.to_str(p) for p in names], where)
     return restored, None
 
-  def _check_fit(self, plan: _ReadPlan, lora: Any, base: Any) -> None:
+  def _check_fit(self, plan: ReadPlan, lora: Any, base: Any) -> None:
     if base is not None:
       for k, m in enumerate(self.meta.adapters):
         adapters.bind(base, lora[str(k)], m.config)

@@ -278,9 +278,9 @@ class AdapterCheckpointManager:
     items = {ADAPTER_ITEM: ocp.args.StandardSave(lora), META_ITEM: ocp.args.JsonSave(meta)}
     if opt_state is not None:
       items[OPT_ITEM] = ocp.args.StandardSave(opt_state)
-    return self._write(step, items)
+    return self.write_step(step, items)
 
-  def _write(self, step: int, items: dict[str, Any]) -> bool:
+  def write_step(self, step: int, items: dict[str, Any]) -> bool:
     """Writes the orbax ``items`` as ``step``, replacing a step of that number (see `save`)."""
     self._manager.wait_until_finished()  # earlier saves' retention has moved their steps aside
     if step in self._manager.all_steps():  # `overwrite`

@@ -79,7 +79,7 @@ class RestoredAdapter(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _ReadPlan:
+class ReadPlan:
   """What to read from a step: orbax restore arguments built from its metadata and the caller's templates."""
 
   meta: Metadata
@@ -98,7 +98,7 @@ def handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 
 @contextlib.contextmanager
-def _reading(what: str, where: str) -> Iterator[None]:
+def reading(what: str, where: str) -> Iterator[None]:
   """Turns a failed read of checkpoint files into a `CorruptCheckpointError` naming what and where."""
   try:
     yield
@@ -162,12 +162,12 @@ class StepReader:
     return step
 
   def _read_meta(self, step: int, where: str) -> Metadata:
-    with _reading("jlora metadata", where):
+    with reading("jlora metadata", where):
       raw = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
       meta = raw[META_ITEM]
     return parse_metadata(meta, where)
 
-  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> _ReadPlan:
+  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> ReadPlan:
     """Reads and checks the metadata, then the caller's arguments against it (before any array is read)."""
     where = f"step {step} of {self.directory!r}"
     meta = self._read_meta(step, where)
@@ -178,19 +178,19 @@ class StepReader:
     items = {ADAPTER_ITEM: ocp.args.StandardRestore(abstract_lora(meta.leaves, shardings))}
     if opt_state is not None:
       items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt(opt_state, meta.opt_state, where))
-    return _ReadPlan(meta=meta, where=where, items=items)
+    return ReadPlan(meta=meta, where=where, items=items)
 
-  def _read_step(self, step: int, plan: _ReadPlan) -> tuple[dict, Any]:
+  def _read_step(self, step: int, plan: ReadPlan) -> tuple[dict, Any]:
     """Reads the arrays planned, checking them against orbax's metadata and the saved CRCs."""
     meta, where = plan.meta, plan.where
-    with _reading("array metadata", where):
+    with reading("array metadata", where):
       stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
     if stored is None:
       raise CorruptCheckpointError(
         f"{where} has no adapter arrays; the checkpoint is truncated or corrupted."
       )
     check_stored_arrays(stored, meta.leaves, where)
-    with _reading("arrays", where):
+    with reading("arrays", where):
       restored = self._manager.restore(step, args=ocp.args.Composite(**plan.items))
     lora = restored[ADAPTER_ITEM]
     by_path = dict(paths.leaves_with_paths(lora))
@@ -224,7 +224,7 @@ class StepReader:
       "is corrupted."
     ) from error
 
-  def _check_fit(self, plan: _ReadPlan, lora: Any, base: Any) -> None:
+  def _check_fit(self, plan: ReadPlan, lora: Any, base: Any) -> None:
     """Reads the restored adapter against ``base`` (when given)."""
     if base is not None:
       adapters.bind(base, lora, plan.meta.config)
