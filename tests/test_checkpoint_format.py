@@ -121,6 +121,14 @@ def _resigned(meta, **changes):
       r"`base\[0\]` is malformed",
     ),
     (
+      {"base": [{"path": ["a"], "kind": "lora", "shape": [2], "dtype": "float32", "norm": -1.0}]},
+      r"`base\[0\]` is malformed",
+    ),
+    (
+      {"base": [{"path": ["a"], "kind": "lora", "shape": [2], "dtype": "float32", "norm": "1"}]},
+      r"`base\[0\]` is malformed",
+    ),
+    (
       {"opt_state": [{"path": ["a"], "shape": [2], "dtype": "float32", "crc32": 1}]},
       r"`opt_state\[0\]` is malformed",
     ),
@@ -142,6 +150,49 @@ def test_check_base_names_the_first_mismatching_path():
     fmt.check_base(parsed, tree, "here")
   with pytest.raises(ValueError, match=r"leaf at 'layers/0/q_proj/kernel'.*no leaf there"):
     fmt.check_base(parsed, {"params": tree}, "here")
+
+
+def _pissa(init="pissa"):
+  k1, k2 = jax.random.split(jax.random.key(5))
+  params = {
+    "q_proj": {"kernel": jax.random.normal(k1, (24, 16))},
+    "o_proj": {"kernel": jax.random.normal(k2, (16, 24))},
+  }
+  cfg = jlora.LoraConfig(r=2, target_modules=("q_proj", "o_proj"), init_lora_weights=init)
+  lora, residual = jlora.init_with_residual(params, cfg, key=jax.random.key(6))
+  return params, cfg, lora, residual
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_residual_adapters_record_the_residual_norm_and_refuse_the_original_base(init):
+  params, cfg, lora, residual = _pissa(init)
+  meta = fmt.build_metadata(lora, cfg, base=residual)
+  norms = {rec["path"][0]: rec["norm"] for rec in meta["base"]}
+  for name, rec_norm in norms.items():  # an independent float64 norm of the residual kernel
+    want = np.linalg.norm(np.asarray(residual[name]["kernel"], np.float64))
+    assert abs(rec_norm - want) <= 1e-6 * want, name
+  parsed = fmt.parse_metadata(meta, "here")
+  fmt.check_base(parsed, residual, "here")
+  with pytest.raises(ValueError, match=r"'o_proj/kernel' has Frobenius norm .*count that part twice"):
+    fmt.check_base(parsed, params, "here")
+  nearly = jax.tree.map(lambda w: w * (1 + 1e-4), residual)  # any other kernel, however close, is refused
+  with pytest.raises(ValueError, match=r"trained on the residual base.*to_plain_lora"):
+    fmt.check_base(parsed, nearly, "here")
+
+
+def test_plain_adapters_record_no_norm():
+  meta, _, _ = _meta(base=_tree())
+  assert all("norm" not in rec for rec in meta["base"])
+
+
+def test_a_residual_on_a_quantized_base_is_checked_dequantized(tmp_path):
+  params, cfg, _, _ = _pissa()
+  q = jlora.quantize(params, qtype="nf4", block_size=8)
+  lora, residual = jlora.init_with_residual(q, cfg, key=jax.random.key(6))
+  jlora.save_adapter(tmp_path / "a", lora, cfg, base=residual)
+  jlora.load_adapter(tmp_path / "a", base=residual)
+  with pytest.raises(ValueError, match=r"not that residual"):
+    jlora.load_adapter(tmp_path / "a", base=q)
 
 
 def test_build_rejects_what_cannot_be_saved():

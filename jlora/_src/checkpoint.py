@@ -357,8 +357,10 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig, *,
     lora: the adapter tree.
     config: the config it was made with.
     base: the base tree; recommended: the adapter is checked against it and
-      its fingerprint (paths, shapes, dtypes of the adapted kernels) is saved
-      so that `load_adapter` can refuse a base that does not fit.
+      its fingerprint (paths, shapes, dtypes of the adapted kernels; for a
+      PiSSA/OLoRA adapter also the norms of the residual kernels) is saved
+      so that `load_adapter` can refuse a base that does not fit (the
+      original base, for an adapter trained on its residual).
 
   Returns:
     ``None``; the adapter is on disk when the call returns.

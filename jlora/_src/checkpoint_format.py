@@ -9,7 +9,9 @@ Each checkpoint step stores, beside the adapter arrays, one JSON object:
   ``null`` for an array this process could not read whole);
 * ``base``: the *fingerprint* of the base tree, ``{path, kind, shape, dtype}``
   of every adapted kernel (``kind`` ``"lora"``) and `modules_to_save` leaf
-  (``"saved"``), or ``null``;
+  (``"saved"``), or ``null``; for a PiSSA/OLoRA adapter each kernel's record
+  also has ``norm``, the Frobenius norm of the residual kernel it was trained
+  on, so that the original base (which has the same shapes) is refused;
 * ``opt_state``: ``{path, shape, dtype, crc32}`` per optimizer-state leaf, or
   ``null``;
 * ``meta_crc32`` (format version 2 on): the CRC32 of the canonical JSON of all
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import zlib
 from collections.abc import Mapping
 from importlib import metadata as _metadata
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._src import adapters, paths
-from jlora._src.config import LoraConfig
+from jlora._src.config import LoraConfig, residual_init
 from jlora._src.qarray import is_quantized
 
 FORMAT = "jlora.adapter"
@@ -46,6 +49,10 @@ _FIELDS = {1: _FIELDS_V1, 2: _FIELDS_V1 | {META_CRC}}
 _LEAF_FIELDS = frozenset({"path", "shape", "dtype", "crc32"})
 _BASE_FIELDS = frozenset({"path", "kind", "shape", "dtype"})
 _QUANT_FIELD = "quant"  # optional: the format of a quantized base weight (`QuantizedArray.format`)
+_NORM_FIELD = "norm"  # PiSSA/OLoRA: the Frobenius norm of the residual kernel (`jlora.init_with_residual`)
+# The residual's norm is read back within this relative tolerance (float32 row sums, added in float64);
+# the original kernel's is larger by its principal part: 1e-3 relative or more for r >= 1 of 4096 x 4096.
+_NORM_RTOL = 1e-5
 
 
 class CorruptCheckpointError(ValueError):
@@ -162,11 +169,20 @@ def fingerprint(base: Any, lora: Any, config: LoraConfig) -> list[dict[str, Any]
     rec = {"path": list(path), "kind": kind, "shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name}
     if is_quantized(leaf):
       rec[_QUANT_FIELD] = leaf.format
+    if kind == "lora" and residual_init(config.init_lora_weights):
+      rec[_NORM_FIELD] = kernel_norm(leaf)
     return rec
 
   out = [record(b.spec.path, "lora", b.kernel) for b in bound]
   out += [record(path, "saved", leaves[path]) for path in saved]
   return sorted(out, key=lambda r: paths.to_str(tuple(r["path"])))
+
+
+def kernel_norm(kernel: Any) -> float:
+  """The Frobenius norm of a kernel (dequantized), from float32 sums per row added in float64."""
+  w = kernel.dequantize(jnp.float32) if is_quantized(kernel) else jnp.asarray(kernel, jnp.float32)
+  rows = np.asarray(jnp.sum(jnp.square(w.reshape(-1, w.shape[-1])), axis=-1), np.float64)
+  return float(np.sqrt(rows.sum()))
 
 
 def opt_records(opt_state: Any) -> list[dict[str, Any]]:
@@ -229,6 +245,10 @@ def _is_shape(s: Any) -> bool:
   return isinstance(s, list) and all(_is_int(d) and d >= 0 for d in s)
 
 
+def _is_norm(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
 def _is_dtype(d: Any) -> bool:
   try:
     return isinstance(d, str) and jnp.dtype(d).name == d
@@ -286,8 +306,9 @@ def _check_base_records(recs: Any, where: str) -> tuple[Mapping[str, Any], ...]:
   for i, rec in enumerate(recs):
     ok = (
       isinstance(rec, Mapping)
-      and set(rec) - {_QUANT_FIELD} == _BASE_FIELDS
+      and set(rec) - {_QUANT_FIELD, _NORM_FIELD} == _BASE_FIELDS
       and (_QUANT_FIELD not in rec or isinstance(rec[_QUANT_FIELD], str))
+      and (_NORM_FIELD not in rec or _is_norm(rec[_NORM_FIELD]))
       and _is_path(rec["path"])
       and rec["kind"] in ("lora", "saved")
       and _is_shape(rec["shape"])
@@ -350,3 +371,20 @@ def check_base(meta: Metadata, base: Any, where: str) -> None:
         f"{tuple(rec['shape'])} and dtype {rec['dtype']}, the base has shape {shape} and dtype {dtype}. "
         "Pass the base tree the adapter was trained on."
       )
+    if _NORM_FIELD in rec:
+      _check_residual(rec[_NORM_FIELD], kernel_norm(leaf), meta.config, name, where)
+
+
+def _check_residual(saved: float, given: float, config: LoraConfig, name: str, where: str) -> None:
+  """Raises unless a PiSSA/OLoRA adapter's base kernel is the residual it was trained on (by its norm)."""
+  if abs(given - saved) <= _NORM_RTOL * max(saved, given):
+    return
+  raise ValueError(
+    f"The {config.init_lora_weights!r} adapter in {where} was trained on the residual base that "
+    f"`jlora.init_with_residual` returned, whose kernel {name!r} has Frobenius norm {saved:.7g}; the "
+    f"given base's has {given:.7g}. It is not that residual: the original base (of the same shapes) "
+    "still holds the principal part the adapter took, and the adapter on it would count that part "
+    "twice. Pass the residual base (`init_with_residual` on the original base with the same config and "
+    "key gives it again), or share the adapter for the original base as plain LoRA "
+    "(`jlora.to_plain_lora(lora, lora_at_init, config)`)."
+  )
