@@ -145,7 +145,10 @@ def test_nd_kernels_flatten_row_major(tmp_path):
   variables = model.init(jax.random.key(1), x)
   cfg = _cfg(target_modules=("q_proj", "o_proj"), r=2)
   lora = jlora.init(variables, cfg, key=jax.random.key(2), apply_fn=model.apply, example_args=(x,))
-  jlora.export_peft(tmp_path, lora, cfg)
+  # o_proj (H, Dh, d) could be a convolution's kernel (*k, in, out): only the model's use tells
+  with pytest.raises(ValueError, match="o_proj/kernel.*cannot tell which"):
+    jlora.export_peft(tmp_path, lora, cfg)
+  jlora.export_peft(tmp_path, lora, cfg, base=variables, apply_fn=model.apply, example_args=(x,))
   _, tensors = _read(tmp_path)
   q = lora["params"]["layers_0"]["q_proj"]["kernel"]
   o = lora["params"]["layers_0"]["o_proj"]["kernel"]

@@ -489,11 +489,14 @@ def _check_magnitude_shape(spec: AdapterSpec, m: Any) -> None:
     )
 
 
-def bound_adapters(lora: Any, config: LoraConfig, base: Any) -> tuple[list[Bound], dict]:
+def bound_adapters(
+  lora: Any, config: LoraConfig, base: Any, layouts: Layouts | None = None
+) -> tuple[list[Bound], dict]:
   """The adapters of ``lora`` (bound to ``base`` when given, else read from their factor shapes)
-  and its saved copies: for what needs no model (export, combination, PiSSA conversion)."""
+  and its saved copies: for what needs no model (export, combination, PiSSA conversion).
+  ``layouts``: layouts read off the model, for factor shapes that fit several (`bind`)."""
   if base is not None:
-    return bind(base, lora, config)
+    return bind(base, lora, config, None if layouts is None else lambda: layouts)
   saved = {p: x for p, x in paths.adapter_items(lora) if not paths.is_adapter(x)}
   return _read_without_base(lora, config), saved
 

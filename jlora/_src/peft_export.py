@@ -6,12 +6,13 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from jlora._src import adapters, paths, peft_experts, peft_io, targets
+from jlora._src import adapters, paths, peft_conv, peft_experts, peft_io, targets
+from jlora._src.adapters import Layouts
 from jlora._src.atomic import write_atomic
 from jlora._src.config import LoraConfig
 from jlora._src.peft_config import exported_parameters, peft_config_of
@@ -23,6 +24,7 @@ from jlora._src.peft_names import (
   NameMap,
   PeftParameter,
   default_name_map,
+  family_name,
   is_conv1d,
   magnitude_key,
   name_str,
@@ -32,7 +34,8 @@ from jlora._src.peft_names import (
 @dataclasses.dataclass(frozen=True)
 class _Factors:
   """One PEFT module's factors: ``a`` ``(r, in)`` and ``b`` ``(out, r)`` (an expert parameter's:
-  ``(E * r, in)`` and ``(out, r * E)``); DoRA's magnitude ``m`` ``(out,)``."""
+  ``(E * r, in)`` and ``(out, r * E)``; a convolution's: ``(r, in, *k)`` and ``(out, r, 1, ...)``);
+  DoRA's magnitude ``m`` ``(out,)`` (a convolution's: ``(1, out, 1, ...)``)."""
 
   index: int | None  # entry of the stacked axis (the layer, for an expert kernel)
   a: np.ndarray
@@ -40,7 +43,7 @@ class _Factors:
   m: np.ndarray | None = None
 
 
-def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any]) -> Iterator[_Factors]:
+def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any], conv: bool) -> Iterator[_Factors]:
   spec = item.spec
   a, b = (np.asarray(x) for x in adapters.canonical(spec, item.a, item.b))
   ids = spec.layers if spec.layers is not None else range(a.shape[0])
@@ -62,18 +65,48 @@ def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any]) -> Iter
       f"{spec.layout}); a PEFT module can carry one at most (exported as one module per entry)."
     )
   m = None if item.m is None else np.asarray(adapters.canonical_magnitude(spec, item.m))
-  n_in, n_out = math.prod(spec.in_shape), math.prod(spec.out_shape)
+  n_in, n_out, r = math.prod(spec.in_shape), math.prod(spec.out_shape), spec.rank
+
+  def flat(a_l: np.ndarray, b_l: np.ndarray, m_l: np.ndarray | None) -> tuple:
+    if conv:
+      return peft_conv.to_peft(a_l, b_l, m_l)
+    return a_l.reshape(n_in, r).T, b_l.reshape(r, n_out).T, None if m_l is None else m_l.reshape(n_out)
+
   if not spec.layout.stacked_axes:
-    yield _Factors(
-      None,
-      a.reshape(n_in, spec.rank).T,
-      b.reshape(spec.rank, n_out).T,
-      None if m is None else m.reshape(n_out),
-    )
+    yield _Factors(None, *flat(a, b, m))
     return
   for j, (i, a_l, b_l) in enumerate(zip(ids, a, b)):
-    m_l = None if m is None else m[j].reshape(n_out)
-    yield _Factors(i, a_l.reshape(n_in, spec.rank).T, b_l.reshape(spec.rank, n_out).T, m_l)
+    yield _Factors(i, *flat(a_l, b_l, None if m is None else m[j]))
+
+
+def _is_conv(spec: adapters.AdapterSpec, names: Mapping[int | None, Any], used: Layouts | None) -> bool:
+  """Whether a kernel is written as PEFT's ConvNd adapter: the model uses it in a convolution. Without
+  the model, a kernel that could be a convolution's or a multi-axis Linear's is an error."""
+  if used is not None and spec.path in used:
+    if not peft_conv.is_conv(used[spec.path]):
+      return False
+    if any(isinstance(n, PeftParameter) for n in names.values()):
+      raise ValueError(
+        f"The name map gives a `jlora.PeftParameter` for {spec.where!r}, which the model uses in a "
+        "convolution: PEFT adapts a convolution as a ConvNd module; return its module name (str)."
+      )
+    peft_conv.check_layout(spec.layout, spec.where)
+    return True
+  lay = spec.layout
+  if len(lay.in_axes) < 2 or len(lay.out_axes) != 1 or len(lay.stacked_axes) > 1:
+    return False
+  if any(isinstance(n, PeftParameter) for n in names.values()):
+    return False  # an expert parameter (`peft_experts` checks its layout)
+  if all(isinstance(n, str) and n == family_name(spec.path, i) for i, n in names.items()):
+    return False  # gemma's, tunix's and keras-hub's multi-axis kernels are Linears in PyTorch
+  why = "the model (`apply_fn`) does not use it" if used is not None else "no model was given"
+  raise ValueError(
+    f"Kernel {spec.where!r} (shape {spec.kernel_shape}, layout {lay}) has {len(lay.in_axes)} fan-in axes and "
+    "one fan-out axis: it may be a convolution's (*kernel_size, in, out), which PEFT stores as a ConvNd "
+    "adapter (lora_A.weight (r, in, *k)), or a multi-axis Linear's (a DenseGeneral (heads, head_dim, d)), "
+    f"which PEFT stores flattened (lora_A.weight (r, in)); the shape cannot tell which, and {why}. Pass "
+    "`apply_fn=model.apply, example_args=(x,)` (with `base=`) so jlora reads how the model uses the kernel."
+  )
 
 
 def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> tuple[set[str], set[str]]:
@@ -106,10 +139,11 @@ class _Tensors:
 
 
 def _adapter_tensors(
-  bound: list[adapters.Bound], config: LoraConfig, name_map: NameMap, out: _Tensors
+  bound: list[adapters.Bound], config: LoraConfig, name_map: NameMap, out: _Tensors, used: Layouts | None
 ) -> tuple[dict[str, int], dict[str, float], list[str]]:
   """Each adapter's ``lora_A``/``lora_B`` (one module per stacked entry, or one expert parameter per
-  layer); the rank and alpha by module or parameter name; the expert parameters' names."""
+  layer); the rank and alpha by module or parameter name; the expert parameters' names. ``used``: the
+  layouts read off the model, with the ops that use each kernel (``None``: no model)."""
   named = [
     (item, dict(peft_io.module_names(s.path, s.layout, s.kernel_shape, name_map, s.layers)))
     for item in bound
@@ -133,7 +167,8 @@ def _adapter_tensors(
       raise ValueError(
         f"Embedding adapter at {spec.where!r} must be 2-D (vocab, d); got {spec.kernel_shape}."
       )
-    for f in _peft_factors(item, names):
+    conv = not embedding and _is_conv(spec, names, used)
+    for f in _peft_factors(item, names, conv):
       name = names[f.index]
       key_a, key_b = keys(name, embedding)
       out.put(key_a, f.a, spec.where)
@@ -210,6 +245,9 @@ def export_peft(
   base_model_name_or_path: str | None = None,
   task_type: str | None = "CAUSAL_LM",
   overwrite: bool = False,
+  apply_fn: Callable[..., Any] | None = None,
+  example_args: Sequence[Any] = (),
+  example_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Writes an adapter as a PEFT LoRA adapter directory.
 
@@ -222,7 +260,15 @@ def export_peft(
   `modules_to_save` (``kernel`` transposed to ``weight``), and the biases
   `bias` trains as PEFT names them (``<module>.base_layer.bias`` for an
   adapted module, ``<module>.bias`` otherwise). Fan-in and fan-out
-  axes are flattened row-major in the kernel's axis order. An expert kernel,
+  axes are flattened row-major in the kernel's axis order. A kernel the model
+  (``apply_fn``) uses in a convolution, stored as Flax's ``nn.Conv`` stores it
+  ``(*k, in, out)``, is written in PEFT's ``Conv1d``/``Conv2d``/``Conv3d`` format
+  (by its number of spatial axes): ``lora_A.weight`` ``(r, in, *k)``,
+  ``lora_B.weight`` ``(out, r, 1, ...)``, DoRA's magnitude ``(1, out, 1, ...)``
+  (see `jlora._src.peft_conv`). Without the model, a kernel with two or more
+  fan-in axes and one fan-out axis is refused (unless it is a gemma, tunix or
+  keras-hub weight, a Linear in PyTorch): it may be a convolution's or a
+  multi-axis Linear's (DenseGeneral), which PEFT stores differently. An expert kernel,
   which the name map names a `jlora.PeftParameter`, is written in PEFT's
   ``target_parameters`` format (one adapter per layer, listed in
   ``target_parameters``; see `jlora.PeftParameter`).
@@ -254,6 +300,13 @@ def export_peft(
     base_model_name_or_path: recorded for PEFT (the Hub id of the base).
     task_type: PEFT's ``task_type``.
     overwrite: replace existing adapter files in ``directory``.
+    apply_fn: the model's apply function, ``apply_fn(base, *example_args,
+      **example_kwargs)`` (needs ``base``), to read how the model uses each
+      kernel: convolution kernels are written as PEFT ConvNd adapters, other
+      kernels with several fan-in axes as Linears (as for `import_peft`).
+    example_args: example inputs for ``apply_fn`` (arrays or
+      ``jax.ShapeDtypeStruct``; nothing is computed).
+    example_kwargs: example keyword inputs for ``apply_fn``.
 
   Returns:
     The ``adapter_config.json`` contents written.
@@ -263,9 +316,11 @@ def export_peft(
     ValueError: for adapters PEFT cannot express (more than one stacked axis
       unless the kernel is a scanned stack of experts; an expert kernel with
       more than one fan-in or fan-out axis, or with ``lora_dropout``; two
-      kernels on one PyTorch parameter),
-      weights no name map knows, two adapters mapped to the same PEFT name,
-      or an adapter that does not fit ``base``.
+      kernels on one PyTorch parameter; a convolution kernel not stored
+      ``(*k, in, out)``), a kernel that may be a convolution's or a
+      multi-axis Linear's when the model is not given (``apply_fn``), ``apply_fn``
+      without ``base``, weights no name map knows, two adapters mapped to the
+      same PEFT name, or an adapter that does not fit ``base``.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -278,14 +333,23 @@ def export_peft(
   """
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
+  if apply_fn is not None and base is None:
+    raise ValueError(
+      "`apply_fn` is given without `base`: jlora reads how the model uses each kernel by tracing "
+      "`apply_fn(base, *example_args)`; pass the base tree as `base=`."
+    )
   name_map = name_map or default_name_map
   if initial_lora is not None:
     from jlora._src.pissa import to_plain_lora  # noqa: PLC0415
 
     lora, config = to_plain_lora(lora, initial_lora, config, base=base)
-  bound, saved = adapters.bound_adapters(lora, config, base)
+  used = None
+  if apply_fn is not None:  # the adapted kernels only: a kernel jlora cannot adapt may be in the model
+    adapted = [p for p, node in paths.adapter_items(lora) if paths.is_adapter(node)]
+    used = peft_io.model_layouts(apply_fn, base, example_args, example_kwargs, only=adapted)
+  bound, saved = adapters.bound_adapters(lora, config, base, used)
   tensors = _Tensors()
-  ranks, alphas, params = _adapter_tensors(bound, config, name_map, tensors)
+  ranks, alphas, params = _adapter_tensors(bound, config, name_map, tensors, used)
   saved_modules = _saved_tensors(
     saved, config, paths.is_collections(lora), name_map=name_map, ranks=ranks, out=tensors
   )

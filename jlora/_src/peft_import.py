@@ -19,7 +19,17 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import adapters, dora, layouts, paths, peft_config, peft_experts, peft_io, targets
+from jlora._src import (
+  adapters,
+  dora,
+  layouts,
+  paths,
+  peft_config,
+  peft_conv,
+  peft_experts,
+  peft_io,
+  targets,
+)
 from jlora._src.config import LoraConfig, freeze_layout_pattern, longest_match
 from jlora._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
 from jlora._src.peft_names import (
@@ -71,6 +81,7 @@ class _Match:
   embedding: bool
   rank: int
   alpha: float
+  conv: bool = False  # PEFT ConvNd adapters (`peft_conv`)
 
   @property
   def experts(self) -> bool:
@@ -126,18 +137,8 @@ def _find_modules(
   known, unknown = lays
   found, unmapped = [], None
   for cand in cands:
-    layout = known.get(cand.path)
+    layout = known.get(cand.path) or _file_conv_layout(cand, name_map, info, keys, unknown[cand.path])
     if layout is None:
-      names = {
-        n for lay in peft_io.name_guesses(cand) for _, n in peft_io.safe_module_names(cand, lay, name_map)
-      }
-      embedding = peft_io.is_embedding(cand.path)
-      hit = next((n for n in names if keys.has(n) and keys(n, embedding)[0] in info), None)
-      if hit is not None:
-        raise ValueError(
-          f"PEFT module {name_str(hit)!r} adapts a kernel whose layout jlora does not know: "
-          f"{unknown[cand.path]}"
-        )
       continue
     names = peft_io.safe_module_names(cand, layout, name_map)
     if not names:
@@ -162,6 +163,52 @@ def _find_modules(
   return found, unmapped
 
 
+def _file_conv_layout(
+  cand: targets.Candidate, name_map: NameMap, info: Mapping[str, Any], keys: Keys, why: str
+) -> layouts.Layout | None:
+  """The layout of a kernel of unknown layout that the file adapts: Flax's conv layout when the file
+  holds PEFT ConvNd adapters for it (a ``lora_A.weight`` of 3+ dims; `peft_conv`), ``None`` when the
+  file does not adapt it.
+
+  Raises:
+    ValueError: if the file adapts it with other tensors (``why``: the layout's error).
+  """
+  embedding = peft_io.is_embedding(cand.path)
+  for guess in peft_io.name_guesses(cand):
+    for _, name in peft_io.safe_module_names(cand, guess, name_map):
+      if not (keys.has(name) and keys(name, embedding)[0] in info):
+        continue
+      if isinstance(name, str) and not embedding and len(info[keys(name)[0]][0]) > 2:
+        return peft_conv.flax_layout(len(cand.shape), stacked=guess is not None)
+      raise ValueError(
+        f"PEFT module {name_str(name)!r} adapts a kernel whose layout jlora does not know: {why}"
+      )
+  return None
+
+
+def _conv_module(
+  cand: targets.Candidate, layout: layouts.Layout, key: str, shape: tuple, weights_path: str
+) -> bool:
+  """Whether a kernel's PEFT module is a ConvNd adapter: the model uses the kernel in a convolution,
+  or the file's ``lora_A.weight`` has 3+ dims (then the kernel must be a Flax conv kernel)."""
+  if len(shape) <= 2 and not peft_conv.is_conv(layout):
+    return False
+  where = paths.to_str(cand.path)
+  if layout.ops and not peft_conv.is_conv(layout):
+    raise ValueError(
+      f"{weights_path!r}: tensor {key!r} has shape {tuple(shape)}, a PEFT ConvNd adapter, but the model uses "
+      f"kernel {where!r} (shape {cand.shape}) in {sorted(layout.ops)}, not in a convolution. Wrong base "
+      "model or `name_map`?"
+    )
+  try:
+    peft_conv.check_layout(layout, where)
+  except ValueError as e:
+    raise ValueError(
+      f"{weights_path!r}: tensor {key!r} has shape {tuple(shape)}, a PEFT ConvNd adapter: {e}"
+    ) from None
+  return True
+
+
 def _check_module(
   cand: targets.Candidate,
   *,
@@ -180,6 +227,13 @@ def _check_module(
     raise ValueError(f"Embedding {paths.to_str(cand.path)!r} must be 2-D to take PEFT's embedding LoRA.")
   where = paths.to_str(cand.path)
   rank = None
+  first = hits[0][1]
+  conv = (
+    not embedding
+    and not isinstance(first, PeftParameter)
+    and _conv_module(cand, layout, keys(first)[0], info[keys(first)[0]][0], weights_path)
+  )
+  entry = tuple(n for i, n in enumerate(cand.shape) if i not in layout.stacked_axes)
   for _, name in hits:
     ks = keys(name, embedding)
     (sa, da), (sb, db) = info[ks[0]], info[ks[1]]
@@ -189,6 +243,10 @@ def _check_module(
         rank = sa[0] // experts
       want = peft_experts.peft_shapes(layout, cand.shape, name, rank or 0, where)
       form = "PEFT's target_parameters: lora_A (E*r, in), lora_B (out, r*E)"
+    elif conv:
+      rank = rank if rank is not None else (sa[0] if sa else None)
+      want = peft_conv.peft_shapes(entry, rank)
+      form = "PEFT's ConvNd: lora_A (r, in, *kernel_size), lora_B (out, r, 1, ...)"
     else:
       rank = rank if rank is not None else (sa[0] if len(sa) == 2 else None)
       want = ((rank, math.prod(in_shape)), (math.prod(out_shape), rank))
@@ -210,7 +268,7 @@ def _check_module(
       f"rank {cfg_rank} for it (`r`/`rank_pattern`); the files do not belong together."
     )
   alpha = peft_config.pattern_value(pcfg.get("alpha_pattern") or {}, torch_name, pcfg.get("lora_alpha", 8))
-  return _Match(cand, layout, tuple(hits), embedding, rank, alpha)
+  return _Match(cand, layout, tuple(hits), embedding, rank, alpha, conv)
 
 
 def _saved_leaves(
@@ -356,6 +414,8 @@ def _read_factors(handle: Any, m: _Match, keys: Keys, weights_path: str) -> tupl
       parts[index] = peft_experts.from_peft(
         get(key_a), get(key_b), m.layout, name, experts=experts, where=where
       )
+    elif m.conv:
+      parts[index] = peft_conv.from_peft(get(key_a), get(key_b))
     else:
       parts[index] = (get(key_a).T.reshape(in_shape + (m.rank,)), get(key_b).T.reshape((m.rank,) + out_shape))
   if not m.layout.stacked_axes or (m.experts and not m.layer_axis):
@@ -383,10 +443,12 @@ def _read_magnitude(
         f"{weights_path!r}: cannot read DoRA's {key!r} ({e}); adapter_config.json says `use_dora` but "
         "the file lacks the magnitude vector of this module."
       ) from e
-    if arr.size != math.prod(out_shape):
+    entry = tuple(n for i, n in enumerate(m.cand.shape) if i not in m.layout.stacked_axes)
+    if arr.size != math.prod(out_shape) or (m.conv and arr.shape != peft_conv.magnitude_shape(entry)):
       raise ValueError(
         f"{weights_path!r}: {key!r} has shape {tuple(arr.shape)}, but kernel {paths.to_str(m.cand.path)!r} "
-        f"has {math.prod(out_shape)} output features ({out_shape})."
+        f"has {math.prod(out_shape)} output features ({out_shape})"
+        + (f"; PEFT's ConvNd magnitude is {peft_conv.magnitude_shape(entry)}." if m.conv else ".")
       )
     parts[index] = jnp.asarray(arr.reshape(out_shape))
   if not m.layout.stacked_axes:
@@ -418,7 +480,11 @@ def import_peft(
   safetensors keys; every key must be claimed by a weight (or a
   `modules_to_save` leaf) and have the shape the weight implies
   (``lora_A.weight`` ``(r, in)``, ``lora_B.weight`` ``(out, r)``, ``in``/``out``
-  the weight's fan-in/fan-out axes flattened row-major), and every module the
+  the weight's fan-in/fan-out axes flattened row-major; for PEFT's ConvNd
+  adapters, whose ``lora_A.weight`` has 3+ dims, ``(r, in, *k)`` and ``(out, r,
+  1, ...)`` on a Flax conv kernel ``(*k, in, out)``, with or without
+  ``apply_fn``, read as jlora's ``(*k, in, r)`` and ``(r, out)``; DoRA's
+  magnitude ``(1, out, 1, ...)``), and every module the
   file's ``target_modules`` selects must have tensors. All tensors are checked
   before any is read: the result is complete or an error is raised. Parts of a
   fused kernel that PEFT did not adapt (``v_proj`` without ``k_proj`` on
@@ -437,7 +503,8 @@ def import_peft(
       ``target_parameters`` adapters); default: the map of the model family
       (see `export_peft`).
     apply_fn: the model's apply function, to read each weight's layout from
-      use (needed for kernels of 3+ dimensions and transposed 2-D kernels).
+      use (needed for kernels of 3+ dimensions, except convolution kernels
+      the file's ConvNd tensors describe, and transposed 2-D kernels).
     example_args: example inputs for ``apply_fn``.
     example_kwargs: example keyword inputs for ``apply_fn``.
     layout_pattern: ``{pattern: layout}`` instead of ``apply_fn`` (see
@@ -450,7 +517,9 @@ def import_peft(
     FileNotFoundError: if a file is missing.
     ValueError: for unknown or unsupported config fields, unreadable files,
       keys no weight maps to, modules missing from the file, wrong shapes or
-      dtypes (each naming the key or module), or N-D kernels of unknown layout.
+      dtypes (each naming the key or module; ConvNd tensors on a kernel that
+      is not a Flax conv kernel, or that the model uses in no convolution),
+      or N-D kernels of unknown layout.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, jlora
@@ -464,14 +533,12 @@ def import_peft(
     >>> bool(jnp.allclose(q(jlora.merge(params, lora2, cfg2)), q(jlora.merge(params, lora, cfg))))
     True
   """
-  from jlora._src.wrap import infer_layouts  # noqa: PLC0415
-
   directory = os.fspath(directory)
   name_map = name_map or default_name_map
   pcfg, handle, info = _open_checked(directory)
   weights_path = os.path.join(directory, WEIGHTS_NAME)
   cands = targets.candidates(tree)
-  read = lambda: infer_layouts(apply_fn, tree, *example_args, **(example_kwargs or {})) if apply_fn else {}  # noqa: E731
+  read = lambda: peft_io.model_layouts(apply_fn, tree, example_args, example_kwargs)  # noqa: E731
   lays, unknown = _import_layouts(tree, cands, layout_pattern, read)
   known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
   targeted = pcfg.get("target_parameters")
@@ -519,7 +586,7 @@ def import_peft(
   lora = _build_tree(
     handle, tree, config, matches=matches, keys=keys, saved=saved, biases=biases, where=weights_path
   )
-  adapters.bind(tree, lora, config, lambda: lays)
+  adapters.bind(tree, lora, config, lambda: {**lays, **{m.cand.path: m.layout for m in matches}})
   return lora, config
 
 

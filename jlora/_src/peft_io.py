@@ -9,7 +9,10 @@ axes flattened row-major in the kernel's axis order (gemma's ``q_einsum``
 with a stacked axis becomes one PEFT module per entry: per layer of a scanned
 kernel, per part of a fused one (gemma's ``kv_einsum`` -> ``k_proj``,
 ``v_proj``). An embedding uses PEFT's ``lora_embedding_A`` ``(r, vocab)`` and
-``lora_embedding_B`` ``(d, r)``. Module names come from a name map
+``lora_embedding_B`` ``(d, r)``. A convolution kernel (Flax's ``(*k, in, out)``,
+used in ``conv_general_dilated``) uses PEFT's ConvNd format: ``lora_A.weight``
+``(r, in, *k)``, ``lora_B.weight`` ``(out, r, 1, ...)``, DoRA's magnitude ``(1,
+out, 1, ...)`` (`jlora._src.peft_conv`). Module names come from a name map
 (`jlora._src.peft_names`).
 
 Only the ``safetensors`` format is read or written; pickled ``.bin`` files are
@@ -21,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -118,6 +121,23 @@ def module_names(
         )
       )
   return names
+
+
+def model_layouts(
+  apply_fn: Callable[..., Any] | None,
+  tree: Any,
+  example_args: Sequence[Any] = (),
+  example_kwargs: Mapping[str, Any] | None = None,
+  only: Sequence[paths.Path] | None = None,
+) -> dict[paths.Path, layouts.Layout]:
+  """Each kernel's layout, with the ops that use it, read off the model (`jlora.infer_layouts`; ``only``
+  these leaves); none without ``apply_fn``. The ``apply_fn``/``example_args``/``example_kwargs`` of
+  `export_peft` and `import_peft`."""
+  if apply_fn is None:
+    return {}
+  from jlora._src.wrap import infer_layouts  # noqa: PLC0415  (the interpreter loads only when needed)
+
+  return infer_layouts(apply_fn, tree, *example_args, only=only, **(example_kwargs or {}))
 
 
 def name_guesses(cand: targets.Candidate) -> list[layouts.Layout | None]:

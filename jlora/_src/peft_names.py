@@ -224,8 +224,9 @@ def peft_module_name(path: paths.Path, layer: int | None = None) -> str:
   return ".".join(out)
 
 
-def _family_name(path: paths.Path, index: int | None) -> str | None:
-  """gemma's and tunix's names, or ``None`` when the path is neither's."""
+def family_name(path: paths.Path, index: int | None) -> str | None:
+  """gemma's, tunix's and keras-hub's names (of modules that are Linears in Hugging Face's PyTorch
+  models), or ``None`` when the path is none of theirs."""
   where = paths.to_str(path)
   for pattern, name in _TOP_RULES:
     if re.fullmatch(pattern, where) and index is None:
@@ -272,7 +273,7 @@ def default_name_map(path: paths.Path, index: int | None = None) -> str:
     >>> default_name_map(("layers", 2, "mlp", "gate_proj", "kernel"))           # tunix
     'model.layers.2.mlp.gate_proj'
   """
-  name = _family_name(path, index)
+  name = family_name(path, index)
   if name is not None:
     return name
   if str(path[-1]) in _HF_LEAVES and _hf_like(path, index):

@@ -6,8 +6,10 @@ import math
 from typing import Any
 
 import jax
+from flax import nnx
 
 from jlora._src import paths, targets
+from jlora._src.qarray import is_quantized
 
 
 def count_params(tree: Any) -> int:
@@ -16,7 +18,9 @@ def count_params(tree: Any) -> int:
   Args:
     tree: any pytree; leaves with a ``shape`` count ``prod(shape)`` (a
       ``jax.ShapeDtypeStruct`` too, so abstract trees from ``jax.eval_shape``
-      count without allocating), Python scalars count 1.
+      count without allocating; a quantized weight, `jlora.quantize`, the
+      entries of the weight it stands for, as PEFT counts a 4-bit weight),
+      Python scalars count 1.
 
   Returns:
     The total, an ``int``.
@@ -28,7 +32,18 @@ def count_params(tree: Any) -> int:
     >>> jlora.count_params(jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16))
     16777216
   """
-  return sum(math.prod(getattr(x, "shape", ())) for x in jax.tree_util.tree_leaves(tree))
+  leaves = jax.tree_util.tree_leaves(tree, is_leaf=is_quantized)
+  return sum(math.prod(getattr(x, "shape", ())) for x in leaves)
+
+
+def _base_params(tree: Any) -> list[Any]:
+  """The parameters of a base tree, as PyTorch's ``model.parameters()`` has them: a Linen variables
+  dict's ``params`` collection (not ``batch_stats`` or other state), an NNX state's `nnx.Param`
+  variables (not batch statistics or RNG state), or every leaf of any other tree."""
+  if paths.is_collections(tree):
+    return [tree["params"]]
+  nodes = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable) or is_quantized(x))
+  return [x for x in nodes if not isinstance(x, nnx.Variable) or isinstance(x, nnx.Param)]
 
 
 def _trained_bias_count(lora: Any, config: Any) -> int:
@@ -55,6 +70,10 @@ def summary(tree: Any, lora: Any, config: Any = None) -> str:
   only the adapter (with any `modules_to_save` copies) is trainable. The
   biases a config's `bias` trains count as trainable but not again in "all
   params" (PEFT trains the model's own biases; it copies `modules_to_save`).
+  The base counts its parameters only, as PyTorch's ``parameters()``: a Linen
+  variables dict its ``params`` collection (BatchNorm statistics are buffers
+  in PyTorch), an NNX state its `nnx.Param` variables; a quantized weight
+  counts the entries it stands for (PEFT's count of a 4-bit weight).
 
   Args:
     tree: the base tree.
@@ -71,6 +90,6 @@ def summary(tree: Any, lora: Any, config: Any = None) -> str:
     'trainable params: 32 || all params: 96 || trainable%: 33.3333'
   """
   trainable = count_params(lora)
-  total = count_params(tree) + trainable - _trained_bias_count(lora, config)
+  total = count_params(_base_params(tree)) + trainable - _trained_bias_count(lora, config)
   pct = 100.0 * trainable / total if total else 0.0
   return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
