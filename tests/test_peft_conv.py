@@ -494,3 +494,36 @@ def test_hugging_face_resnet_against_peft_both_ways(tmp_path, dora):
   with torch.no_grad():
     got = loaded(torch.as_tensor(x)).last_hidden_state.numpy()
   np.testing.assert_allclose(got, jlora.wrap(fn, cfg)(fm.params, trained, x), atol=ATOL * 4)
+
+
+def test_a_dilated_conv_has_no_peft_format(tmp_path):
+  """PEFT's ConvNd ``lora_A`` ignores the base's dilation: no PEFT file computes a dilated conv's adapter."""
+
+  class Dilated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3), kernel_dilation=2, name="conv1")(x)
+
+  model, x = Dilated(), jnp.ones((1, 9, 9, 3))
+  params = model.init(jax.random.key(0), x)
+  cfg = jlora.LoraConfig(r=R, target_modules=("conv1",))
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  (layout,) = jlora.infer_layouts(model.apply, params, x).values()
+  assert layout.ops >= {"conv_general_dilated"}
+  with pytest.raises(
+    ValueError, match=r"'params/conv1/kernel' is used with a dilated kernel.*not its dilation"
+  ):
+    jlora.export_peft(
+      tmp_path / "a", lora, cfg, base=params, name_map=lambda p, i: "conv1", apply_fn=model.apply,
+      example_args=(x,),
+    )  # fmt: skip
+  undilated = nn.Conv(4, (3, 3), name="conv1")  # the same kernel shape: its file is a valid ConvNd adapter
+  apply_plain = lambda p, x: undilated.apply({"params": p["params"]["conv1"]}, x)  # noqa: E731
+  jlora.export_peft(
+    tmp_path / "b", lora, cfg, base=params, name_map=lambda p, i: "conv1", apply_fn=apply_plain,
+    example_args=(x,),
+  )  # fmt: skip
+  with pytest.raises(ValueError, match=r"a PEFT ConvNd adapter: .*used with a dilated kernel"):
+    jlora.import_peft(
+      tmp_path / "b", params, name_map=lambda p, i: "conv1", apply_fn=model.apply, example_args=(x,)
+    )

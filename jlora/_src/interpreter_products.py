@@ -293,6 +293,8 @@ def _conv(eqn, invals, ctx):
     roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
     roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else "grouped"
     ctx.record(kv, roles, "conv_general_dilated")
+    if any(d != 1 for d in p["rhs_dilation"] or ()):
+      ctx.record(kv, roles, layouts.DILATED_CONV)
     return [base]
   if (
     p["feature_group_count"] != 1

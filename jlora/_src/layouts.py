@@ -37,6 +37,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 STACKED, IN, OUT = "s", "i", "o"
 RANK = "r"  # the rank axis, in factor axis lists
+# In `Layout.ops` beside ``conv_general_dilated``: a convolution with a dilated kernel (``rhs_dilation``).
+DILATED_CONV = "conv_general_dilated:rhs_dilation"
 
 
 @dataclasses.dataclass(frozen=True)

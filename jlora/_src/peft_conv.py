@@ -45,8 +45,17 @@ def check_layout(layout: layouts.Layout, where: str) -> int:
 
   Raises:
     ValueError: if the kernel is not stored ``(*k, in, out)`` (after one
-      leading stacked axis), or has no or more than three spatial axes.
+      leading stacked axis), has no or more than three spatial axes, or is
+      used dilated (PEFT's ``lora_A`` ignores the base's dilation).
   """
+  if layouts.DILATED_CONV in layout.ops:
+    raise ValueError(
+      f"Convolution kernel {where!r} is used with a dilated kernel (`kernel_dilation`/`rhs_dilation` > 1): "
+      "PEFT builds its ConvNd `lora_A` with the base's kernel size, stride and padding but not its dilation "
+      "(peft.tuners.lora.layer._ConvNd.update_layer), so PEFT would compute another function than the "
+      "adapter's `W + scale * A @ B`; its files cannot carry this adapter. Exclude the kernel, or share the "
+      "merged weights (`jlora.save_merged`)."
+    )
   stacked = layout.roles.startswith(layouts.STACKED)
   spatial = layout.ndim - 2 - stacked
   if layout != flax_layout(layout.ndim, stacked) or not 1 <= spatial <= MAX_SPATIAL:

@@ -90,7 +90,7 @@ def _is_conv(spec: adapters.AdapterSpec, names: Mapping[int | None, Any], used: 
         f"The name map gives a `jlora.PeftParameter` for {spec.where!r}, which the model uses in a "
         "convolution: PEFT adapts a convolution as a ConvNd module; return its module name (str)."
       )
-    peft_conv.check_layout(spec.layout, spec.where)
+    peft_conv.check_layout(used[spec.path], spec.where)  # the layout read off the model, with its ops
     return True
   lay = spec.layout
   if len(lay.in_axes) < 2 or len(lay.out_axes) != 1 or len(lay.stacked_axes) > 1:
