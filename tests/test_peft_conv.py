@@ -527,3 +527,56 @@ def test_a_dilated_conv_has_no_peft_format(tmp_path):
     jlora.import_peft(
       tmp_path / "b", params, name_map=lambda p, i: "conv1", apply_fn=model.apply, example_args=(x,)
     )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings(
+  "ignore:The given NumPy array is not writable:UserWarning"
+)  # transformers' loader
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_hugging_face_vit_convolution_and_linears_against_peft(tmp_path, dora):
+  """HF's Flax ViT against its PyTorch twin (transformers' own Flax -> PyTorch loader): one PEFT file with a
+  ConvNd adapter (the patch embedding) beside Linear ones (query, value, the MLP and output ``dense``) both
+  ways, and `summary` counts as PEFT."""
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxViTModel"):
+    pytest.skip("transformers >= 4.58 has no Flax models")
+  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model  # noqa: PLC0415
+
+  vc = transformers.ViTConfig(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+    patch_size=4, num_channels=3,
+  )  # fmt: skip
+  fm = transformers.FlaxViTModel(vc, seed=0)
+  twin = lambda: load_flax_weights_in_pytorch_model(transformers.ViTModel(vc), fm.params).eval()  # noqa: E731
+  x = np.random.default_rng(1).normal(size=(2, 3, 16, 16)).astype(np.float32)
+  fn = lambda p, x: fm(x, params=p).last_hidden_state  # noqa: E731
+  names = jlora.peft_module_name  # the Flax ViT mirrors PyTorch's module tree
+  targets = ["projection", "query", "value", "dense"]
+  pm = peft.get_peft_model(
+    twin(),
+    peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False, use_dora=dora),
+  ).eval()
+  pm.save_pretrained(tmp_path / "peft")
+  assert len(safetensors.numpy.load_file(tmp_path / "peft" / "adapter_model.safetensors")[
+    PREFIX + "embeddings.patch_embeddings.projection.lora_A.weight"
+  ].shape) == 4  # fmt: skip
+  with torch.no_grad():
+    theirs = pm(torch.as_tensor(x)).last_hidden_state.numpy()
+  lora, cfg = jlora.import_peft(tmp_path / "peft", fm.params, name_map=names, apply_fn=fn, example_args=(x,))
+  assert len(jax.tree.leaves(lora)) == 12 * (3 if dora else 2)  # the patch conv and 11 Linears
+  np.testing.assert_allclose(jlora.wrap(fn, cfg)(fm.params, lora, x), theirs, atol=ATOL, rtol=ATOL)
+  assert jlora.summary(fm.params, lora, cfg).startswith(
+    "trainable params: {:,d} || all params: {:,d} ".format(*pm.get_nb_trainable_parameters())
+  )
+  trained = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), lora)
+  export = dict(base=fm.params, name_map=names, task_type=None)
+  with pytest.raises(
+    ValueError, match=r"'embeddings/patch_embeddings/projection/kernel'.*may be a convolution"
+  ):
+    jlora.export_peft(tmp_path / "no_model", trained, cfg, **export)
+  jlora.export_peft(tmp_path / "ours", trained, cfg, apply_fn=fn, example_args=(x,), **export)
+  loaded = peft.PeftModel.from_pretrained(twin(), tmp_path / "ours").eval()
+  with torch.no_grad():
+    got = loaded(torch.as_tensor(x)).last_hidden_state.numpy()
+  np.testing.assert_allclose(got, jlora.wrap(fn, cfg)(fm.params, trained, x), atol=ATOL, rtol=ATOL)
