@@ -67,6 +67,11 @@ def check_layout(layout: layouts.Layout, where: str) -> int:
   return spatial
 
 
+def entry_shape(layout: layouts.Layout, kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape of one PEFT module's kernel: ``kernel_shape`` without its stacked axes."""
+  return tuple(n for i, n in enumerate(kernel_shape) if i not in layout.stacked_axes)
+
+
 def peft_shapes(kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """``(lora_A.weight, lora_B.weight)`` shapes for one Flax conv kernel ``(*k, in, out)`` (not stacked)."""
   *k, cin, cout = kernel_shape

@@ -233,7 +233,7 @@ def _check_module(
     and not isinstance(first, PeftParameter)
     and _conv_module(cand, layout, keys(first)[0], info[keys(first)[0]][0], weights_path)
   )
-  entry = tuple(n for i, n in enumerate(cand.shape) if i not in layout.stacked_axes)
+  entry = peft_conv.entry_shape(layout, cand.shape)
   for _, name in hits:
     ks = keys(name, embedding)
     (sa, da), (sb, db) = info[ks[0]], info[ks[1]]
@@ -443,7 +443,7 @@ def _read_magnitude(
         f"{weights_path!r}: cannot read DoRA's {key!r} ({e}); adapter_config.json says `use_dora` but "
         "the file lacks the magnitude vector of this module."
       ) from e
-    entry = tuple(n for i, n in enumerate(m.cand.shape) if i not in m.layout.stacked_axes)
+    entry = peft_conv.entry_shape(m.layout, m.cand.shape)
     if arr.size != math.prod(out_shape) or (m.conv and arr.shape != peft_conv.magnitude_shape(entry)):
       raise ValueError(
         f"{weights_path!r}: {key!r} has shape {tuple(arr.shape)}, but kernel {paths.to_str(m.cand.path)!r} "
