@@ -6,6 +6,9 @@ model and batch:
 * ``lora``: `jlora.wrap`, plain LoRA;
 * ``dora``: `jlora.wrap` with ``use_dora=True``: the column norms from
   ``||W||^2``, ``A^T W`` and ``A^T A`` (never an ``in x out`` update);
+  each product ``y`` kept for the magnitude's gradient;
+* ``dora_recompute``: the same with ``dora_recompute=True``: each ``y``
+  computed again in the backward pass instead of kept;
 * ``dora_peft``: as PEFT computes DoRA: the norm from the materialised
   ``W + scale * A @ B`` (a kernel-sized temporary per layer), the products
   factorized (jlora's DoRA with its norm swapped for the dense one);
@@ -46,7 +49,7 @@ import jlora  # noqa: E402
 from jlora._src import dora  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = ("lora", "dora", "dora_peft", "dora_merged")
+VARIANTS = ("lora", "dora", "dora_recompute", "dora_peft", "dora_merged")
 
 
 def _dense_norm(kv: Any) -> jax.Array:
@@ -82,6 +85,7 @@ def _steps(cfg: _gpt.GPTConfig, key: jax.Array) -> dict[str, _gpt.Variant]:
   dlora = jlora.init(variables, dcfg, key=k_lora, apply_fn=model.apply, example_args=(tokens,))
   xent = _gpt._xent  # noqa: SLF001
   apply_lora, apply_dora = jlora.wrap(model.apply, lcfg), jlora.wrap(model.apply, dcfg)
+  apply_again = jlora.wrap(model.apply, dcfg, dora_recompute=True)
 
   def merged(lo, v, t):
     return xent(model.apply(jlora.merge(v, lo, dcfg), t), t)
@@ -93,6 +97,9 @@ def _steps(cfg: _gpt.GPTConfig, key: jax.Array) -> dict[str, _gpt.Variant]:
     ),  # noqa: SLF001
     "dora": _gpt._variant(  # noqa: SLF001
       "dora", opt, lambda lo, v, t: xent(apply_dora(v, lo, t), t), copy(dlora), variables, tokens
+    ),
+    "dora_recompute": _gpt._variant(  # noqa: SLF001
+      "dora_recompute", opt, lambda lo, v, t: xent(apply_again(v, lo, t), t), copy(dlora), variables, tokens
     ),
     "dora_peft": _gpt._variant(  # noqa: SLF001
       "dora_peft", opt, lambda lo, v, t: xent(apply_dora(v, lo, t), t), copy(dlora), variables, tokens
@@ -120,20 +127,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with _materialised_norm() if name == "dora_peft" else contextlib.nullcontext():
       v.step = v.step.lower(*v.state, *v.static).compile()
     steps[name] = {**lora_step._cost(v.step), "trainable_params": v.n_trainable}  # noqa: SLF001
-  for name in ("dora", "dora_peft", "dora_merged"):  # the same first step: the same loss
+  for name in VARIANTS[1:]:  # the same first step: the same loss
     v = variants[name]
     *state, loss = v.step(*jax.tree_util.tree_map(jnp.copy, v.state), *v.static)
     losses[name] = float(loss)
   times = lora_step._time_interleaved({k: variants[k].run for k in VARIANTS}, rounds=args.rounds)  # noqa: SLF001
   for name, ts in times.items():
     steps[name]["time_s"] = statistics.median(ts)
-  pairs = (("dora", "lora"), ("dora", "dora_peft"), ("dora", "dora_merged"), ("dora_peft", "lora"))
+  pairs = (
+    ("dora", "lora"),
+    ("dora", "dora_peft"),
+    ("dora", "dora_merged"),
+    ("dora_recompute", "lora"),
+    ("dora_recompute", "dora_peft"),
+    ("dora_recompute", "dora_merged"),
+    ("dora_peft", "lora"),
+  )
   ratios = {f"{k}.{a}/{b}": steps[a][k] / steps[b][k] for k in ("flops", "temp_bytes") for a, b in pairs}
   ratios.update({f"time_s.{a}/{b}": lora_step._paired(times, a, b) for a, b in pairs})  # noqa: SLF001
+  temp = lambda name: steps[name]["temp_bytes"]  # noqa: E731
   checks = {
     "time dora/lora <= 1.25": ratios["time_s.dora/lora"] <= 1.25,
-    "temp dora < dora_peft": steps["dora"]["temp_bytes"] < steps["dora_peft"]["temp_bytes"],
-    "temp dora < dora_merged": steps["dora"]["temp_bytes"] < steps["dora_merged"]["temp_bytes"],
+    "temp dora < dora_peft": temp("dora") < temp("dora_peft"),
+    "temp dora < dora_merged": temp("dora") < temp("dora_merged"),
+    "time dora_recompute/lora <= 1.25": ratios["time_s.dora_recompute/lora"] <= 1.25,
+    "temp dora_recompute < dora_peft": temp("dora_recompute") < temp("dora_peft"),
+    "temp dora_recompute < dora_merged": temp("dora_recompute") < temp("dora_merged"),
     "same first-step loss (1e-4)": max(losses.values()) - min(losses.values()) < 1e-4,
   }
   result = {
@@ -148,10 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(
     f"DoRA step, d_model={cfg.d_model} layers={cfg.n_layers} seq={cfg.seq_len} batch={cfg.batch} r={cfg.rank}"
   )
-  print(f"{'variant':<12} {'GFLOPs':>9} {'temp MiB':>9} {'time ms':>9}")
+  print(f"{'variant':<15} {'GFLOPs':>9} {'temp MiB':>9} {'time ms':>9}")
   for name in VARIANTS:
     s = steps[name]
-    print(f"{name:<12} {s['flops'] / 1e9:>9.3f} {s['temp_bytes'] / 2**20:>9.2f} {s['time_s'] * 1e3:>9.2f}")
+    print(f"{name:<15} {s['flops'] / 1e9:>9.3f} {s['temp_bytes'] / 2**20:>9.2f} {s['time_s'] * 1e3:>9.2f}")
   for k, v in ratios.items():
     print(f"{k:<32} {v:.3f}")
   return _gpt.finish(checks, args.out, result)

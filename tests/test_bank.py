@@ -105,6 +105,9 @@ def test_stack_errors():
   saved = (jlora.init(PARAMS, saved_cfg, key=jax.random.key(6)), saved_cfg)
   with pytest.raises(ValueError, match="trained copy"):
     jlora.stack([a, saved])
+  dora_cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",), use_dora=True)
+  with pytest.raises(ValueError, match=r"q_proj/kernel/lora_magnitude' is DoRA's magnitude.*jlora.merge"):
+    jlora.stack([a, (jlora.init(PARAMS, dora_cfg, key=jax.random.key(7)), dora_cfg)])
   with pytest.raises(ValueError, match="do not belong together"):
     jlora.stack([(a[0], jlora.LoraConfig(r=3, target_modules=("q_proj",)))])
   lay_a = _adapter(2, r=2, target_modules=("up",), layout_pattern={"up": "sio"})

@@ -74,6 +74,9 @@ def test_dora_step_quick(tmp_path):
   assert checks["same first-step loss (1e-4)"]
   assert steps["dora"]["temp_bytes"] < steps["dora_peft"]["temp_bytes"] < steps["dora_merged"]["temp_bytes"]
   assert steps["dora"]["flops"] < steps["dora_merged"]["flops"]
+  # Recomputing each product trades the kept outputs for one more base product per kernel.
+  assert steps["dora_recompute"]["temp_bytes"] <= steps["dora"]["temp_bytes"]
+  assert steps["dora_recompute"]["flops"] > steps["dora"]["flops"]
 
 
 @pytest.mark.slow

@@ -199,10 +199,101 @@ def test_the_step_never_forms_a_kernel_sized_value():
   apply = jlora.wrap(apply_fn, cfg)
   step = jax.grad(lambda lo: jnp.sum(apply(params, lo, x) ** 2))
   assert (24, 40) not in out_shapes(jax.make_jaxpr(step)(lora).jaxpr)
+  again = jlora.wrap(apply_fn, cfg, dora_recompute=True)  # its backward gives the base no cotangent
+  step_again = jax.grad(lambda lo: jnp.sum(again(params, lo, x) ** 2))
+  assert (24, 40) not in out_shapes(jax.make_jaxpr(step_again)(lora).jaxpr)
   assert (24, 40) not in out_shapes(jax.make_jaxpr(apply)(params, lora, jnp.ones((4096, 24))).jaxpr)
   # The check can fail: the materialising DoRA (merge, then apply) forms it.
   merged = jax.grad(lambda lo: jnp.sum(apply_fn(jlora.merge(params, lo, cfg), x) ** 2))
   assert (24, 40) in out_shapes(jax.make_jaxpr(merged)(lora).jaxpr)
+
+
+# -- dora_recompute: the same step without keeping each product's output -------------------------
+
+
+@pytest.mark.parametrize("name", ["llama_scan", "gemma_style", "convnet"])
+def test_recompute_gives_the_same_values_and_gradients(name):
+  case = zoo.BUILDERS[name]()
+  cfg = dataclasses.replace(case.config, use_dora=True)
+  x = case.inputs
+  lora = _trained(jlora.init(case.tree, cfg, key=K[1], apply_fn=case.apply_fn, example_args=(x,)), K[2])
+  kept = jlora.wrap(case.apply_fn, cfg, strategy="factorized")
+  again = jlora.wrap(case.apply_fn, cfg, strategy="factorized", dora_recompute=True)
+
+  def grads(apply):
+    return jax.jit(jax.value_and_grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, x))))(lora)
+
+  (loss, want), (got_loss, got) = grads(kept), grads(again)
+  np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
+  for (kp, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(
+      g, w, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(w))), err_msg=jax.tree_util.keystr(kp)
+    )
+
+
+def test_recompute_covers_dropout_and_embeddings():
+  table = jax.random.normal(K[0], (11, 24))
+  params = {"embed": {"embedding": table}, "fc": {"kernel": jax.random.normal(K[1], (24, 7))}}
+
+  def apply_fn(p, ids):
+    return jnp.tanh(p["embed"]["embedding"][ids] @ p["fc"]["kernel"])
+
+  cfg = jlora.LoraConfig(r=2, lora_dropout=0.3, target_modules=("embed", "fc"), use_dora=True)
+  lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+  ids, key = jnp.array([[1, 4, 10], [0, 0, 7]]), jax.random.key(5)
+
+  def grads(**kw):
+    apply = jlora.wrap(apply_fn, cfg, **kw)
+    return jax.grad(lambda lo: jnp.sum(apply(params, lo, ids, lora_dropout_key=key) ** 2))(lora)
+
+  close = lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)  # noqa: E731
+  jax.tree.map(close, grads(dora_recompute=True), grads())
+
+
+def _mlp_steps(n_layers: int, d: int, tokens: int):
+  """Compiled AdamW-free grad steps of an MLP stack: DoRA kept, DoRA recomputed, LoRA."""
+  keys = jax.random.split(K[5], n_layers)
+  params = {f"fc{i}": {"kernel": jax.random.normal(k, (d, d)) / d**0.5} for i, k in enumerate(keys)}
+
+  def apply_fn(p, x):
+    for i in range(n_layers):
+      x = jnp.tanh(x @ p[f"fc{i}"]["kernel"])
+    return x
+
+  x = jax.random.normal(K[6], (tokens, d))
+  cfg = jlora.LoraConfig(r=4, target_modules=tuple(params), use_dora=True)
+  out = {}
+  for name, c, kw in [
+    ("kept", cfg, {}),
+    ("recomputed", cfg, {"dora_recompute": True}),
+    ("lora", dataclasses.replace(cfg, use_dora=False), {}),
+  ]:
+    lora = jlora.init(params, c, key=K[7])
+    apply = jlora.wrap(apply_fn, c, **kw)
+    step = jax.jit(jax.grad(lambda lo, apply=apply: jnp.sum(apply(params, lo, x) ** 2)))
+    out[name] = step.lower(lora).compile()
+  return out
+
+
+def test_recompute_keeps_no_product_output_for_the_backward_pass():
+  # 16 layers of 64 x 64 at 2048 tokens: each kept product is 512 KiB, 32 x the kernel.
+  steps = _mlp_steps(16, 64, 2048)
+  temp = {k: s.memory_analysis().temp_size_in_bytes for k, s in steps.items()}
+  flops = {k: s.cost_analysis()["flops"] for k, s in steps.items()}
+  product = 2048 * 64 * 4
+  assert temp["kept"] - temp["lora"] >= 14 * product  # one kept product a layer: what the option is for
+  # Recomputed: a LoRA step's plus the few products live while one layer is differentiated (2.1).
+  assert temp["recomputed"] <= temp["lora"] + 3 * product
+  assert flops["recomputed"] > flops["kept"] + 15 * 2 * 2048 * 64 * 64  # x @ W again for each layer
+
+
+def test_recompute_needs_a_dora_config():
+  params, apply_fn = _dense_case(bias=False)
+  cfg = jlora.LoraConfig(r=3, target_modules=("fc",))
+  with pytest.raises(ValueError, match=r"`dora_recompute=True` applies to a DoRA adapter.*use_dora=True"):
+    jlora.wrap(apply_fn, cfg, dora_recompute=True)
+  with pytest.raises(TypeError, match="`dora_recompute` must be True or False"):
+    jlora.wrap(apply_fn, dataclasses.replace(cfg, use_dora=True), dora_recompute="yes")
 
 
 # -- init, merge, checkpoints, sharding, LoRA+ ---------------------------------------------------

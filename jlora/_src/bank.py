@@ -181,6 +181,12 @@ def _factor_pairs(lora: Any, where: str) -> dict[paths.Path, dict[str, Any]]:
     raise TypeError(f"{where}: an adapter tree must be a dict (from jlora.init); got {type(lora).__name__}.")
   pairs: dict[paths.Path, dict[str, Any]] = {}
   for path, leaf in paths.leaves_with_paths(lora):
+    if path[-1] == "lora_magnitude":
+      raise ValueError(
+        f"{where}: {paths.to_str(path)!r} is DoRA's magnitude (`use_dora=True`); a bank routes plain LoRA "
+        "factors per example and holds no DoRA adapters: serve a DoRA adapter with `jlora.merge`, or on its "
+        "own with `jlora.wrap`."
+      )
     if path[-1] not in _FACTORS:
       raise ValueError(
         f"{where}: {paths.to_str(path)!r} is a trained copy (modules_to_save or bias), which a bank cannot "
@@ -254,8 +260,9 @@ def stack(adapters: Sequence[tuple[Any, LoraConfig]], names: Sequence[str] | Non
 
   Raises:
     ValueError: for no adapters, names that are not unique or not one per
-      adapter, adapters with trained copies (``modules_to_save``, ``bias``),
-      factors that do not fit one base, or explicit layouts that disagree.
+      adapter, adapters with trained copies (``modules_to_save``, ``bias``) or
+      DoRA magnitudes, factors that do not fit one base, or explicit layouts
+      that disagree.
     TypeError: for a config that is not a `LoraConfig` or a tree that is not
       an adapter tree.
 

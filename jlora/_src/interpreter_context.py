@@ -29,6 +29,8 @@ class Context:
       (`jlora._src.interpreter_fusion`).
     routing: a bank's per-example adapter ids (`jlora._src.interpreter_routing.Routing`);
       ``None`` for a single adapter.
+    dora_recompute: whether DoRA products are computed again in the backward
+      pass instead of kept (`jlora._src.interpreter_dora.product`).
   """
 
   strategy: str
@@ -41,6 +43,7 @@ class Context:
   batched: bool = False
   fuse_siblings: bool = True
   routing: Any = None
+  dora_recompute: bool = False
 
   def may_merge(self) -> bool:
     """Whether ``strategy="auto"`` may merge a kernel for one use (where that costs fewer FLOPs):

@@ -8,6 +8,9 @@ the rank-r branch, so DoRA costs LoRA's branch plus the norms and one scale.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -30,6 +33,41 @@ def combine(g: jax.Array, base: jax.Array, lora: jax.Array, dropped: jax.Array |
   if dropped is None:
     return g * (base + lora)
   return base + (g - 1) * dropped + g * lora
+
+
+def product(
+  recompute: bool, fn: Callable[[Any, dict[str, Any]], jax.Array], frozen: Any, inputs: dict[str, Any]
+) -> jax.Array:
+  """A DoRA product ``fn(frozen, inputs)`` (``g * y``, ``y = x @ W + lora``), its ``y`` kept or
+  recomputed for the backward pass.
+
+  The magnitude's gradient is ``sum_tokens ct * y`` per output feature, so the
+  backward pass reads ``y`` (``tokens x out``). By default autodiff keeps it.
+  With ``recompute`` (`jlora.wrap`'s ``dora_recompute``) the backward pass
+  computes ``fn`` again from its inputs (one more base product; about a LoRA
+  step's temp bytes) and differentiates that; ``frozen`` (the base kernel)
+  gets no cotangent, so no kernel-sized gradient is formed. The inputs of the
+  recomputation are tied to the cotangent (``+ 0 * ct``: no finite value
+  changes), so that no compiler schedules it in the forward pass and keeps its
+  result (XLA:CPU drops the barriers of `jax.checkpoint` before scheduling).
+  Reverse mode only (``jax.grad``, ``jax.vjp``), as any `jax.custom_vjp`.
+  """
+  if not recompute:
+    return fn(frozen, inputs)
+
+  def forward(frozen, inputs):
+    return fn(frozen, inputs), (frozen, inputs)
+
+  def backward(res, ct):
+    frozen, inputs = res
+    zero = jnp.ravel(ct)[0] * 0  # a data dependence on the cotangent, not folded for floats
+    tie = lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a  # noqa: E731
+    _, vjp = jax.vjp(lambda v: fn(frozen, v), jax.tree_util.tree_map(tie, inputs))
+    return (None, *vjp(ct))
+
+  f = jax.custom_vjp(fn)
+  f.defvjp(forward, backward)
+  return f(frozen, inputs)
 
 
 def on_axis(g: jax.Array, ndim: int, axis: int) -> jax.Array:

@@ -219,9 +219,15 @@ def lora_dot(
       base = bind_dot(eqn, dot, base_w, x)[0]
       return [PendingSum(base, branch(dropout(x, ctx), kv.a, kv.b).astype(base.dtype))]
     xd = x if first is not None else dropout(x, ctx)
-    dropped = None if xd is x else bind_dot(eqn, dot, base_w, xd)[0]
-    base = bind_dot(eqn, dot, base_w, x)[0]
-    return [interpreter_dora.combine(g, base, branch(xd, kv.a, kv.b, first), dropped)]
+
+    def product(w, v):  # v["xd"]: the dropped-out input, None without dropout
+      base = bind_dot(eqn, dot, w, v["x"])[0]
+      lora = branch(v["x"] if v["xd"] is None else v["xd"], v["a"], v["b"], v["t"])
+      dropped = None if v["xd"] is None else bind_dot(eqn, dot, w, v["xd"])[0]
+      return interpreter_dora.combine(v["g"], base, lora, dropped)
+
+    v = dict(x=x, xd=None if xd is x else xd, a=kv.a, b=kv.b, g=g, t=first)
+    return [interpreter_dora.product(ctx.dora_recompute, product, base_w, v)]
   if first is None and merged_is_cheaper(kv, x, dot, ctx):
     return [_merged_with_factorized_grad(eqn, dot, kv, branch)(x, base_w, kv.a, kv.b)]
   base = bind_dot(eqn, dot, base_w, x)[0]
@@ -287,9 +293,9 @@ def _conv(eqn, invals, ctx):
     return None
   p = eqn.params
   dn = p["dimension_numbers"]
-  base = jax_compat.bind(eqn, [x, kv.base])[0]
   o_axis, i_axis, *spatial = dn.rhs_spec
   if isinstance(kv, Probe):
+    base = jax_compat.bind(eqn, [x, kv.base])[0]
     roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
     roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else "grouped"
     ctx.record(kv, roles, "conv_general_dilated")
@@ -304,9 +310,16 @@ def _conv(eqn, invals, ctx):
   ):
     return None
   xd = dropout(x, ctx)
-  y = jax_compat.bind(eqn, [xd, kv.factor_in_view("a", o_axis).astype(xd.dtype)])[0]
-  dropped = None if xd is x or kv.g is None else jax_compat.bind(eqn, [xd, kv.base])[0]
-  return [_plus_b_branch(base, y, kv, dn.out_spec[1], dropped)]
+
+  def product(w, v):  # v["xd"]: the dropped-out input, None without dropout
+    x, xd = v["x"], v["xd"]
+    base = jax_compat.bind(eqn, [x, w])[0]
+    y = jax_compat.bind(eqn, [x if xd is None else xd, v["a"].astype(x.dtype)])[0]
+    dropped = None if xd is None or v["g"] is None else jax_compat.bind(eqn, [xd, w])[0]
+    return _plus_b_branch(base, y, dataclasses.replace(kv, b=v["b"], g=v["g"]), dn.out_spec[1], dropped)
+
+  v = dict(x=x, xd=None if xd is x else xd, a=kv.factor_in_view("a", o_axis), b=kv.b, g=kv.g)
+  return [interpreter_dora.product(ctx.dora_recompute and kv.g is not None, product, kv.base, v)]
 
 
 def _gather(eqn, invals, ctx):
@@ -322,8 +335,15 @@ def _gather(eqn, invals, ctx):
   rows = lookup_rows(eqn, kv, idx)
   if rows is None:
     return None
-  base, g, axis = rows
-  return [_plus_b_branch(base, g, kv, axis)]
+  if kv.g is None or not ctx.dora_recompute:
+    return [_plus_b_branch(*rows[:2], kv, rows[2])]
+
+  def product(w, v):  # the lookup again in the backward pass: a gather, not the kept rows
+    view = dataclasses.replace(kv, w=w, a=v["a"], b=v["b"], g=v["g"])
+    base, y, axis = lookup_rows(eqn, view, v["idx"])
+    return _plus_b_branch(base, y, view, axis)
+
+  return [interpreter_dora.product(True, product, kv.w, dict(idx=idx, a=kv.a, b=kv.b, g=kv.g))]
 
 
 def _full_axes(eqn: Any, kv: Any) -> list[int]:

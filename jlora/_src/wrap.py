@@ -194,7 +194,9 @@ def _make_apply(
   config: LoraConfig | BankConfig,
   strategy: Strategy,
   routing: Routing,
+  *,
   fuse_siblings: bool,
+  dora_recompute: bool,
 ) -> Callable[..., Any]:
   """The wrapped apply of `wrap`, with its trace and all-linear caches."""
   warned: set[str] = set()
@@ -247,6 +249,7 @@ def _make_apply(
       warned=warned,
       fuse_siblings=fuse_siblings and route is None,  # a bank routes each branch itself
       routing=route,
+      dora_recompute=dora_recompute,
     )
     outs = interpreter.eval_jaxpr(
       traced.closed.jaxpr, traced.closed.consts, _inputs(traced, bound, saved, bank), ctx
@@ -264,6 +267,7 @@ def wrap(
   strategy: Strategy = "auto",
   fuse_siblings: bool = True,
   routing: Routing = "gather",
+  dora_recompute: bool = False,
 ) -> Callable[..., Any]:
   """Wraps a model's apply function so it runs with a LoRA adapter tree.
 
@@ -322,6 +326,14 @@ def wrap(
       adapter and uses ``lax.ragged_dot_general`` over the groups (SGMV),
       where the product allows (Dense-like kernels; others gather). See the
       README's measurements for which is faster where.
+    dora_recompute: for a DoRA adapter (``use_dora=True``): compute each
+      adapted product ``y = x @ W + scale * (x @ A) @ B`` again in the
+      backward pass instead of keeping it. The magnitude's gradient reads
+      ``y`` (``tokens x out`` per adapted kernel), so by default (``False``,
+      PEFT's way) a DoRA step keeps it and needs more temp bytes than a LoRA
+      step at many tokens; ``True`` brings them back to about a LoRA step's
+      for one more base product per kernel in the backward pass (the
+      README's DoRA figures). The results are the same.
 
   Returns:
     ``apply(tree, lora, *args, lora_dropout_key=None, **kwargs)`` (for a bank,
@@ -342,10 +354,11 @@ def wrap(
       ``routing``, and when called, ``adapter_ids`` missing, not 1-D, out of
       range (concrete) or not one per example at an adapted kernel, or a bank
       kernel used where it cannot be routed (a convolution, ``ragged_dot``);
-      ``adapter_ids`` given for a plain `LoraConfig`.
+      ``adapter_ids`` given for a plain `LoraConfig`; ``dora_recompute=True``
+      for a config without ``use_dora``.
     TypeError: if ``config`` is not a `LoraConfig` or `BankConfig`, or
-      ``fuse_siblings`` not a bool; when called, for ``adapter_ids`` that are
-      not integers.
+      ``fuse_siblings`` or ``dora_recompute`` not a bool; when called, for
+      ``adapter_ids`` that are not integers.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
@@ -366,6 +379,8 @@ def wrap(
     raise TypeError(f"`apply_fn` must be callable; got {type(apply_fn).__name__}.")
   if not isinstance(fuse_siblings, bool):
     raise TypeError(f"`fuse_siblings` must be True or False; got {fuse_siblings!r}.")
+  if not isinstance(dora_recompute, bool):
+    raise TypeError(f"`dora_recompute` must be True or False; got {dora_recompute!r}.")
   if isinstance(config, BankConfig):
     if strategy == "merged":
       raise ValueError(
@@ -375,7 +390,15 @@ def wrap(
       raise ValueError(f"`routing` must be one of {interpreter_routing.DESIGNS}; got {routing!r}.")
   else:
     config = check_config(config)
-  apply = _make_apply(apply_fn, config, strategy, routing, fuse_siblings)
+  if dora_recompute and not (isinstance(config, LoraConfig) and config.use_dora):
+    raise ValueError(
+      "`dora_recompute=True` applies to a DoRA adapter, but the config is not one (`use_dora=False`, "
+      "or a bank, which holds no DoRA adapters): drop `dora_recompute`, or wrap a "
+      "`LoraConfig(..., use_dora=True)`."
+    )
+  apply = _make_apply(
+    apply_fn, config, strategy, routing, fuse_siblings=fuse_siblings, dora_recompute=dora_recompute
+  )
   apply.__signature__ = _signature(apply_fn, apply, isinstance(config, BankConfig))
   return apply
 
