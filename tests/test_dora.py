@@ -292,6 +292,8 @@ def test_recompute_needs_a_dora_config():
   cfg = jlora.LoraConfig(r=3, target_modules=("fc",))
   with pytest.raises(ValueError, match=r"`dora_recompute=True` applies to a DoRA adapter.*use_dora=True"):
     jlora.wrap(apply_fn, cfg, dora_recompute=True)
+  with pytest.raises(ValueError, match=r"strategy='merged' forms the DoRA kernels"):
+    jlora.wrap(apply_fn, dataclasses.replace(cfg, use_dora=True), strategy="merged", dora_recompute=True)
   with pytest.raises(TypeError, match="`dora_recompute` must be True or False"):
     jlora.wrap(apply_fn, dataclasses.replace(cfg, use_dora=True), dora_recompute="yes")
 

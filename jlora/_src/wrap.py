@@ -355,7 +355,7 @@ def wrap(
       range (concrete) or not one per example at an adapted kernel, or a bank
       kernel used where it cannot be routed (a convolution, ``ragged_dot``);
       ``adapter_ids`` given for a plain `LoraConfig`; ``dora_recompute=True``
-      for a config without ``use_dora``.
+      for a config without ``use_dora`` or with ``strategy="merged"``.
     TypeError: if ``config`` is not a `LoraConfig` or `BankConfig`, or
       ``fuse_siblings`` or ``dora_recompute`` not a bool; when called, for
       ``adapter_ids`` that are not integers.
@@ -395,6 +395,11 @@ def wrap(
       "`dora_recompute=True` applies to a DoRA adapter, but the config is not one (`use_dora=False`, "
       "or a bank, which holds no DoRA adapters): drop `dora_recompute`, or wrap a "
       "`LoraConfig(..., use_dora=True)`."
+    )
+  if dora_recompute and strategy == "merged":
+    raise ValueError(
+      "`dora_recompute=True` recomputes factorized DoRA products, but strategy='merged' forms the DoRA "
+      "kernels instead: use strategy='auto' or 'factorized' with it."
     )
   apply = _make_apply(
     apply_fn, config, strategy, routing, fuse_siblings=fuse_siblings, dora_recompute=dora_recompute
