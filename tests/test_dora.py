@@ -276,15 +276,20 @@ def _mlp_steps(n_layers: int, d: int, tokens: int):
 
 
 def test_recompute_keeps_no_product_output_for_the_backward_pass():
-  # 16 layers of 64 x 64 at 2048 tokens: each kept product is 512 KiB, 32 x the kernel.
-  steps = _mlp_steps(16, 64, 2048)
-  temp = {k: s.memory_analysis().temp_size_in_bytes for k, s in steps.items()}
-  flops = {k: s.cost_analysis()["flops"] for k, s in steps.items()}
+  # MLPs of 64 x 64 layers at 2048 tokens: each kept product is 512 KiB, 32 x the kernel. What is kept
+  # grows with depth; the few products live while one layer is differentiated do not (their number
+  # is the compiler's: 2-4 here, by XLA version).
   product = 2048 * 64 * 4
-  assert temp["kept"] - temp["lora"] >= 14 * product  # one kept product a layer: what the option is for
-  # Recomputed: a LoRA step's plus the few products live while one layer is differentiated (2.1).
-  assert temp["recomputed"] <= temp["lora"] + 3 * product
-  assert flops["recomputed"] > flops["kept"] + 15 * 2 * 2048 * 64 * 64  # x @ W again for each layer
+  temp, flops = {}, {}
+  for layers in (8, 16):
+    for name, step in _mlp_steps(layers, 64, 2048).items():
+      temp[layers, name] = step.memory_analysis().temp_size_in_bytes
+      flops[layers, name] = step.cost_analysis()["flops"]
+  excess = lambda layers, name: (temp[layers, name] - temp[layers, "lora"]) / product  # noqa: E731
+  assert excess(16, "kept") - excess(8, "kept") >= 7  # one product a layer: what the option is for
+  assert excess(16, "recomputed") - excess(8, "recomputed") <= 0.5
+  assert excess(16, "recomputed") <= 5
+  assert flops[16, "recomputed"] > flops[16, "kept"] + 15 * 2 * 2048 * 64 * 64  # x @ W again per layer
 
 
 def test_recompute_needs_a_dora_config():
