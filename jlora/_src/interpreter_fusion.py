@@ -169,8 +169,8 @@ class Siblings:
     factors = [f.astype(x.dtype) for _, _, f in members]
     t = first_product(x, jnp.concatenate(factors, axis=-1), br)
     axis = br.t_lab.index(br.first_lab[-1])
-    bounds = [0]
-    for f in factors:
-      bounds.append(bounds[-1] + f.shape[-1])
-    for (i, _, _), lo, hi in zip(members, bounds[:-1], bounds[1:]):
-      self._first[i] = jax.lax.slice_in_dim(t, lo, hi, axis=axis)
+    # `lax.split`, not slices: its transpose is one concatenate of the siblings' cotangents, where
+    # a slice's is a zero pad per sibling and their sum.
+    parts = jax.lax.split(t, [f.shape[-1] for f in factors], axis=axis)
+    for (i, _, _), part in zip(members, parts):
+      self._first[i] = part
