@@ -224,6 +224,9 @@ def test_recompute_gives_the_same_values_and_gradients(name):
     return jax.jit(jax.value_and_grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, x))))(lora)
 
   (loss, want), (got_loss, got) = grads(kept), grads(again)
+  # The recomputing rule is the one taken (equal gradients alone would not show it).
+  assert "custom_vjp_call" in str(jax.make_jaxpr(again)(case.tree, lora, x))
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(kept)(case.tree, lora, x))
   np.testing.assert_allclose(got_loss, loss, rtol=1e-6)
   for (kp, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
     np.testing.assert_allclose(
@@ -247,6 +250,9 @@ def test_recompute_covers_dropout_and_embeddings():
     return jax.grad(lambda lo: jnp.sum(apply(params, lo, ids, lora_dropout_key=key) ** 2))(lora)
 
   close = lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)  # noqa: E731
+  again = jlora.wrap(apply_fn, cfg, dora_recompute=True)
+  jaxpr = str(jax.make_jaxpr(lambda lo: again(params, lo, ids, lora_dropout_key=key))(lora))
+  assert jaxpr.count("custom_vjp_call") == 2  # the embedding's and the Dense's products
   jax.tree.map(close, grads(dora_recompute=True), grads())
 
 

@@ -332,18 +332,16 @@ def _gather(eqn, invals, ctx):
     roles.update({ax: layouts.IN for ax in range(len(kv.shape)) if ax not in full})
     ctx.record(kv, roles, "gather")
     return [jax_compat.bind(eqn, [kv.base, idx])[0]]
-  rows = lookup_rows(eqn, kv, idx)
-  if rows is None:
+  if _row_axis(eqn, kv) is None:
     return None
-  if kv.g is None or not ctx.dora_recompute:
-    return [_plus_b_branch(*rows[:2], kv, rows[2])]
 
-  def product(w, v):  # the lookup again in the backward pass: a gather, not the kept rows
+  def product(w, v):  # with dora_recompute, the lookup again in the backward pass, not kept rows
     view = dataclasses.replace(kv, w=w, a=v["a"], b=v["b"], g=v["g"])
     base, y, axis = lookup_rows(eqn, view, v["idx"])
     return _plus_b_branch(base, y, view, axis)
 
-  return [interpreter_dora.product(True, product, kv.w, dict(idx=idx, a=kv.a, b=kv.b, g=kv.g))]
+  recompute = ctx.dora_recompute and kv.g is not None
+  return [interpreter_dora.product(recompute, product, kv.w, dict(idx=idx, a=kv.a, b=kv.b, g=kv.g))]
 
 
 def _full_axes(eqn: Any, kv: Any) -> list[int]:
@@ -354,14 +352,21 @@ def _full_axes(eqn: Any, kv: Any) -> list[int]:
   return [ax for ax in range(len(kv.shape)) if ax not in indexed and p["slice_sizes"][ax] == kv.shape[ax]]
 
 
+def _row_axis(eqn: Any, kv: LoraValue) -> int | None:
+  """The one fan-out axis of ``kv`` whose whole rows a ``gather`` takes; ``None`` if there is none."""
+  b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
+  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in _full_axes(eqn, kv):
+    return None
+  return b_only[0]
+
+
 def lookup_rows(eqn: Any, kv: LoraValue, idx: jax.Array) -> tuple[jax.Array, jax.Array, int] | None:
   """An embedding lookup of ``kv``: ``(base rows, rows of A, the rank's axis in them)``; ``None``
   where the lookup does not take whole rows of one fan-out axis."""
   dn = eqn.params["dimension_numbers"]
-  b_only = [ax for ax in kv.b_axes if ax not in kv.a_axes]
-  if len(b_only) != 1 or len(kv.b_axes) != 1 or b_only[0] not in _full_axes(eqn, kv):
+  d = _row_axis(eqn, kv)
+  if d is None:
     return None
-  d = b_only[0]
   sizes = list(eqn.params["slice_sizes"])
   sizes[d] = kv.rank
   base = jax_compat.bind(eqn, [kv.base, idx])[0]
