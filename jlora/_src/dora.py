@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._src import values as V
-from jlora._src.interpreter_products import contract
+from jlora._src.contractions import contract
 
 _HIGHEST = dict(precision=jax.lax.Precision.HIGHEST)
 

@@ -27,6 +27,7 @@ from jax.extend import core as jex
 
 from jlora._src import interpreter_dora, jax_compat, layouts
 from jlora._src import values as V
+from jlora._src.contractions import factor_product
 from jlora._src.interpreter_context import Context
 from jlora._src.values import LoraValue, Probe, is_special
 
@@ -102,35 +103,6 @@ def merged_is_cheaper(kv: LoraValue, x: Any, dot: Dot, ctx: Context) -> bool:
   return V.flops_merged(m, n, kv.rank) < V.flops_factorized(tokens, m, n, kv.rank)
 
 
-def contract(x: jax.Array, x_lab: str, y: jax.Array, y_lab: str, out_lab: str, **opts: Any) -> jax.Array:
-  """``einsum(f"{x_lab},{y_lab}->{out_lab}", x, y)`` as one ``lax.dot_general`` (and a transpose).
-
-  `jnp.einsum` would trace a nested ``jit`` and plan a contraction path at each of the
-  interpreter's thousands of calls; a two-operand contraction needs neither. Labels that
-  appear in one operand only and not in the output are summed first.
-  """
-  x = _sum_unused(x, x_lab, y_lab + out_lab)
-  x_lab = "".join(c for c in x_lab if c in y_lab + out_lab)
-  y = _sum_unused(y, y_lab, x_lab + out_lab)
-  y_lab = "".join(c for c in y_lab if c in x_lab + out_lab)
-  shared = [c for c in x_lab if c in y_lab]
-  batch = [c for c in shared if c in out_lab]
-  contracted = [c for c in shared if c not in out_lab]
-  dims = (
-    ([x_lab.index(c) for c in contracted], [y_lab.index(c) for c in contracted]),
-    ([x_lab.index(c) for c in batch], [y_lab.index(c) for c in batch]),
-  )
-  res = jax.lax.dot_general(x, y, dims, **opts)
-  res_lab = batch + [c for c in x_lab if c not in shared] + [c for c in y_lab if c not in shared]
-  perm = [res_lab.index(c) for c in out_lab]
-  return res if perm == sorted(perm) else jax.lax.transpose(res, perm)
-
-
-def _sum_unused(x: jax.Array, lab: str, keep: str) -> jax.Array:
-  axes = tuple(i for i, c in enumerate(lab) if c not in keep)
-  return x.sum(axis=axes) if axes else x
-
-
 @dataclasses.dataclass(frozen=True)
 class Branch:
   """How one ``dot_general``'s LoRA branch contracts, as ``einsum`` labels: ``x`` (``x_lab``)
@@ -187,7 +159,8 @@ def kernel_dot(eqn: Any, invals: Sequence[Any]) -> tuple[Any, Any, Dot] | None:
 
 def first_product(x: jax.Array, first: jax.Array, br: Branch) -> jax.Array:
   """``t``: ``x`` contracted with the branch's first factor (rank last), unscaled."""
-  return contract(x, br.x_lab, first.astype(x.dtype), br.first_lab, br.t_lab, **dict(br.opts))
+  f = first.astype(x.dtype)
+  return factor_product(x, br.x_lab, f, br.first_lab, br.t_lab, **dict(br.opts))
 
 
 def lora_dot(
@@ -205,7 +178,8 @@ def lora_dot(
     t = first_product(x, f, br) if t is None else t
     if kv.scale != 1.0:  # alpha == r: no multiply to trace, linearize and lower
       t = t * jnp.asarray(kv.scale, t.dtype)
-    return contract(t, br.t_lab, sec.astype(t.dtype), br.second_lab, br.out_lab, **dict(br.opts))
+    sec = sec.astype(t.dtype)
+    return factor_product(t, br.t_lab, sec, br.second_lab, br.out_lab, **dict(br.opts))
 
   base_w = kv.base
   if kv.g is not None:  # DoRA (jlora._src.interpreter_dora); never merged

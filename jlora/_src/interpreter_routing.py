@@ -39,8 +39,9 @@ from jax import lax
 from jax.extend import core as jex
 
 from jlora._src import interpreter_moe, interpreter_products
+from jlora._src.contractions import contract
 from jlora._src.interpreter_context import Context
-from jlora._src.interpreter_products import Branch, PendingSum, contract
+from jlora._src.interpreter_products import Branch, PendingSum
 from jlora._src.values import LoraValue
 
 P = jex.primitives
