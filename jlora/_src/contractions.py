@@ -27,7 +27,6 @@ reshards the cotangent before the dot.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -121,19 +120,21 @@ def factor_product(
   return _factor_product(act, f, _Spec(act_lab, f_lab, out_lab, len(tokens), tuple(opts.items())))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _factor_product(act: jax.Array, f: jax.Array, spec: _Spec) -> jax.Array:
+def _plain(act: jax.Array, f: jax.Array, spec: _Spec) -> jax.Array:
   return contract(act, spec.act_lab, f, spec.f_lab, spec.out_lab, **dict(spec.opts))
+
+
+_factor_product = jax.custom_jvp(_plain, nondiff_argnums=(2,))
 
 
 def _factor_product_jvp(spec: _Spec, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
   act, f = primals
   d_act, d_f = tangents
   opts = dict(spec.opts)
-  out = contract(act, spec.act_lab, f, spec.f_lab, spec.out_lab, **opts)
+  out = _plain(act, f, spec)
   terms = []
   if not isinstance(d_act, custom_derivatives.SymbolicZero):
-    terms.append(contract(d_act, spec.act_lab, f, spec.f_lab, spec.out_lab, **opts))
+    terms.append(_plain(d_act, f, spec))
   if not isinstance(d_f, custom_derivatives.SymbolicZero):
     # ``act`` with its token axes merged into one (``z``): the transpose of this product, the
     # factor's gradient, is then a dot over one leading axis of ``act`` and the cotangent.
@@ -143,9 +144,7 @@ def _factor_product_jvp(spec: _Spec, primals: tuple, tangents: tuple) -> tuple[j
       act.reshape(-1, *act.shape[n:]), z + spec.act_lab[n:], d_f, spec.f_lab, z + spec.out_lab[n:], **opts
     )
     terms.append(merged.reshape(out.shape))
-  if not terms:
-    return out, jnp.zeros_like(out)
-  return out, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
 
 _factor_product.defjvp(_factor_product_jvp, symbolic_zeros=True)
