@@ -8,10 +8,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+import jlora
 from jlora._src.contractions import contract, factor_product
 
 K = jax.random.split(jax.random.key(11), 6)
+
+
+@pytest.fixture
+def one_device():
+  """An explicit mesh of one device: the suite's 8 host devices would otherwise leave the tokens'
+  placement unknown, and the product `contract` (see the sharding tests at the end)."""
+  mesh = jax.make_mesh((1,), ("one",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    yield mesh
 
 
 class Case(NamedTuple):
@@ -50,7 +62,7 @@ def _id(c: Case) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_factor_product_matches_einsum_values_and_gradients(case):
+def test_factor_product_matches_einsum_values_and_gradients(case, one_device):
   act, f = case.operands()
   fp, ein = case.product, case.einsum
   chex.assert_trees_all_close(fp(act, f), ein(act, f), atol=1e-5, rtol=1e-5)
@@ -104,7 +116,7 @@ def _factor_grad_dots(case: Case) -> list:
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.rule], ids=_id)
-def test_factor_gradient_contracts_the_tokens_as_one_leading_axis(case):
+def test_factor_gradient_contracts_the_tokens_as_one_leading_axis(case, one_device):
   # The gradient's token contraction is one dot over one axis of each operand, the first: the
   # tokens merged (a reshape of leading axes), each operand read in place.
   n_tok = _n_tokens(case)
@@ -115,7 +127,7 @@ def test_factor_gradient_contracts_the_tokens_as_one_leading_axis(case):
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's lowering of the token contraction")
-def test_factor_gradient_compiles_without_transposing_a_token_sized_array():
+def test_factor_gradient_compiles_without_transposing_a_token_sized_array(one_device):
   # The measured trap (module docstring): an activation's backward feeding `t^T g`. With autodiff's
   # dot XLA:CPU transposes the tokens x features cotangent; with the rule nothing that size moves.
   b_, s_, d, o, r = 2, 64, 32, 128, 4
@@ -133,3 +145,120 @@ def test_factor_gradient_compiles_without_transposing_a_token_sized_array():
   big = re.compile(rf"= f32\[{o},{b_},{s_}\]\{{[0-9,]+\}} transpose\(")
   assert big.search(step(contract)), "the trap this rule avoids no longer shows: re-measure the benchmark"
   assert not big.search(step(factor_product))
+
+
+# -- where the tokens may be split across devices ---------------------------------------------
+
+D_, R_, F_ = 6, 3, 10
+
+
+def _mlp(x, a, b):
+  """``t = x @ A``, then ``t @ B``: both products' factor gradients contract the tokens."""
+  t = factor_product(x, "bsd", a, "dr", "bsr")
+  return jnp.sum(jnp.tanh(factor_product(t, "bsr", b, "ro", "bso")) ** 2)
+
+
+def _mlp_ref(x, a, b):
+  return jnp.sum(jnp.tanh(x @ a @ b) ** 2)
+
+
+def _rule_taken(x, a, b):
+  return "custom_jvp_call" in str(jax.make_jaxpr(_mlp)(x, a, b))
+
+
+def _check_grads(x, a, b):
+  got = jax.jit(jax.grad(_mlp, (1, 2)))(x, a, b)
+  want = jax.jit(jax.grad(_mlp_ref, (1, 2)))(x, a, b)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _operands(mesh, spec):
+  x = jax.random.normal(K[0], (4, 8, D_))
+  a, b = jax.random.normal(K[1], (D_, R_)), jax.random.normal(K[2], (R_, F_))
+  if mesh is None:
+    return x, a, b
+  return jax.device_put(x, NamedSharding(mesh, spec)), *(
+    jax.device_put(v, NamedSharding(mesh, P())) for v in (a, b)
+  )
+
+
+def test_tokens_on_many_devices_without_a_mesh_are_contracted_plainly():
+  # No mesh, 8 devices: jit's in_shardings may still split the sequence; nothing in the trace says.
+  assert jax.device_count() > 1
+  x, a, b = _operands(None, None)
+  assert not _rule_taken(x, a, b)
+  _check_grads(x, a, b)
+
+
+@pytest.mark.parametrize("spec", [P("data"), P(None, "seq"), P("data", "seq")], ids=str)
+def test_tokens_under_auto_sharding_are_contracted_plainly(spec):
+  # GSPMD would all-gather sequence-sharded activations to merge them; it shards after tracing.
+  mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
+  x, a, b = _operands(mesh, spec)
+  assert not _rule_taken(x, a, b)
+  _check_grads(x, a, b)
+  hlo = jax.jit(jax.grad(_mlp, (1, 2))).lower(x, a, b).compile().as_text()
+  assert not re.search(rf"f32\[4,8,{D_}\]\S* all-gather", hlo)
+
+
+@pytest.mark.parametrize(
+  "spec, merged",
+  [(P(), True), (P("data"), True), (P(None, "seq"), False), (P("data", "seq"), False)],
+  ids=str,
+)
+def test_explicitly_sharded_tokens_merge_only_where_each_device_holds_whole_rows(spec, merged):
+  # A reshape of (batch@data, seq) keeps each device's rows; one of (batch, seq@seq) cannot be
+  # written as a sharding of the merged axis (the reshape or the tangent's type was an error).
+  mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    x, a, b = _operands(mesh, spec)
+    assert _rule_taken(x, a, b) == merged
+    _check_grads(x, a, b)
+
+
+def test_tokens_inside_shard_map_are_local_and_merge():
+  mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+  x, a, b = _operands(mesh, P("data", "seq"))
+  seen = []
+
+  def per_shard(fn):
+    def body(x, a, b):
+      seen.append(_rule_taken(x, a, b))
+      return jax.lax.psum(fn(x, a, b), ("data", "seq"))
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P("data", "seq"), P(), P()), out_specs=P())
+
+  got = jax.jit(jax.grad(per_shard(_mlp), (1, 2)))(x, a, b)
+  want = jax.jit(jax.grad(per_shard(_mlp_ref), (1, 2)))(x, a, b)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  assert seen and all(seen)
+
+
+@pytest.mark.parametrize("spec", [P("data"), P("data", "seq")], ids=str)
+def test_wrapped_apply_trains_on_explicitly_sharded_activations(spec):
+  # `jax.grad` of a wrapped apply under explicit sharding, against the merged weights' gradient:
+  # batch-sharded activations take the rule; batch x sequence-sharded ones (which crashed) do not.
+  mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Explicit,) * 2)
+
+  def apply(params, x):
+    h = jax.nn.gelu(x @ params["up"]["kernel"])
+    return h @ params["down"]["kernel"]
+
+  cfg = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=("up", "down"), init_lora_weights=False)
+  with jax.set_mesh(mesh):
+    rep = lambda v: jax.device_put(v, NamedSharding(mesh, P()))  # noqa: E731
+    params = {
+      "up": {"kernel": rep(jax.random.normal(K[3], (D_, F_)))},
+      "down": {"kernel": rep(jax.random.normal(K[4], (F_, D_)))},
+    }
+    lora = jax.tree.map(rep, jlora.init(params, cfg, key=K[5]))
+    x = jax.device_put(jax.random.normal(K[0], (4, 8, D_)), NamedSharding(mesh, spec))
+    wrapped = jlora.wrap(apply, cfg, strategy="factorized")  # also when not differentiated
+    loss = lambda y: jnp.sum(jnp.tanh(y) ** 2)  # noqa: E731
+    step = jax.grad(lambda lo: loss(wrapped(params, lo, x)))
+    assert ("custom_jvp_call" in str(jax.make_jaxpr(lambda lo: loss(wrapped(params, lo, x)))(lora))) == (
+      spec == P("data")
+    )
+    got = jax.jit(step)(lora)
+    want = jax.jit(jax.grad(lambda lo: loss(apply(jlora.merge(params, lo, cfg), x))))(lora)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)

@@ -18,10 +18,17 @@ The forward product is the plain contraction, so nothing changes when the output
 is not differentiated. Through a `jax.custom_jvp`, autodiff gets a tangent that
 merges the tokens. Forward mode, ``vmap`` and higher derivatives keep working.
 
-The reshape merges the batch and sequence axes of the gradient's operands. With
-activations sharded along the sequence axis but not the batch axis (sequence
-parallelism under GSPMD), the merged axis has no sharding of its own, and XLA
-reshards the cotangent before the dot.
+The merge is a reshape only where the token axes are whole on each device; where
+a later token axis may be split across devices, a merged axis has no sharding
+that matches, so the product is `contract` instead (`_merge_is_local`). Merging
+batch x sequence-sharded activations under GSPMD all-gathers them over the
+sequence axis (8 activation-sized all-gathers for a two-layer MLP's gradient on
+a 2 x 4 mesh), and under explicit sharding the reshape, or the tangent's type,
+is an error. The merge is taken on one device, inside `jax.shard_map` (its
+values are local), and under explicit sharding where no token axis but the
+first is sharded. It is not taken where a mesh has an auto axis of more than
+one device, or where there is no mesh but more than one device: there GSPMD
+may shard the tokens however it likes, and nothing in the trace says how.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import custom_derivatives
+from jax.sharding import AxisType
 
 __all__ = ["contract", "factor_product"]
 
@@ -99,7 +107,8 @@ def factor_product(
     ``einsum(f"{act_lab},{f_lab}->{out_lab}", act, f)``. Where there are fewer
     than two token axes (labels of ``act`` the factor lacks), or they do not lead
     both ``act`` and the output in one order, or a label is batched or summed,
-    this is `contract` itself.
+    or the tokens may be split across devices (module docstring), this is
+    `contract` itself.
 
   Example:
     >>> import jax.numpy as jnp
@@ -114,10 +123,22 @@ def factor_product(
     or any(c in out_lab for c in f_lab if c in act_lab)  # a batched factor axis
     or any(c not in out_lab for c in tokens)  # a summed activation axis
     or any(c not in act_lab + out_lab for c in f_lab)  # a summed factor axis
+    or not _merge_is_local(act, len(tokens))
   )
   if plain:
     return contract(act, act_lab, f, f_lab, out_lab, **opts)
   return _factor_product(act, f, _Spec(act_lab, f_lab, out_lab, len(tokens), tuple(opts.items())))
+
+
+def _merge_is_local(act: jax.Array, n_tokens: int) -> bool:
+  """Whether merging ``act``'s ``n_tokens`` leading axes into one keeps each device's part whole."""
+  sharding = jax.typeof(act).sharding
+  mesh = sharding.mesh
+  if mesh.empty:
+    return jax.device_count() == 1
+  if any(t == AxisType.Auto and n > 1 for t, n in zip(mesh.axis_types, mesh.axis_sizes)):
+    return False  # GSPMD decides these axes' shardings after tracing
+  return all(p is None for p in tuple(sharding.spec)[1:n_tokens])
 
 
 def _plain(act: jax.Array, f: jax.Array, spec: _Spec) -> jax.Array:
