@@ -169,7 +169,7 @@ def _rule_taken(x, a, b):
 def _check_grads(x, a, b):
   got = jax.jit(jax.grad(_mlp, (1, 2)))(x, a, b)
   want = jax.jit(jax.grad(_mlp_ref, (1, 2)))(x, a, b)
-  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)  # gradients of size ~10
 
 
 def _operands(mesh, spec):
@@ -230,7 +230,7 @@ def test_tokens_inside_shard_map_are_local_and_merge():
 
   got = jax.jit(jax.grad(per_shard(_mlp), (1, 2)))(x, a, b)
   want = jax.jit(jax.grad(per_shard(_mlp_ref), (1, 2)))(x, a, b)
-  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)  # gradients of size ~10
   assert seen and all(seen)
 
 
@@ -261,4 +261,4 @@ def test_wrapped_apply_trains_on_explicitly_sharded_activations(spec):
     )
     got = jax.jit(step)(lora)
     want = jax.jit(jax.grad(lambda lo: loss(apply(jlora.merge(params, lo, cfg), x))))(lora)
-  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(got, want, atol=1e-4, rtol=1e-5)  # gradients of size ~10
