@@ -90,3 +90,20 @@ def test_multi_adapter_quick(tmp_path):
       # adapter's (the gathers and per-example scales), whatever the bank's size.
       assert res["gather"]["flops_vs_single"] < 1.1, phase
       assert res["separate"]["flops_vs_single"] == pytest.approx(1.0, rel=0.01)
+
+
+@pytest.mark.slow
+def test_swiglu_temp_runs():
+  args = ["--layers", "1", "--d-model", "128", "--ffn", "512", "--batch", "4", "--seq", "32", "--rank", "4"]
+  proc = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "swiglu_temp.py"), *args],
+    check=True,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": str(ROOT)},
+  )
+  rows = {line.split()[0]: list(map(float, line.split()[1:])) for line in proc.stdout.splitlines()[1:]}
+  assert set(rows) == {"no", "yes"}
+  for full, lora, ratio in rows.values():  # the open item's figure is printed, not asserted
+    assert full > 0 and lora > 0
+    assert ratio == pytest.approx(lora / full, abs=1e-2)
