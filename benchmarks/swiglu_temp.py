@@ -2,7 +2,7 @@
 
 A standalone stack of SwiGLU MLP blocks (``x + down(silu(gate(x)) * up(x))``) on
 ``(batch, seq, d)`` activations, compiled (not run) for the gradient of full
-fine-tuning (w.r.t. the kernels) and of ``jlora.wrap`` with a rank-16 adapter on
+fine-tuning (w.r.t. the kernels and biases) and of ``jlora.wrap`` with a rank-16 adapter on
 every kernel (w.r.t. the adapter), and ``compiled.memory_analysis()``'s temp
 bytes printed for each, with and without biases.
 
@@ -52,7 +52,7 @@ def _params(args: argparse.Namespace, bias: bool) -> dict[str, Any]:
       layer[name] = {"kernel": jax.random.normal(next(keys), shapes[name]) / shapes[name][0] ** 0.5}
       if bias:
         layer[name]["bias"] = jnp.zeros(shapes[name][1])
-    params[f"layer_{i}"] = layer
+    params[f"layer_{i:03d}"] = layer  # zero-padded: jit flattens the dict in sorted key order
   return params
 
 

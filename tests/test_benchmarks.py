@@ -13,6 +13,9 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The scripts run on one device, as the figures in the README were measured: without conftest's 8
+# simulated devices (on several devices without a mesh, the factor gradients take autodiff's dots).
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "PYTHONPATH": str(ROOT)}
 
 
 def _quick(script: str, tmp_path: pathlib.Path) -> dict:
@@ -23,7 +26,7 @@ def _quick(script: str, tmp_path: pathlib.Path) -> dict:
     check=True,
     capture_output=True,
     text=True,
-    env={**os.environ, "PYTHONPATH": str(ROOT)},
+    env=ENV,
   )
   return json.loads(out.read_text())
 
@@ -57,6 +60,7 @@ def test_compile_depth_runs():
     check=True,
     capture_output=True,
     text=True,
+    env=ENV,
   )
   (row,) = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] == ["2"]]
   full_dots, hand_dots, jlora_dots = map(int, row[-1].split("/"))
@@ -100,10 +104,13 @@ def test_swiglu_temp_runs():
     check=True,
     capture_output=True,
     text=True,
-    env={**os.environ, "PYTHONPATH": str(ROOT)},
+    env=ENV,
   )
   rows = {line.split()[0]: list(map(float, line.split()[1:])) for line in proc.stdout.splitlines()[1:]}
   assert set(rows) == {"no", "yes"}
-  for full, lora, ratio in rows.values():  # the open item's figure is printed, not asserted
+  for full, lora, ratio in rows.values():
     assert full > 0 and lora > 0
     assert ratio == pytest.approx(lora / full, abs=1e-2)
+  # What the README describes: without biases XLA:CPU keeps both products of gate and up for the
+  # backward pass; with them the excess is smaller. If this stops holding, re-measure the README.
+  assert rows["yes"][2] < rows["no"][2]

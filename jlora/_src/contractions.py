@@ -28,7 +28,9 @@ is an error. The merge is taken on one device, inside `jax.shard_map` (its
 values are local), and under explicit sharding where no token axis but the
 first is sharded. It is not taken where a mesh has an auto axis of more than
 one device, or where there is no mesh but more than one device: there GSPMD
-may shard the tokens however it likes, and nothing in the trace says how.
+may shard the tokens however it likes, and nothing in the trace says how. On
+several devices, explicit sharding (`jax.sharding.AxisType.Explicit` under
+`jax.set_mesh`) shows the placement, and the merge is taken where it is safe.
 """
 
 from __future__ import annotations
