@@ -9,8 +9,9 @@ bytes printed for each, with and without biases.
 Without biases XLA:CPU fuses each sum ``x @ W + (x @ A) @ B`` of ``gate`` and
 ``up`` into its consumers (the SiLU, the product, and their backward pass)
 instead of forming it, and keeps both ``tokens x ffn`` products alive for the
-backward pass where full fine-tuning keeps one. With a bias, jlora forms
-``(x @ W + b) + lora`` once (README, Performance).
+backward pass where full fine-tuning keeps one. With biases, jlora adds the
+branch after the bias, ``(x @ W + b) + lora``, and the excess is smaller but
+not gone (README, Performance).
 
 Run: ``python benchmarks/swiglu_temp.py`` (``--layers 3 --d-model 512 --ffn 2048``).
 """

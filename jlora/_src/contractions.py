@@ -21,16 +21,16 @@ merges the tokens. Forward mode, ``vmap`` and higher derivatives keep working.
 The merge is a reshape only where the token axes are whole on each device; where
 a later token axis may be split across devices, a merged axis has no sharding
 that matches, so the product is `contract` instead (`_merge_is_local`). Merging
-batch x sequence-sharded activations under GSPMD all-gathers them over the
-sequence axis (8 activation-sized all-gathers for a two-layer MLP's gradient on
-a 2 x 4 mesh), and under explicit sharding the reshape, or the tangent's type,
-is an error. The merge is taken on one device, inside `jax.shard_map` (its
-values are local), and under explicit sharding where no token axis but the
-first is sharded. It is not taken where a mesh has an auto axis of more than
-one device, or where there is no mesh but more than one device: there GSPMD
-may shard the tokens however it likes, and nothing in the trace says how. On
-several devices, explicit sharding (`jax.sharding.AxisType.Explicit` under
-`jax.set_mesh`) shows the placement, and the merge is taken where it is safe.
+sequence-sharded activations under GSPMD all-gathers them over the sequence
+axis (the tests force the merge on a 2 x 4 mesh and find the all-gathers), and
+under explicit sharding the reshape, or the tangent's type, is an error. The
+merge is taken on one device, inside `jax.shard_map` (its values are local),
+and under explicit sharding where no token axis but the first is sharded. It is
+not taken where a mesh has an auto axis of more than one device, or where there
+is no mesh but more than one device: there GSPMD may shard the tokens however it
+likes, and nothing in the trace says how. On several devices, explicit sharding
+(`jax.sharding.AxisType.Explicit` under `jax.set_mesh`) shows the placement, and
+the merge is taken where it is safe.
 """
 
 from __future__ import annotations
