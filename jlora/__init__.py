@@ -18,7 +18,7 @@ from jlora._src.checkpoint import (
   load_adapter,
   save_adapter,
 )
-from jlora._src.checkpoint_lock import CheckpointBusyError
+from jlora._src.checkpoint_lock import CheckpointBusyError, break_writer_lock
 from jlora._src.combine_adapters import add_weighted
 from jlora._src.config import LoraConfig
 from jlora._src.initialize import init
@@ -58,6 +58,7 @@ __all__ = [
   "RestoredAdapter",
   "adapter_specs",
   "add_weighted",
+  "break_writer_lock",
   "combine",
   "count_params",
   "dequantize",

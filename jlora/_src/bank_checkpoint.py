@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jlora._src import adapters, paths
+from jlora._src import adapters, paths, processes
 from jlora._src.bank import Bank, stack
 from jlora._src.checkpoint import AdapterCheckpointManager
 from jlora._src.checkpoint_format import (
@@ -37,7 +37,7 @@ from jlora._src.checkpoint_format import (
   metadata_checksum,
   parse_metadata,
 )
-from jlora._src.checkpoint_read import ADAPTER_ITEM, META_ITEM, ReadPlan, StepReader, reading
+from jlora._src.checkpoint_read import ADAPTER_ITEM, META_ITEM, ReadPlan, StepReader, read_meta_json
 from jlora._src.checkpoint_restore import abstract_lora, check_stored_arrays, verify_crc
 
 FORMAT = "jlora.bank"
@@ -73,13 +73,14 @@ def save_bank(directory: str | os.PathLike, bank: Bank, *, base: Any = None) -> 
     >>> jlora.load_bank(path, base=params).names
     ('a', 'b')
   """
-  if not isinstance(bank, Bank):
-    raise TypeError(f"`bank` must be a jlora.Bank (from jlora.stack); got {type(bank).__name__}.")
-  trees, metas = {}, []
-  for k in range(len(bank)):
-    lora, config = bank.adapter(k)
-    trees[str(k)] = lora
-    metas.append(build_metadata(lora, config, base))
+  with processes.together("jlora.save_bank"):
+    if not isinstance(bank, Bank):
+      raise TypeError(f"`bank` must be a jlora.Bank (from jlora.stack); got {type(bank).__name__}.")
+    pairs = [bank.adapter(k) for k in range(len(bank))]
+    for lora, config in pairs:  # the checks, before any array is gathered
+      build_metadata(lora, config, base, checksums=False)
+  trees = {str(k): lora for k, (lora, _) in enumerate(pairs)}
+  metas = [build_metadata(lora, config, base) for lora, config in pairs]
   meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "names": list(bank.names), "adapters": metas}
   meta[META_CRC] = metadata_checksum(meta)
   items = {ADAPTER_ITEM: ocp.args.StandardSave(trees), META_ITEM: ocp.args.JsonSave(meta)}
@@ -131,35 +132,30 @@ class _BankReader(StepReader):
   meta: _BankMeta | None = None
 
   def _read_meta(self, step: int, where: str) -> Metadata:
-    with reading("jlora bank metadata", where):
-      raw = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
-    self.meta = _parse(raw[META_ITEM], where)
+    self.meta = _parse(read_meta_json(self._directory, step, where), where)
     return self.meta.adapters[0]
 
   def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> ReadPlan:
-    where = f"step {step} of {self.directory!r}"
-    first = self._read_meta(step, where)
+    plan = super()._plan(step, None, shardings, None)
     if base is not None:
       for name, m in zip(self.meta.names, self.meta.adapters):
-        check_base(m, base, f"adapter {name!r} of {where}")
+        check_base(m, base, f"adapter {name!r} of {plan.where}")
     tree = {str(k): abstract_lora(m.leaves, shardings) for k, m in enumerate(self.meta.adapters)}
-    return ReadPlan(meta=first, where=where, items={ADAPTER_ITEM: ocp.args.StandardRestore(tree)})
+    return ReadPlan(meta=plan.meta, where=plan.where, items={ADAPTER_ITEM: ocp.args.StandardRestore(tree)})
 
-  def _read_step(self, step: int, plan: ReadPlan) -> tuple[dict, Any]:
-    where = plan.where
-    with reading("array metadata", where):
-      stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
+  def _check_stored(self, stored: Any, meta: Metadata, where: str) -> None:
     stored = getattr(stored, "tree", stored)
     if not isinstance(stored, Mapping) or set(stored) != {str(k) for k in range(len(self.meta.adapters))}:
       raise CorruptCheckpointError(f"{where} does not hold one adapter tree per bank entry; it is corrupted.")
     for k, m in enumerate(self.meta.adapters):
       check_stored_arrays(stored[str(k)], m.leaves, f"{where} (adapter {self.meta.names[k]!r})")
-    with reading("arrays", where):
-      restored = self._manager.restore(step, args=ocp.args.Composite(**plan.items))[ADAPTER_ITEM]
+
+  def _verify(self, restored: Any, plan: ReadPlan) -> tuple[dict, Any]:
+    restored = restored[ADAPTER_ITEM]
     for k, m in enumerate(self.meta.adapters):
       by_path = dict(paths.leaves_with_paths(restored[str(k)]))
       names = [tuple(r["path"]) for r in m.leaves]
-      verify_crc(m.leaves, [by_path[p] for p in names], [paths.to_str(p) for p in names], where)
+      verify_crc(m.leaves, [by_path[p] for p in names], [paths.to_str(p) for p in names], plan.where)
     return restored, None
 
   def _check_fit(self, plan: ReadPlan, lora: Any, base: Any) -> None:
@@ -188,13 +184,14 @@ def load_bank(directory: str | os.PathLike, *, base: Any = None, shardings: Any 
     TypeError: if ``shardings`` is not a single sharding.
     CheckpointBusyError: if a writer replaced it while it was read, again and again.
   """
-  if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
-    raise TypeError(
-      "`shardings` must be one jax.sharding.Sharding for every array of the bank; got "
-      f"{type(shardings).__name__}."
-    )
+  with processes.together("jlora.load_bank"):
+    if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
+      raise TypeError(
+        "`shardings` must be one jax.sharding.Sharding for every array of the bank; got "
+        f"{type(shardings).__name__}."
+      )
   with AdapterCheckpointManager(directory, read_only=True) as mngr:
-    reader = _BankReader(mngr._manager, mngr.directory, is_writer=False)  # noqa: SLF001 - the manager's orbax
+    reader = _BankReader(mngr._manager, mngr._directory, is_writer=False)  # noqa: SLF001 - the manager's orbax
     restored = reader.restore(None, base=base, shardings=shardings, opt_state=None)
   meta = reader.meta
   pairs = [(restored.lora[str(k)], m.config) for k, m in enumerate(meta.adapters)]

@@ -30,13 +30,13 @@ Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
+from jlora._src import processes, storage
+from jlora._src.checkpoint_format import FORMAT as ADAPTER_FORMAT
 from jlora._src.checkpoint_format import build_metadata
 from jlora._src.checkpoint_lock import WriterLock
 from jlora._src.checkpoint_read import (
@@ -46,6 +46,7 @@ from jlora._src.checkpoint_read import (
   RestoredAdapter,
   StepReader,
   handler_registry,
+  read_meta_json,
   retrying,
 )
 from jlora._src.config import LoraConfig
@@ -64,6 +65,23 @@ def _check_options(config: Any, max_to_keep: Any, save_interval_steps: Any) -> N
     raise ValueError(f"`max_to_keep` must be None or a positive integer; got {max_to_keep!r}.")
   if not _is_int(save_interval_steps) or save_interval_steps < 1:
     raise ValueError(f"`save_interval_steps` must be a positive integer; got {save_interval_steps!r}.")
+
+
+def _orbax_manager(
+  directory: Any, max_to_keep: int | None, interval: int, async_save: bool, read_only: bool
+) -> ocp.CheckpointManager:
+  """Orbax's manager over ``directory``, with barriers that time out in a multi-process job."""
+  options = ocp.CheckpointManagerOptions(
+    save_interval_steps=interval,
+    preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep else None,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=not read_only,
+    create=False,  # jlora creates the directory (and orbax cannot with `active_processes`)
+    save_root_metadata=not read_only,
+    todelete_subdir=None if read_only or storage.is_remote(directory) else DELETED_DIR,
+    multiprocessing_options=processes.orbax_options(),
+  )
+  return ocp.CheckpointManager(directory, options=options, handler_registry=handler_registry())
 
 
 class AdapterCheckpointManager:
@@ -137,31 +155,24 @@ class AdapterCheckpointManager:
     async_save: bool = True,
     read_only: bool = False,
   ) -> None:
-    _check_options(config, max_to_keep, save_interval_steps)
-    self._directory = epath.Path(os.fspath(directory)).absolute()
-    if read_only and not self._directory.is_dir():
-      raise FileNotFoundError(f"No adapter checkpoint directory at {os.fspath(self._directory)!r}.")
+    with processes.together("opening an AdapterCheckpointManager"):
+      _check_options(config, max_to_keep, save_interval_steps)
+      self._directory = storage.resolve(directory)
+      if read_only and not storage.is_dir(self._directory):
+        raise FileNotFoundError(f"No adapter checkpoint directory at {self.directory!r}.")
+      if not read_only and processes.is_primary():
+        storage.mkdir(self._directory)
     self._config, self._base, self._interval = config, base, int(save_interval_steps)
     # `read_only` is enforced here rather than with orbax's option of that name,
     # which logs warnings on every open; a reading manager writes nothing.
     self._read_only = read_only
-    self._lock = WriterLock(None)
+    self._lock = WriterLock()
     if not read_only:
-      self._directory.mkdir(parents=True, exist_ok=True)
-      self._lock = WriterLock.acquire(self.directory)  # before orbax cleans up "stale" temporary dirs
+      self._lock = WriterLock.acquire(self._directory)  # before orbax cleans up "stale" temporary dirs
     try:
       self._purge_deleted()
-      options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_interval_steps,
-        preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep) if max_to_keep else None,
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,
-        create=not read_only,
-        save_root_metadata=not read_only,
-        todelete_subdir=None if read_only else DELETED_DIR,
-      )
       self._manager = retrying(
-        lambda: ocp.CheckpointManager(self._directory, options=options, handler_registry=handler_registry())
+        lambda: _orbax_manager(self._directory, max_to_keep, save_interval_steps, async_save, read_only)
       )
     except BaseException:
       self._lock.release()
@@ -176,7 +187,8 @@ class AdapterCheckpointManager:
 
   @property
   def directory(self) -> str:
-    return os.fspath(self._directory)
+    """The checkpoint root, as a string (an absolute local path or a URL such as ``gs://bucket/dir``)."""
+    return storage.show(self._directory)
 
   def all_steps(self) -> list[int]:
     """The complete steps on disk, ascending (half-written ones are not listed)."""
@@ -199,13 +211,20 @@ class AdapterCheckpointManager:
       self._lock.release()
 
   def _purge_deleted(self) -> None:
-    """Deletes the steps that retention or `save(overwrite=True)` moved aside (writers only)."""
-    if not self._lock.held:
+    """Deletes the steps that retention or `save(overwrite=True)` moved aside (the writing job's primary
+    process, on a local disk; on an object store orbax deletes steps directly)."""
+    if not self._lock.held or storage.is_remote(self._directory):
       return
-    trash = os.path.join(self.directory, DELETED_DIR)
-    if os.path.isdir(trash):
-      for name in os.listdir(trash):
-        shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+    with processes.together(f"cleaning up {self.directory!r}"):
+      trash = self._directory / DELETED_DIR
+      storage.refuse_link(trash, "where removed steps wait to be deleted")
+      if processes.is_primary():
+        for name in storage.listdir(trash):
+          entry = trash / name
+          if storage.is_link(entry):
+            storage.remove_file(entry)  # the link itself, never what it points to
+          else:
+            storage.remove_tree(entry)
 
   # -- save
   def _check_step_order(self, step: int, overwrite: bool) -> None:
@@ -259,6 +278,23 @@ class AdapterCheckpointManager:
         not after the latest step (naming it) and not ``overwrite``, or the
         adapter does not fit ``base`` (naming the path).
     """
+    with processes.together("AdapterCheckpointManager.save"):
+      self._check_can_save(step, overwrite)
+      step = int(step)
+      latest = self.latest_step()
+      due = self._manager.should_save(step) if latest is None or step > latest else step % self._interval == 0
+      base = base if base is not None else self._base
+      if force or due:  # the checks of the metadata, before any array is gathered
+        build_metadata(lora, self._config, base, opt_state, checksums=False)
+    if not (force or due):
+      return False
+    meta = build_metadata(lora, self._config, base, opt_state)
+    items = {ADAPTER_ITEM: ocp.args.StandardSave(lora), META_ITEM: ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+      items[OPT_ITEM] = ocp.args.StandardSave(opt_state)
+    return self.write_step(step, items)
+
+  def _check_can_save(self, step: Any, overwrite: bool) -> None:
     if self._read_only:
       raise ValueError("This AdapterCheckpointManager was opened with `read_only=True`; it cannot save.")
     if self._config is None:
@@ -268,17 +304,7 @@ class AdapterCheckpointManager:
       )
     if not _is_int(step) or step < 0:
       raise ValueError(f"`step` must be a non-negative int; got {step!r}.")
-    step = int(step)
-    self._check_step_order(step, overwrite)
-    latest = self.latest_step()
-    due = self._manager.should_save(step) if latest is None or step > latest else step % self._interval == 0
-    if not (force or due):
-      return False
-    meta = build_metadata(lora, self._config, base if base is not None else self._base, opt_state)
-    items = {ADAPTER_ITEM: ocp.args.StandardSave(lora), META_ITEM: ocp.args.JsonSave(meta)}
-    if opt_state is not None:
-      items[OPT_ITEM] = ocp.args.StandardSave(opt_state)
-    return self.write_step(step, items)
+    self._check_step_order(int(step), overwrite)
 
   def write_step(self, step: int, items: dict[str, Any]) -> bool:
     """Writes the orbax ``items`` as ``step``, replacing a step of that number (see `save`)."""
@@ -286,7 +312,9 @@ class AdapterCheckpointManager:
     if step in self._manager.all_steps():  # `overwrite`
       self._manager.delete(step)
     self._purge_deleted()
-    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+    with processes.together("AdapterCheckpointManager.save"):
+      saved = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
+    return saved
 
   # -- restore
   def restore(
@@ -330,7 +358,7 @@ class AdapterCheckpointManager:
         was read (with ``step=None`` the newest step is tried again first).
     """
     base = base if base is not None else self._base
-    reader = StepReader(self._manager, self.directory, is_writer=self._lock.held)
+    reader = StepReader(self._manager, self._directory, is_writer=self._lock.held)
     return reader.restore(step, base=base, shardings=shardings, opt_state=opt_state)
 
 
@@ -381,11 +409,36 @@ def save_adapter(directory: str | os.PathLike, lora: Any, config: LoraConfig, *,
     >>> cfg2 == cfg, lora2["q_proj"]["kernel"]["lora_A"].shape
     (True, (4, 2))
   """
-  if not isinstance(config, LoraConfig):
-    raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
+  with processes.together("jlora.save_adapter"):
+    if not isinstance(config, LoraConfig):
+      raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
   with AdapterCheckpointManager(directory, config, base=base, max_to_keep=1, async_save=False) as mngr:
+    with processes.together("jlora.save_adapter"):
+      _check_single_adapter(mngr)
     latest = mngr.latest_step()
     mngr.save(0 if latest is None else latest + 1, lora, force=True)
+
+
+def _check_single_adapter(mngr: AdapterCheckpointManager) -> None:
+  """`save_adapter` replaces the one adapter of a directory; it refuses a directory that holds more."""
+  steps = mngr.all_steps()
+  if not steps:
+    return
+  where = f"step {steps[-1]} of {mngr.directory!r}"
+  raw = read_meta_json(mngr._directory, steps[-1], where)  # noqa: SLF001 - this module's manager
+  kind = None
+  if len(steps) > 1:
+    kind = f"{len(steps)} steps ({steps[0]} ... {steps[-1]})"
+  elif isinstance(raw, dict) and raw.get("format") != ADAPTER_FORMAT:
+    kind = f"a {raw.get('format')!r} checkpoint"
+  elif isinstance(raw, dict) and raw.get("opt_state") is not None:
+    kind = "a step with an optimizer state"
+  if kind is not None:
+    raise ValueError(
+      f"{mngr.directory!r} holds {kind}, written by an AdapterCheckpointManager or `jlora.save_bank`; "
+      "`save_adapter` keeps one adapter per directory and would delete them. Save to another directory, "
+      "or use `AdapterCheckpointManager(...).save(step, lora)` to add a step."
+    )
 
 
 def load_adapter(

@@ -5,8 +5,10 @@ Each checkpoint step stores, beside the adapter arrays, one JSON object:
 * ``format``, ``format_version``, ``jlora_version``;
 * ``config``: the `LoraConfig` (``LoraConfig.to_dict``);
 * ``leaves``: one record per adapter array, ``{path, shape, dtype, crc32}``
-  (``path`` keeps key types: NNX lists have int keys; ``crc32`` of the bytes,
-  ``null`` for an array this process could not read whole);
+  (``path`` keeps key types: NNX lists have int keys; ``crc32`` of the whole
+  array's bytes in C order, whatever its sharding: an array that spans the
+  processes of a job is gathered for it; ``null`` in files of jlora versions
+  that skipped such arrays, and then not checked);
 * ``base``: the *fingerprint* of the base tree, ``{path, kind, shape, dtype}``
   of every adapted kernel (``kind`` ``"lora"``) and `modules_to_save` leaf
   (``"saved"``), or ``null``; for a PiSSA/OLoRA adapter each kernel's record
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src import adapters, paths
+from jlora._src import adapters, paths, processes
 from jlora._src.config import LoraConfig, residual_init
 from jlora._src.qarray import is_quantized
 
@@ -81,16 +83,15 @@ def jlora_version() -> str:
 # -- checksums -------------------------------------------------------------------------
 
 
-def crc32(x: Any) -> int | None:
-  """CRC32 of an array's bytes; ``None`` for arrays this process cannot read whole.
+def crc32(x: Any) -> int:
+  """CRC32 of a whole array's bytes in C order (an array that spans processes is gathered: every process
+  of the job must call this for the same arrays in the same order).
 
   Example:
     >>> crc32(np.zeros(2, np.float32)) == zlib.crc32(bytes(8))
     True
   """
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return None
-  return zlib.crc32(np.ascontiguousarray(np.asarray(x)).tobytes())
+  return zlib.crc32(np.ascontiguousarray(processes.to_numpy(x)).tobytes())
 
 
 def canonical_json(obj: Any) -> str:
@@ -138,12 +139,14 @@ def _check_lora_tree(lora: Any, prefix: paths.Path = ()) -> None:
       )
 
 
-def _array_record(path: Any, leaf: Any) -> dict[str, Any]:
-  return {"path": path, "shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name, "crc32": crc32(leaf)}
+def _array_record(path: Any, leaf: Any, checksums: bool) -> dict[str, Any]:
+  crc = crc32(leaf) if checksums else None
+  return {"path": path, "shape": list(leaf.shape), "dtype": jnp.dtype(leaf.dtype).name, "crc32": crc}
 
 
-def leaf_records(lora: Any) -> list[dict[str, Any]]:
-  """``{path, shape, dtype, crc32}`` for each adapter array, in tree order."""
+def leaf_records(lora: Any, checksums: bool = True) -> list[dict[str, Any]]:
+  """``{path, shape, dtype, crc32}`` for each adapter array, in tree order (``crc32`` null without
+  ``checksums``)."""
   _check_lora_tree(lora)
   records, names = [], {}
   for path, leaf in paths.leaves_with_paths(lora):
@@ -154,7 +157,7 @@ def leaf_records(lora: Any) -> list[dict[str, Any]]:
         f"under the same orbax name {name!r}; rename the dict keys that contain '.'."
       )
     names[name] = path
-    records.append(_array_record(list(path), leaf))
+    records.append(_array_record(list(path), leaf, checksums))
   if not records:
     raise ValueError("The adapter tree has no arrays; nothing to save.")
   return records
@@ -182,10 +185,10 @@ def fingerprint(base: Any, lora: Any, config: LoraConfig) -> list[dict[str, Any]
 def kernel_norm(kernel: Any) -> float:
   """The Frobenius norm of a kernel (dequantized), from float32 sums per row added in float64."""
   w = kernel.dequantize(jnp.float32) if is_quantized(kernel) else jnp.asarray(kernel, jnp.float32)
-  return float(np.sqrt(np.asarray(jnp.sum(jnp.square(w), axis=-1), np.float64).sum()))
+  return float(np.sqrt(processes.to_numpy(jnp.sum(jnp.square(w), axis=-1)).astype(np.float64).sum()))
 
 
-def opt_records(opt_state: Any) -> list[dict[str, Any]]:
+def opt_records(opt_state: Any, checksums: bool = True) -> list[dict[str, Any]]:
   """``{path, shape, dtype, crc32}`` per optimizer-state leaf (``path`` is its `keystr`)."""
   out = []
   for kp, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
@@ -194,12 +197,17 @@ def opt_records(opt_state: Any) -> list[dict[str, Any]]:
         f"Optimizer state leaf {jax.tree_util.keystr(kp)} is a {type(leaf).__name__}, not an array; "
         "only array leaves can be checkpointed."
       )
-    out.append(_array_record(jax.tree_util.keystr(kp), leaf))
+    out.append(_array_record(jax.tree_util.keystr(kp), leaf, checksums))
   return out
 
 
-def build_metadata(lora: Any, config: LoraConfig, base: Any = None, opt_state: Any = None) -> dict[str, Any]:
+def build_metadata(
+  lora: Any, config: LoraConfig, base: Any = None, opt_state: Any = None, *, checksums: bool = True
+) -> dict[str, Any]:
   """The JSON saved beside the adapter arrays (see the module docstring).
+
+  Without ``checksums`` the ``crc32`` fields are null: the checks alone, before
+  the arrays are gathered (in a multi-process job, gathering is a collective).
 
   Example:
     >>> cfg = LoraConfig(r=2, target_modules=("q",))
@@ -215,9 +223,9 @@ def build_metadata(lora: Any, config: LoraConfig, base: Any = None, opt_state: A
     "format_version": FORMAT_VERSION,
     "jlora_version": jlora_version(),
     "config": config.to_dict(),
-    "leaves": leaf_records(lora),
+    "leaves": leaf_records(lora, checksums),
     "base": None if base is None else fingerprint(base, lora, config),
-    "opt_state": None if opt_state is None else opt_records(opt_state),
+    "opt_state": None if opt_state is None else opt_records(opt_state, checksums),
   }
   meta[META_CRC] = metadata_checksum(meta)
   return meta

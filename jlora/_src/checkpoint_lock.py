@@ -1,27 +1,41 @@
-"""One writer per checkpoint directory: an advisory lock on ``<directory>/.jlora-writer.lock``.
+"""One writer per checkpoint directory, across hosts: ``<directory>/.jlora-writer.lock``.
 
-A writing `AdapterCheckpointManager` (and so `save_adapter`) holds an
-exclusive ``fcntl.flock`` on the lock file from when it opens until it
-closes; the operating system drops the lock when the process dies, also on
-``kill -9``, so a crashed writer never blocks the next one. The holder writes
-its pid, host and start time into the file, and a second writer, in this
-process or another, is refused with a `CheckpointBusyError` that names them.
-Readers take no lock; they ask whether a writer is active (`active_writer`)
-only to explain a failed read.
+A writing `AdapterCheckpointManager` (and so `save_adapter`, `save_bank`)
+holds the directory's writer lock from when it opens until it closes. In a
+``jax.distributed`` job the lock belongs to the job: the primary process
+takes it and every process learns the outcome (`processes.agree`), so a
+second job on the same directory is refused with `CheckpointBusyError` in
+all of its processes.
 
-The lock is advisory and needs ``flock`` semantics from the file system
-(local disks do; NFS with Linux ≥ 2.6.12 emulates it). Where ``fcntl`` is
-missing (Windows) nothing is locked.
+* On a local disk the lock is an exclusive ``flock`` on the file (opened
+  with ``O_NOFOLLOW``: a link there is refused, never followed). The
+  operating system drops it when the process dies, also on ``kill -9``, so a
+  crashed writer never blocks the next one. (``flock`` needs a file system
+  that supports it: local disks do; NFS emulates it.)
+* On ``gs://`` it is a *lease*: an object created only if absent (the write
+  carries ``ifGenerationMatch=0``, which GCS refuses when the object exists)
+  and deleted on close only if it is still the same generation. A job that
+  dies leaves its lease behind: the next writer is refused, with a message
+  naming the holder, until `break_writer_lock` removes it.
+
+The holder's pid, host, process count and start time are in the file, and
+every refusal names them. Readers take no lock; they ask whether a writer is
+active (`active_writer`) only to explain a failed read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import socket
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from etils import epath
+
+from jlora._src import processes, storage
 
 try:
   import fcntl
@@ -41,40 +55,131 @@ class WriterInfo(NamedTuple):
   pid: int | None
   host: str
   since: str
+  processes: int = 1
 
   def describe(self) -> str:
     pid = "an unknown process" if self.pid is None else f"pid {self.pid}"
-    return f"{pid} on host {self.host!r} (since {self.since})"
+    job = f", primary of a {self.processes}-process job" if self.processes > 1 else ""
+    return f"{pid} on host {self.host!r}{job} (since {self.since})"
 
 
 _UNKNOWN = WriterInfo(pid=None, host="?", since="?")
 
 
-def _read_info(fd: int) -> WriterInfo:
-  # The holder writes its info just after locking; give it a moment.
-  for _ in range(20):
-    try:
-      data = json.loads(os.pread(fd, 4096, 0).decode())
-      return WriterInfo(pid=int(data["pid"]), host=str(data["host"]), since=str(data["since"]))
-    except (OSError, ValueError, KeyError, TypeError):
-      time.sleep(0.01)
-  return _UNKNOWN
+def _parse_info(raw: bytes) -> WriterInfo | None:
+  try:
+    data = json.loads(raw.decode())
+    return WriterInfo(
+      pid=int(data["pid"]), host=str(data["host"]), since=str(data["since"]), processes=int(data["processes"])
+    )
+  except (ValueError, KeyError, TypeError, AttributeError):
+    return None
 
 
-def busy_message(directory: str, holder: WriterInfo) -> str:
+def _my_info() -> bytes:
+  now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+  info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now, "processes": processes.count()}
+  return json.dumps(info).encode()
+
+
+def busy_message(directory: epath.Path, holder: WriterInfo) -> str:
+  where = storage.show(directory)
+  fix = (
+    f" If that job is no longer running, remove its lease with `jlora.break_writer_lock({where!r})`."
+    if storage.is_remote(directory)
+    else ""
+  )
   return (
-    f"The checkpoint directory {directory!r} is being written by another AdapterCheckpointManager or "
+    f"The checkpoint directory {where!r} is being written by another AdapterCheckpointManager or "
     f"`save_adapter`: {holder.describe()}. A directory has one writer at a time; close that one first, "
-    "save to another directory, or open this one with `read_only=True` to restore from it meanwhile."
+    f"save to another directory, or open this one with `read_only=True` to restore from it meanwhile.{fix}"
   )
 
 
+# -- local disks: flock ----------------------------------------------------------------------
+
+
+def _read_local_info(fd: int) -> WriterInfo:
+  # The holder writes its info just after locking; give it a moment.
+  for _ in range(20):
+    info = _parse_info(os.pread(fd, 4096, 0))
+    if info is not None:
+      return info
+    time.sleep(0.01)
+  return _UNKNOWN
+
+
+def _open_lock_file(path: epath.Path, flags: int) -> int:
+  storage.refuse_link(path, "the writer lock file")
+  try:
+    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+  except OSError as e:
+    storage.refuse_link(path, "the writer lock file")  # a link that appeared meanwhile
+    raise e
+
+
+def _take_local(directory: epath.Path) -> int:
+  fd = _open_lock_file(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _read_local_info(fd)
+    os.close(fd)
+    raise CheckpointBusyError(busy_message(directory, holder)) from None
+  except BaseException:
+    os.close(fd)
+    raise
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, _my_info(), 0)
+  return fd
+
+
+def _local_holder(directory: epath.Path) -> WriterInfo | None:
+  path = directory / LOCK_NAME
+  if storage.is_link(path):
+    return None
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+  except OSError:
+    return None  # no lock file: no writer ever opened the directory (or it is not readable)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return _read_local_info(fd)
+    return None
+  finally:
+    os.close(fd)  # also drops the shared lock taken just now
+
+
+# -- object stores: a lease ------------------------------------------------------------------
+
+
+def _take_lease(directory: epath.Path) -> Any:
+  path = directory / LOCK_NAME
+  token = storage.create_exclusive(path, _my_info())
+  if token is None:
+    raise CheckpointBusyError(busy_message(directory, _lease_holder(directory) or _UNKNOWN))
+  return token
+
+
+def _lease_holder(directory: epath.Path) -> WriterInfo | None:
+  try:
+    raw = storage.read_bytes(directory / LOCK_NAME)
+  except (OSError, FileNotFoundError):
+    return None
+  return _parse_info(raw) or _UNKNOWN
+
+
+# -- the lock --------------------------------------------------------------------------------
+
+
 class WriterLock:
-  """The exclusive writer lock of a checkpoint directory; `acquire` it, `release` it when done.
+  """The writer lock of a checkpoint directory, held by this job; `acquire` it, `release` it when done.
 
   Example:
     >>> import tempfile
-    >>> d = tempfile.mkdtemp()
+    >>> d = storage.resolve(tempfile.mkdtemp())
     >>> lock = WriterLock.acquire(d)
     >>> active_writer(d).pid == os.getpid()
     True
@@ -86,58 +191,89 @@ class WriterLock:
     True
   """
 
-  def __init__(self, fd: int | None) -> None:
-    self._fd = fd
+  def __init__(self, directory: epath.Path | None = None, handle: Any = None) -> None:
+    self._directory, self._handle = directory, handle
 
   @classmethod
-  def acquire(cls, directory: str) -> WriterLock:
-    """Takes the lock without waiting.
+  def acquire(cls, directory: epath.Path | str) -> WriterLock:
+    """Takes the lock for this job without waiting; call it in every process of a job.
 
     Raises:
-      CheckpointBusyError: naming the holder's pid and host if it is taken.
+      CheckpointBusyError: naming the holder if another writer has it (in
+        every process of the job).
+      storage.LinkError: if the lock file is a symbolic link.
     """
-    if fcntl is None:  # pragma: no cover - Windows
-      return cls(None)
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = _read_info(fd)
-      os.close(fd)
-      raise CheckpointBusyError(busy_message(directory, holder)) from None
-    except BaseException:
-      os.close(fd)
-      raise
-    now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now}).encode()
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, info, 0)
-    return cls(fd)
+    directory = storage.resolve(directory)
+    lock = cls(directory, None)
+    with processes.together(f"opening {storage.show(directory)!r} for writing"):
+      if processes.is_primary():
+        lock._handle = _take_lease(directory) if storage.is_remote(directory) else _take_local(directory)
+    return lock
 
   @property
   def held(self) -> bool:
-    return self._fd is not None
+    """Whether this job holds the lock (in every process of a job that took it)."""
+    return self._directory is not None
 
   def release(self) -> None:
-    """Releases the lock (closing the file drops it); idempotent."""
-    if self._fd is not None:
-      fd, self._fd = self._fd, None
-      os.close(fd)
+    """Releases the lock (in the primary process: unlocks, or deletes the lease); idempotent."""
+    directory, handle = self._directory, self._handle
+    self._directory = self._handle = None
+    if handle is None:
+      return
+    if storage.is_remote(directory):
+      storage.delete_exclusive(directory / LOCK_NAME, handle)
+    else:
+      os.close(handle)
 
 
-def active_writer(directory: str) -> WriterInfo | None:
+def active_writer(directory: epath.Path | str) -> WriterInfo | None:
   """The holder of ``directory``'s writer lock, or ``None`` if no writer is active."""
+  directory = storage.resolve(directory)
+  if storage.is_remote(directory):
+    return _lease_holder(directory)
   if fcntl is None:  # pragma: no cover - Windows
     return None
-  try:
-    fd = os.open(os.path.join(directory, LOCK_NAME), os.O_RDONLY)
-  except OSError:
-    return None  # no lock file: no writer ever opened the directory (or it is not readable)
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-      return _read_info(fd)
+  return _local_holder(directory)
+
+
+def break_writer_lock(directory: str | os.PathLike) -> WriterInfo | None:
+  """Removes the writer lease that a job which died left on a checkpoint directory.
+
+  On ``gs://`` a writer's lease outlives a job that was killed, and every
+  later writer is refused (`CheckpointBusyError`, naming the holder) until
+  the lease is removed. Call this from one process, once you know that job is
+  no longer running: a lease of a live job must not be broken, or two jobs
+  write the same steps. On a local disk there is nothing to break: the lock
+  is released when its process ends, and a live holder is an error.
+
+  Args:
+    directory: the checkpoint directory.
+
+  Returns:
+    Who held the lease, or ``None`` if there was none.
+
+  Raises:
+    CheckpointBusyError: for a local directory whose lock a live process holds.
+    storage.LinkError: if the lock file is a symbolic link.
+
+  Example:
+    >>> import tempfile, jlora
+    >>> jlora.break_writer_lock(tempfile.mkdtemp()) is None
+    True
+  """
+  path = storage.resolve(directory)
+  lock = path / LOCK_NAME
+  storage.refuse_link(lock, "the writer lock file")
+  if not storage.is_remote(path):
+    holder = active_writer(path)
+    if holder is not None:
+      raise CheckpointBusyError(
+        f"{busy_message(path, holder)} That process is alive (a local lock ends with its process); "
+        "there is nothing to break."
+      )
     return None
-  finally:
-    os.close(fd)  # also drops the shared lock taken just now
+  holder = _lease_holder(path)
+  with contextlib.suppress(FileNotFoundError):
+    storage.remove_file(lock)
+  return holder

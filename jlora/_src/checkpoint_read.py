@@ -9,9 +9,16 @@ against the metadata and the CRCs.
 
 A failed read means the files are damaged, or a writer removed or replaced
 the step meanwhile. Only the first is reported as corruption: the step must
-still be there, unchanged (same directory inode), with no other writer at work
+still be there, unchanged (`storage.identity` of its metadata file: an inode
+locally, an object generation on ``gs://``), with no other writer at work
 (`checkpoint_lock.active_writer`). Otherwise the newest step is read again
 (``step=None``) or a `CheckpointBusyError` says that a writer is at work.
+
+In a multi-process job every process reads: the primary's choice of step is
+everyone's, each phase ends with `processes.agree` (an error anywhere raises
+everywhere), and the arrays come from one orbax restore that every process
+enters, onto whatever mesh the ``shardings`` name. The checksums are verified
+on the whole arrays, gathered across processes when they span several.
 
 Shapes: a kernel ``(*stacked, *fan_in, *fan_out)`` has ``lora_A``
 ``(*stacked, *fan_in, r)`` and ``lora_B`` ``(*stacked, r, *fan_out)``.
@@ -21,15 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+import json
 import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
-from jlora._src import adapters, paths
+from jlora._src import adapters, paths, processes, storage
 from jlora._src.checkpoint_format import CorruptCheckpointError, Metadata, check_base, parse_metadata
 from jlora._src.checkpoint_lock import CheckpointBusyError, WriterInfo, active_writer
 from jlora._src.checkpoint_restore import abstract_lora, abstract_opt, check_stored_arrays, verify_crc
@@ -38,6 +46,7 @@ from jlora._src.config import LoraConfig
 ADAPTER_ITEM = "adapter"
 META_ITEM = "jlora_meta"
 OPT_ITEM = "opt_state"
+_META_FILE = "metadata"  # the file orbax's JsonCheckpointHandler writes in an item's directory
 # What a failed read of checkpoint files raises: OSError, tensorstore's and json's ValueError, KeyError
 # for a missing entry, and orbax's bare `Exception` around a failed array read. Arguments are checked
 # before anything is read, so that a bad one is never reported as a damaged checkpoint.
@@ -113,6 +122,17 @@ def reading(what: str, where: str) -> Iterator[None]:
     ) from e
 
 
+def meta_path(directory: epath.Path, step: int) -> epath.Path:
+  """The jlora metadata file of a step (read directly: orbax's restore would add a barrier)."""
+  return directory / str(step) / META_ITEM / _META_FILE
+
+
+def read_meta_json(directory: epath.Path, step: int, where: str) -> Any:
+  """The raw metadata JSON of a step."""
+  with reading("jlora metadata", where):
+    return json.loads(storage.read_bytes(meta_path(directory, step)).decode())
+
+
 class StepReader:
   """Restores steps of the orbax ``manager`` over ``directory``, telling damage from concurrent rewrites.
 
@@ -120,15 +140,13 @@ class StepReader:
   writer can be at work (a step that vanished was removed by its own retention).
   """
 
-  def __init__(self, manager: ocp.CheckpointManager, directory: str, *, is_writer: bool) -> None:
-    self._manager, self.directory, self._is_writer = manager, directory, is_writer
+  def __init__(self, manager: ocp.CheckpointManager, directory: epath.Path, *, is_writer: bool) -> None:
+    self._manager, self._directory, self._is_writer = manager, directory, is_writer
+    self.directory = storage.show(directory)
 
-  def _step_id(self, step: int) -> int | None:
-    """The step directory's inode: it changes when the step is removed or replaced."""
-    try:
-      return os.stat(os.path.join(self.directory, str(step))).st_ino
-    except OSError:
-      return None
+  def _step_id(self, step: int) -> Any:
+    """What changes when the step is removed or replaced."""
+    return storage.identity(meta_path(self._directory, step))
 
   def _reload(self) -> None:
     retrying(self._manager.reload)
@@ -145,7 +163,7 @@ class StepReader:
         if latest is not None:
           break
       if latest is None:
-        writer = active_writer(self.directory) if not self._is_writer else None
+        writer = active_writer(self._directory) if not self._is_writer else None
         busy = (
           f" A writer is active ({writer.describe()}); its first step is not complete yet." if writer else ""
         )
@@ -161,11 +179,15 @@ class StepReader:
       )
     return step
 
+  def _agreed_step(self, step: int | None) -> int:
+    """The step to read: the primary process's choice, in every process."""
+    chosen = None
+    with processes.together(f"choosing a step of {self.directory!r}"):
+      chosen = self._pick_step(step)
+    return processes.share(f"choosing a step of {self.directory!r}", chosen)
+
   def _read_meta(self, step: int, where: str) -> Metadata:
-    with reading("jlora metadata", where):
-      raw = self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))
-      meta = raw[META_ITEM]
-    return parse_metadata(meta, where)
+    return parse_metadata(read_meta_json(self._directory, step, where), where)
 
   def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> ReadPlan:
     """Reads and checks the metadata, then the caller's arguments against it (before any array is read)."""
@@ -178,20 +200,26 @@ class StepReader:
     items = {ADAPTER_ITEM: ocp.args.StandardRestore(abstract_lora(meta.leaves, shardings))}
     if opt_state is not None:
       items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt(opt_state, meta.opt_state, where))
-    return ReadPlan(meta=meta, where=where, items=items)
-
-  def _read_step(self, step: int, plan: ReadPlan) -> tuple[dict, Any]:
-    """Reads the arrays planned, checking them against orbax's metadata and the saved CRCs."""
-    meta, where = plan.meta, plan.where
     with reading("array metadata", where):
       stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
     if stored is None:
       raise CorruptCheckpointError(
         f"{where} has no adapter arrays; the checkpoint is truncated or corrupted."
       )
+    self._check_stored(stored, meta, where)
+    return ReadPlan(meta=meta, where=where, items=items)
+
+  def _check_stored(self, stored: Any, meta: Metadata, where: str) -> None:
     check_stored_arrays(stored, meta.leaves, where)
-    with reading("arrays", where):
-      restored = self._manager.restore(step, args=ocp.args.Composite(**plan.items))
+
+  def _read_arrays(self, step: int, plan: ReadPlan) -> dict[str, Any]:
+    """Orbax's restore of the planned items (every process enters it), agreed on."""
+    with processes.together(f"reading {plan.where}"), reading("arrays", plan.where):
+      return self._manager.restore(step, args=ocp.args.Composite(**plan.items))
+
+  def _verify(self, restored: Any, plan: ReadPlan) -> tuple[dict, Any]:
+    """Checks the restored arrays against the saved CRCs (gathering arrays that span processes)."""
+    meta, where = plan.meta, plan.where
     lora = restored[ADAPTER_ITEM]
     by_path = dict(paths.leaves_with_paths(lora))
     names = [tuple(r["path"]) for r in meta.leaves]
@@ -202,14 +230,14 @@ class StepReader:
       verify_crc(meta.opt_state, jax.tree_util.tree_leaves(opt), [r["path"] for r in meta.opt_state], where)
     return lora, opt
 
-  def _explain_failed_read(self, step: int, step_id: int | None, error: Exception, *, retry: bool) -> None:
+  def _explain_failed_read(self, step: int, step_id: Any, error: Exception, *, retry: bool) -> None:
     """Returns if the read should be retried; raises what explains the failure otherwise.
 
     A read fails for one of two reasons: the files are damaged, or a writer
     removed or replaced the step while it was read. Only the first is reported
     as corruption: the step must still be there, unchanged, with no writer at work.
     """
-    writer: WriterInfo | None = None if self._is_writer else active_writer(self.directory)
+    writer: WriterInfo | None = None if self._is_writer else active_writer(self._directory)
     replaced = step_id is None or self._step_id(step) != step_id
     if not replaced and writer is None:
       raise error
@@ -229,21 +257,27 @@ class StepReader:
     if base is not None:
       adapters.bind(base, lora, plan.meta.config)
 
+  def _attempt(self, step: int, base: Any, shardings: Any, opt_state: Any) -> tuple[ReadPlan, dict, Any]:
+    with processes.together(f"restoring step {step} of {self.directory!r}"):
+      plan = self._plan(step, base, shardings, opt_state)
+    restored = self._read_arrays(step, plan)
+    with processes.together(f"verifying {plan.where}"):
+      lora, opt = self._verify(restored, plan)
+    return plan, lora, opt
+
   def restore(self, step: int | None, *, base: Any, shardings: Any, opt_state: Any) -> RestoredAdapter:
     """See `AdapterCheckpointManager.restore`."""
     for attempt in range(_READ_ATTEMPTS):
-      chosen = self._pick_step(step)
+      chosen = self._agreed_step(step)
       step_id = self._step_id(chosen)
       try:
-        plan = self._plan(chosen, base, shardings, opt_state)
-        lora, opt = self._read_step(chosen, plan)
+        plan, lora, opt = self._attempt(chosen, base, shardings, opt_state)
       except CorruptCheckpointError as e:
-        self._explain_failed_read(chosen, step_id, e, retry=attempt < _READ_ATTEMPTS - 1)
+        with processes.together(f"restoring step {chosen} of {self.directory!r}"):
+          self._explain_failed_read(chosen, step_id, e, retry=attempt < _READ_ATTEMPTS - 1)
         time.sleep(0.02 * (attempt + 1))
         continue
-      self._check_fit(plan, lora, base)
+      with processes.together(f"restoring step {chosen} of {self.directory!r}"):
+        self._check_fit(plan, lora, base)
       return RestoredAdapter(lora=lora, config=plan.meta.config, opt_state=opt, step=int(chosen))
     raise AssertionError("unreachable")  # pragma: no cover - the last attempt returns or raises
-
-
-# -- one-call save / load --------------------------------------------------------------

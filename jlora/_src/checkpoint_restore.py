@@ -165,7 +165,7 @@ def verify_crc(
     if rec["crc32"] is None:
       continue
     got = crc32(leaf)
-    if got is not None and got != rec["crc32"]:
+    if got != rec["crc32"]:
       raise CorruptCheckpointError(
         f"Checkpoint {where}: the data of {name!r} fails its checksum (crc32 {got:#010x}, saved "
         f"{rec['crc32']:#010x}); the checkpoint is corrupted. Restore another step."

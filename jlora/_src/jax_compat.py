@@ -196,3 +196,26 @@ def shard_map_manual_axes(params: Mapping[str, Any]) -> Any:
     if name in params:
       return params[name]
   raise _unreadable("manual axes", "shard_map", params)
+
+
+# -- the distributed runtime's key-value store: required in a multi-process job ---------------
+
+
+def distributed_client() -> Any:
+  """The ``jax.distributed`` client (its key-value store and barriers), or ``None`` outside a job.
+
+  jlora's storage calls agree across the processes of a job through it
+  (`jlora._src.processes`), as orbax does; ``jax.distributed`` has no public
+  accessor for it.
+
+  Raises:
+    RuntimeError: in a multi-process job, if this JAX moved the client.
+  """
+  try:
+    from jax._src import distributed  # noqa: PLC0415
+  except ImportError:  # pragma: no cover - a JAX that moved it
+    distributed = None
+  client = getattr(getattr(distributed, "global_state", None), "client", None)
+  if client is None and jax.process_count() > 1:  # pragma: no cover - a JAX that moved it
+    raise RuntimeError(_moved("`jax._src.distributed.global_state.client`"))
+  return client

@@ -11,20 +11,26 @@ from typing import Any, Literal
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jlora._src import paths
-from jlora._src.atomic import write_atomic
+from jlora._src import paths, processes, storage
 from jlora._src.config import LoraConfig
 from jlora._src.merge import merge
 
 
-def _flat_tensors(merged: Any) -> dict[str, np.ndarray]:
-  tensors = {}
-  for path, leaf in paths.leaves_with_paths(merged):
+def _check_names(merged: Any) -> None:
+  seen = set()
+  for path, _ in paths.leaves_with_paths(merged):
     name = paths.to_str(path)
-    if name in tensors:
+    if name in seen:
       raise ValueError(f"Two leaves of the merged tree are both named {name!r} in safetensors.")
-    tensors[name] = np.ascontiguousarray(np.asarray(leaf))
-  return tensors
+    seen.add(name)
+
+
+def _flat_tensors(merged: Any) -> dict[str, np.ndarray]:
+  """Every leaf as a whole numpy array (gathered across the processes of a job when it spans several)."""
+  return {
+    paths.to_str(path): np.ascontiguousarray(processes.to_numpy(leaf))
+    for path, leaf in paths.leaves_with_paths(merged)
+  }
 
 
 def save_merged(
@@ -70,24 +76,32 @@ def save_merged(
     >>> bool(jnp.allclose(merged, jlora.merge(params, lora, cfg)["q_proj"]["kernel"]))
     True
   """
-  if format not in ("orbax", "safetensors"):
-    raise ValueError(f"`format` must be 'orbax' or 'safetensors'; got {format!r}.")
-  if not isinstance(config, LoraConfig):
-    raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
-  merged = merge(tree, lora, config)
-  directory = os.path.abspath(os.fspath(directory))
+  with processes.together("jlora.save_merged"):
+    if format not in ("orbax", "safetensors"):
+      raise ValueError(f"`format` must be 'orbax' or 'safetensors'; got {format!r}.")
+    if not isinstance(config, LoraConfig):
+      raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
+    directory = storage.resolve(directory)
+    out = directory if format == "orbax" else directory / "model.safetensors"
+    if storage.exists(out):
+      raise FileExistsError(f"{storage.show(out)!r} already exists; save the merged model to a new directory.")
+    merged = merge(tree, lora, config)
+    if format == "safetensors":
+      _check_names(merged)
   if format == "orbax":
-    if os.path.exists(directory):
-      raise FileExistsError(f"{directory!r} already exists; save the merged model to a new directory.")
-    with ocp.StandardCheckpointer() as ckptr:  # orbax writes a temporary directory and renames it
+    # Orbax writes a temporary directory and renames it (in place + a commit marker on gs://); every
+    # process of a job enters the save.
+    with ocp.StandardCheckpointer(multiprocessing_options=processes.orbax_options()) as ckptr:
       ckptr.save(directory, merged)
-    return directory
-  import safetensors.numpy
+    return storage.show(directory)
+  import safetensors.numpy  # noqa: PLC0415
 
-  out = os.path.join(directory, "model.safetensors")
-  if os.path.exists(out):
-    raise FileExistsError(f"{out!r} already exists; save the merged model to a new directory.")
   tensors = _flat_tensors(merged)
-  os.makedirs(directory, exist_ok=True)
   meta = {"format": "flax", "producer": "jlora"}
-  return write_atomic(out, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
+
+  def write() -> None:
+    storage.mkdir(directory)
+    storage.write_file(out, lambda tmp: safetensors.numpy.save_file(tensors, tmp, metadata=meta))
+
+  processes.on_primary("jlora.save_merged", write)
+  return storage.show(out)

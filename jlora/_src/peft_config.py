@@ -9,12 +9,11 @@ the JSON `export_peft` writes.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from jlora._src import peft_io
+from jlora._src import peft_io, storage
 from jlora._src.config import BIAS_MODES, LoraConfig
 from jlora._src.peft_io import CONFIG_NAME
 from jlora._src.peft_names import is_conv1d
@@ -80,12 +79,13 @@ _REQUIRED = {
 _KNOWN = _USED | _IGNORED | frozenset(_REQUIRED)
 
 
-def read_peft_config(path: str) -> dict[str, Any]:
-  if not os.path.isfile(path):
+def read_peft_config(file: Any) -> dict[str, Any]:
+  """The JSON object of an ``adapter_config.json`` (an `epath.Path`), checked for what jlora imports."""
+  path = storage.show(file)
+  if not storage.is_file(file):
     raise FileNotFoundError(f"No {CONFIG_NAME} at {path!r}; is this a PEFT adapter directory?")
   try:
-    with open(path) as f:
-      data = json.load(f)
+    data = json.loads(storage.read_bytes(file).decode())
   except (OSError, ValueError) as e:
     raise ValueError(f"{path!r} is not valid JSON ({e}); the adapter config is corrupted.") from e
   if not isinstance(data, Mapping):

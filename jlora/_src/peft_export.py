@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from jlora._src import adapters, paths, peft_conv, peft_experts, peft_io, targets
+from jlora._src import adapters, paths, peft_conv, peft_experts, peft_io, processes, storage, targets
 from jlora._src.adapters import Layouts
-from jlora._src.atomic import write_atomic
 from jlora._src.config import LoraConfig
 from jlora._src.peft_config import exported_parameters, peft_config_of
 from jlora._src.peft_config import exported_targets as _exported_targets
@@ -45,7 +44,7 @@ class _Factors:
 
 def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any], conv: bool) -> Iterator[_Factors]:
   spec = item.spec
-  a, b = (np.asarray(x) for x in adapters.canonical(spec, item.a, item.b))
+  a, b = (processes.to_numpy(x) for x in adapters.canonical(spec, item.a, item.b))
   ids = spec.layers if spec.layers is not None else range(a.shape[0])
   if isinstance(next(iter(names.values())), PeftParameter):
     if item.m is not None:
@@ -64,7 +63,7 @@ def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any], conv: b
       f"Adapter at {spec.where!r} has {len(spec.layout.stacked_axes)} stacked axes (layout "
       f"{spec.layout}); a PEFT module can carry one at most (exported as one module per entry)."
     )
-  m = None if item.m is None else np.asarray(adapters.canonical_magnitude(spec, item.m))
+  m = None if item.m is None else processes.to_numpy(adapters.canonical_magnitude(spec, item.m))
   n_in, n_out, r = math.prod(spec.in_shape), math.prod(spec.out_shape), spec.rank
 
   def flat(a_l: np.ndarray, b_l: np.ndarray, m_l: np.ndarray | None) -> tuple:
@@ -211,7 +210,7 @@ def _saved_tensors(
   for path, leaf in saved.items():
     where = paths.to_str(path)
     leaf_name = str(path[-1])
-    arr = np.asarray(leaf)
+    arr = processes.to_numpy(leaf)
     if _trained_bias(path, config, collections):
       if arr.ndim != 1:
         raise ValueError(
@@ -331,6 +330,34 @@ def export_peft(
     >>> peft_cfg["target_modules"]
     ['q_proj']
   """
+  with processes.together("jlora.export_peft"):
+    dest = storage.resolve(directory)
+    tensors, peft_config = _peft_files(
+      lora,
+      config,
+      name_map=name_map or default_name_map,
+      base=base,
+      initial_lora=initial_lora,
+      model=(apply_fn, example_args, example_kwargs),
+      recorded=(base_model_name_or_path, task_type),
+    )
+  _write(dest, tensors, peft_config, overwrite)
+  return peft_config
+
+
+def _peft_files(
+  lora: Any,
+  config: LoraConfig,
+  *,
+  name_map: NameMap,
+  base: Any,
+  initial_lora: Any,
+  model: tuple[Callable[..., Any] | None, Sequence[Any], Mapping[str, Any] | None],
+  recorded: tuple[str | None, str | None],
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The tensors and the ``adapter_config.json`` of `export_peft` (arrays that span processes gathered)."""
+  apply_fn, example_args, example_kwargs = model
+  base_model_name_or_path, task_type = recorded
   if not isinstance(config, LoraConfig):
     raise TypeError(f"`config` must be a jlora.LoraConfig; got {type(config).__name__}.")
   if apply_fn is not None and base is None:
@@ -338,7 +365,6 @@ def export_peft(
       "`apply_fn` is given without `base`: jlora reads how the model uses each kernel by tracing "
       "`apply_fn(base, *example_args)`; pass the base tree as `base=`."
     )
-  name_map = name_map or default_name_map
   if initial_lora is not None:
     from jlora._src.pissa import to_plain_lora  # noqa: PLC0415
 
@@ -365,8 +391,7 @@ def export_peft(
     base_model_name_or_path=base_model_name_or_path,
     task_type=task_type,
   )
-  _write(os.fspath(directory), tensors.arrays, peft_config, overwrite)
-  return peft_config
+  return tensors.arrays, peft_config
 
 
 def _trained_bias(path: paths.Path, config: LoraConfig, collections: bool) -> bool:
@@ -378,21 +403,23 @@ def _trained_bias(path: paths.Path, config: LoraConfig, collections: bool) -> bo
   )
 
 
-def _write(directory: str, tensors: dict[str, np.ndarray], peft_config: dict, overwrite: bool) -> None:
-  """The two files, each written whole or not at all, with jlora's checksum in the safetensors metadata."""
+def _write(directory: Any, tensors: dict[str, np.ndarray], peft_config: dict, overwrite: bool) -> None:
+  """The two files, each written whole or not at all, with jlora's checksum in the safetensors metadata
+  (by the primary process of a job; the others wait)."""
   import safetensors.numpy  # noqa: PLC0415
 
-  os.makedirs(directory, exist_ok=True)
-  outs = [os.path.join(directory, n) for n in (WEIGHTS_NAME, CONFIG_NAME)]
-  if not overwrite and any(os.path.exists(p) for p in outs):
-    raise FileExistsError(
-      f"{directory!r} already holds a PEFT adapter; pass `overwrite=True` or choose another directory."
-    )
-  metadata = {"format": "pt", peft_io.CHECKSUM_KEY: peft_io.checksum(peft_config, tensors)}
-  write_atomic(outs[0], lambda p: safetensors.numpy.save_file(tensors, p, metadata=metadata), overwrite=True)
+  outs = [directory / n for n in (WEIGHTS_NAME, CONFIG_NAME)]
 
-  def write_json(p: str) -> None:
-    with open(p, "w") as f:
-      json.dump(peft_config, f, indent=2, sort_keys=True)
+  def write() -> None:
+    storage.mkdir(directory)
+    if not overwrite and any(storage.exists(p) for p in outs):
+      raise FileExistsError(
+        f"{storage.show(directory)!r} already holds a PEFT adapter; pass `overwrite=True` or choose another "
+        "directory."
+      )
+    metadata = {"format": "pt", peft_io.CHECKSUM_KEY: peft_io.checksum(peft_config, tensors)}
+    weights = lambda p: safetensors.numpy.save_file(tensors, p, metadata=metadata)  # noqa: E731
+    storage.write_file(outs[0], weights, overwrite=True)
+    storage.write_file(outs[1], json.dumps(peft_config, indent=2, sort_keys=True).encode(), overwrite=True)
 
-  write_atomic(outs[1], write_json, overwrite=True)
+  processes.on_primary("jlora.export_peft", write)

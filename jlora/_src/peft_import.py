@@ -9,6 +9,7 @@ each weight's layout (`_import_layouts`), the PEFT modules of each weight
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jlora._src import (
   adapters,
@@ -28,6 +30,8 @@ from jlora._src import (
   peft_conv,
   peft_experts,
   peft_io,
+  processes,
+  storage,
   targets,
 )
 from jlora._src.config import LoraConfig, freeze_layout_pattern, longest_match
@@ -45,20 +49,21 @@ from jlora._src.peft_names import (
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
-def _open_weights(directory: str) -> tuple[Any, dict[str, tuple[tuple[int, ...], str]]]:
+def _open_weights(
+  directory: epath.Path, files: contextlib.ExitStack
+) -> tuple[Any, dict[str, tuple[tuple[int, ...], str]]]:
   import safetensors  # noqa: PLC0415
 
-  path = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.isfile(path):
-    pickled = os.path.join(directory, "adapter_model.bin")
-    if os.path.isfile(pickled):
+  where, path = storage.show(directory), storage.show(directory / WEIGHTS_NAME)
+  if not storage.is_file(directory / WEIGHTS_NAME):
+    if storage.is_file(directory / "adapter_model.bin"):
       raise ValueError(
-        f"{directory!r} holds only a pickled adapter_model.bin; jlora never unpickles files. Re-save "
+        f"{where!r} holds only a pickled adapter_model.bin; jlora never unpickles files. Re-save "
         "the adapter with PEFT's `save_pretrained(..., safe_serialization=True)`."
       )
-    raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory!r}.")
+    raise FileNotFoundError(f"No {WEIGHTS_NAME} in {where!r}.")
   try:
-    handle = safetensors.safe_open(path, framework="numpy")
+    handle = safetensors.safe_open(files.enter_context(storage.local_copy(directory / WEIGHTS_NAME)), "numpy")
     info = {}
     for key in handle.keys():
       sl = handle.get_slice(key)
@@ -533,10 +538,30 @@ def import_peft(
     >>> bool(jnp.allclose(q(jlora.merge(params, lora2, cfg2)), q(jlora.merge(params, lora, cfg))))
     True
   """
-  directory = os.fspath(directory)
-  name_map = name_map or default_name_map
-  pcfg, handle, info = _open_checked(directory)
-  weights_path = os.path.join(directory, WEIGHTS_NAME)
+  with processes.together("jlora.import_peft"), contextlib.ExitStack() as files:
+    return _import(
+      storage.resolve(directory),
+      tree,
+      name_map=name_map or default_name_map,
+      layout_pattern=layout_pattern,
+      model=(apply_fn, example_args, example_kwargs),
+      files=files,
+    )
+
+
+def _import(
+  directory: epath.Path,
+  tree: Any,
+  *,
+  name_map: NameMap,
+  layout_pattern: Any,
+  model: tuple[Any, Sequence[Any], Mapping[str, Any] | None],
+  files: contextlib.ExitStack,
+) -> tuple[dict, LoraConfig]:
+  """`import_peft` in one process (every process of a job reads the files)."""
+  apply_fn, example_args, example_kwargs = model
+  pcfg, handle, info = _open_checked(directory, files)
+  weights_path = storage.show(directory / WEIGHTS_NAME)
   cands = targets.candidates(tree)
   read = lambda: peft_io.model_layouts(apply_fn, tree, example_args, example_kwargs)  # noqa: E731
   lays, unknown = _import_layouts(tree, cands, layout_pattern, read)
@@ -570,7 +595,7 @@ def import_peft(
   _check_all_claimed(set(info) - claimed - set(saved.values()), unmapped, weights_path)
   if not matches:
     raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
-  _check_peft_targets(pcfg, matches, known, os.path.join(directory, CONFIG_NAME))
+  _check_peft_targets(pcfg, matches, known, storage.show(directory / CONFIG_NAME))
   dtypes = {_ST_DTYPES[info[k][1]] for k in claimed - set(biases.values())}
   kernel_dtypes = {jnp.dtype(m.cand.dtype).name for m in matches}
   collections = paths.is_collections(tree)
@@ -581,7 +606,7 @@ def import_peft(
     saved_modules=[paths.module_path(p, collections) for p in saved],
     layout_pattern=layout_pattern,
     dtype=next(iter(dtypes)) if len(dtypes) == 1 and dtypes != kernel_dtypes else None,
-    where=os.path.join(directory, CONFIG_NAME),
+    where=storage.show(directory / CONFIG_NAME),
   )
   lora = _build_tree(
     handle, tree, config, matches=matches, keys=keys, saved=saved, biases=biases, where=weights_path
@@ -640,31 +665,35 @@ def _build_tree(
   return lora
 
 
-def _open_checked(directory: str) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+def _open_checked(
+  directory: epath.Path, files: contextlib.ExitStack
+) -> tuple[dict[str, Any], Any, dict[str, Any]]:
   """The PEFT config, the tensor handle and index: dtypes and jlora's checksum checked."""
-  pcfg = peft_config.read_peft_config(os.path.join(directory, CONFIG_NAME))
-  handle, info = _open_weights(directory)
+  pcfg = peft_config.read_peft_config(directory / CONFIG_NAME)
+  handle, info = _open_weights(directory, files)
   for key, (_, dtype) in info.items():
     if dtype not in _ST_DTYPES:
       raise ValueError(
-        f"{os.path.join(directory, WEIGHTS_NAME)!r}: tensor {key!r} has dtype {dtype}; LoRA weights must "
+        f"{storage.show(directory / WEIGHTS_NAME)!r}: tensor {key!r} has dtype {dtype}; LoRA weights must "
         f"be one of {sorted(_ST_DTYPES)}."
       )
   _verify_checksum(handle, info, pcfg, directory)
   return pcfg, handle, info
 
 
-def _verify_checksum(handle: Any, info: Mapping[str, Any], pcfg: Mapping[str, Any], directory: str) -> None:
+def _verify_checksum(
+  handle: Any, info: Mapping[str, Any], pcfg: Mapping[str, Any], directory: epath.Path
+) -> None:
   """Checks jlora's checksum over both files, when the adapter was written by `export_peft`."""
   want = (handle.metadata() or {}).get(peft_io.CHECKSUM_KEY)
   if want is None:
     return  # written by PEFT or by hand: nothing to check against
-  weights_path = os.path.join(directory, WEIGHTS_NAME)
+  weights_path = storage.show(directory / WEIGHTS_NAME)
   tensors = {key: _read_saved(handle, key, weights_path) for key in info}
   if peft_io.checksum(pcfg, tensors) != want:
     raise ValueError(
-      f"{directory!r}: {CONFIG_NAME} and {WEIGHTS_NAME} fail the checksum jlora wrote with them: a file "
-      "was corrupted (or edited) after `export_peft`. Re-export the adapter, or restore the files."
+      f"{storage.show(directory)!r}: {CONFIG_NAME} and {WEIGHTS_NAME} fail the checksum jlora wrote with "
+      "them: a file was corrupted (or edited) after `export_peft`. Re-export the adapter, or restore the files."
     )
 
 
