@@ -199,8 +199,10 @@ class AdapterCheckpointManager:
     return self._manager.latest_step()
 
   def wait_until_finished(self) -> None:
-    """Blocks until every asynchronous save has been written and committed."""
-    self._manager.wait_until_finished()
+    """Blocks until every asynchronous save has been written and committed (in a job: by every process, and
+    finalized by the primary, which writes orbax's commit markers on gs:// after the others are done)."""
+    with processes.together("AdapterCheckpointManager.wait_until_finished"):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending saves, releases orbax's resources and the directory's writer lock."""

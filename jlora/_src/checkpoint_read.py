@@ -149,6 +149,7 @@ class StepReader:
     return storage.identity(meta_path(self._directory, step))
 
   def _reload(self) -> None:
+    storage.refresh(self._directory)
     retrying(self._manager.reload)
 
   def _pick_step(self, step: int | None) -> int:
@@ -183,6 +184,8 @@ class StepReader:
     """The step to read: the primary process's choice, in every process."""
     chosen = None
     with processes.together(f"choosing a step of {self.directory!r}"):
+      if processes.count() > 1:
+        self._reload()  # the others' steps, finished since this process listed the directory
       chosen = self._pick_step(step)
     return processes.share(f"choosing a step of {self.directory!r}", chosen)
 
@@ -192,6 +195,7 @@ class StepReader:
   def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> ReadPlan:
     """Reads and checks the metadata, then the caller's arguments against it (before any array is read)."""
     where = f"step {step} of {self.directory!r}"
+    storage.refresh(self._directory / str(step))
     meta = self._read_meta(step, where)
     if base is not None:
       check_base(meta, base, where)
@@ -201,7 +205,9 @@ class StepReader:
     if opt_state is not None:
       items[OPT_ITEM] = ocp.args.StandardRestore(abstract_opt(opt_state, meta.opt_state, where))
     with reading("array metadata", where):
-      stored = self._manager.item_metadata(step)[ADAPTER_ITEM]
+      # A fresh handler: the writer's own remembers its last save's items as temporary until it finalizes
+      # them, which only the primary process does (on gs://, where items are written in place).
+      stored = ocp.StandardCheckpointHandler().metadata(self._directory / str(step) / ADAPTER_ITEM)
     if stored is None:
       raise CorruptCheckpointError(
         f"{where} has no adapter arrays; the checkpoint is truncated or corrupted."

@@ -186,9 +186,26 @@ def identity(path: epath.Path) -> Any:
 
 
 def _fs(path: epath.Path) -> Any:
+  """The fsspec file system `etils.epath` reads ``path`` through (fsspec caches instances by arguments:
+  these are epath's)."""
   import fsspec  # noqa: PLC0415
 
-  return fsspec.filesystem(os.fspath(path).split("://", 1)[0])
+  scheme = os.fspath(path).split("://", 1)[0]
+  return (
+    fsspec.filesystem(scheme, finalize_on_close=True)
+    if scheme in ("gs", "gcs")
+    else fsspec.filesystem(scheme)
+  )
+
+
+def refresh(path: epath.Path) -> None:
+  """Forgets cached listings under ``path`` (object stores): another process may have written there since.
+
+  fsspec's GCS client caches directory listings; a process that listed a step
+  before the primary wrote its commit markers would otherwise not see them.
+  """
+  if is_remote(path):
+    _fs(path).invalidate_cache(os.fspath(path))
 
 
 # -- writing ---------------------------------------------------------------------------------
