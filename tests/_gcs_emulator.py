@@ -1,4 +1,4 @@
-"""A local Google Cloud Storage for the tests: `gcp-storage-emulator` with the two gaps tensorstore needs closed.
+"""A local Google Cloud Storage for the tests: `gcp-storage-emulator`, two gaps closed for tensorstore.
 
 Run as a script, it is the emulator's own command line (``-d DIR start --host
 127.0.0.1 --port PORT --default-bucket NAME -q``) with two handlers wrapped

@@ -54,7 +54,8 @@ class Job:
 
 
 def start(script: str, processes: int, args: list[str], log_dir: str, devices: int = 4) -> Job:
-  """Starts ``processes`` copies of ``script COORDINATOR PROCESSES ID *args``, each with ``devices`` CPU devices."""
+  """Starts ``processes`` copies of ``script COORDINATOR PROCESSES ID *args``, with ``devices`` CPU devices
+  each."""
   coordinator = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")

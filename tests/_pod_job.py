@@ -1,9 +1,9 @@
-"""One process of a ``jax.distributed`` job that trains a sharded decoder and goes through every jlora storage API.
+"""One process of a ``jax.distributed`` job that trains a sharded decoder and uses every jlora storage API.
 
 Usage: ``python tests/_pod_job.py COORDINATOR NUM_PROCESSES PROCESS_ID ROOT OUT MODE``; `tests/test_pods.py`
-launches it (``tests/_launch.py``). ``ROOT`` is where the job saves (a local directory or ``gs://...``), ``OUT``
-a local directory for what the test reads back: ``result-<id>.json`` (each phase's outcome, written as it goes)
-and, from process 0, ``arrays-<processes>.npz`` (the trained adapter and the losses). ``MODE``:
+launches it (``tests/_launch.py``). ``ROOT`` is where the job saves (a local directory or ``gs://...``),
+``OUT`` a local directory for what the test reads back: ``result-<id>.json`` (each phase's outcome, written
+as it goes) and, from process 0, ``arrays-<processes>.npz`` (the trained adapter and the losses). ``MODE``:
 
 * ``main``: train 3 AdamW steps on one ``("fsdp", "tp")`` 2x4 mesh over all processes, then save and restore
   through every API (also onto a 4x2 mesh), hold a writer open on ``ROOT/busy`` while ``OUT/holding`` exists
@@ -145,9 +145,13 @@ def train_and_manage(job: Job, s: dict) -> dict:
       mngr.save(i, lora, opt_state=state)
     mngr.wait_until_finished()
     job.record("manager_steps", mngr.all_steps())
-    template = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    template = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     restored = mngr.restore(opt_state=template, shardings=s["lora_sh"])
-    job.record("manager_restore", [restored.step, max_diff(restored.lora, lora), max_diff(restored.opt_state, state)])
+    job.record(
+      "manager_restore", [restored.step, max_diff(restored.lora, lora), max_diff(restored.opt_state, state)]
+    )
   with jlora.AdapterCheckpointManager(job.path("run"), read_only=True) as reader:
     old = reader.restore(2, shardings=s["lora_sh2"])
     job.record("manager_read_only", [reader.all_steps(), max_diff(old.lora, history[1])])
@@ -176,7 +180,9 @@ def adapters_and_banks(job: Job, s: dict, lora) -> None:
   bank = jlora.stack([(lora, cfg), (s["lora0"], cfg)], names=["trained", "init"])
   jlora.save_bank(job.path("bank"), bank, base=params)
   back = jlora.load_bank(job.path("bank"), base=params, shardings=NamedSharding(s["mesh"], P()))
-  job.record("bank", [list(back.names), max_diff(back.adapter(0)[0], lora), max_diff(back.adapter(1)[0], s["lora0"])])
+  job.record(
+    "bank", [list(back.names), max_diff(back.adapter(0)[0], lora), max_diff(back.adapter(1)[0], s["lora0"])]
+  )
 
 
 def files(job: Job, s: dict, lora) -> None:
@@ -194,12 +200,20 @@ def files(job: Job, s: dict, lora) -> None:
   merged = gather(jlora.merge(params, lora, cfg))
   out = jlora.save_merged(job.path("merged_st"), params, lora, cfg, format="safetensors")
   tensors = safetensors.numpy.load(epath.Path(out).read_bytes())
-  flat = {"/".join(str(getattr(k, "key", k)) for k in kp): v for kp, v in jax.tree_util.tree_leaves_with_path(merged)}
-  job.record("merged_safetensors", [sorted(tensors) == sorted(flat), max(float(np.max(np.abs(tensors[k] - flat[k]))) for k in flat)])
+  flat = {
+    "/".join(str(getattr(k, "key", k)) for k in kp): v
+    for kp, v in jax.tree_util.tree_leaves_with_path(merged)
+  }
+  job.record(
+    "merged_safetensors",
+    [sorted(tensors) == sorted(flat), max(float(np.max(np.abs(tensors[k] - flat[k]))) for k in flat)],
+  )
   jlora.save_merged(job.path("merged_orbax"), params, lora, cfg, format="orbax")
   import orbax.checkpoint as ocp
 
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+  abstract = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params
+  )
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(epath.Path(job.path("merged_orbax")), abstract)
   job.record("merged_orbax", max_diff(restored, merged))

@@ -124,13 +124,16 @@ def test_a_second_job_is_refused_in_all_its_processes(pod):
 def test_an_error_in_one_process_raises_in_all(pod):
   first, second = pod["results"]
   assert first["one_process_error"]["type"] == second["one_process_error"]["type"] == "ValueError"
-  assert first["one_process_error"]["message"] == "process 1 of the job failed: " + second[
-    "one_process_error"
-  ]["message"]
+  assert (
+    first["one_process_error"]["message"]
+    == "process 1 of the job failed: " + second["one_process_error"]["message"]
+  )
 
 
 def test_a_process_that_never_arrives_is_named_and_nothing_hangs(pod):
   first = pod["results"][0]
   assert first["missing_process"]["type"] == "SyncTimeoutError"
-  assert "process(es) [1] of this 2-process job did not arrive within 5 s" in first["missing_process"]["message"]
+  assert (
+    "process(es) [1] of this 2-process job did not arrive within 5 s" in first["missing_process"]["message"]
+  )
   assert first["missing_process_seconds"] < 30

@@ -84,7 +84,9 @@ def save_merged(
     directory = storage.resolve(directory)
     out = directory if format == "orbax" else directory / "model.safetensors"
     if storage.exists(out):
-      raise FileExistsError(f"{storage.show(out)!r} already exists; save the merged model to a new directory.")
+      raise FileExistsError(
+        f"{storage.show(out)!r} already exists; save the merged model to a new directory."
+      )
     merged = merge(tree, lora, config)
     if format == "safetensors":
       _check_names(merged)

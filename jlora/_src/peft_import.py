@@ -693,7 +693,8 @@ def _verify_checksum(
   if peft_io.checksum(pcfg, tensors) != want:
     raise ValueError(
       f"{storage.show(directory)!r}: {CONFIG_NAME} and {WEIGHTS_NAME} fail the checksum jlora wrote with "
-      "them: a file was corrupted (or edited) after `export_peft`. Re-export the adapter, or restore the files."
+      "them: a file was corrupted (or edited) after `export_peft`. Re-export the adapter, or restore the "
+      "files."
     )
 
 
