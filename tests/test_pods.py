@@ -137,3 +137,28 @@ def test_a_process_that_never_arrives_is_named_and_nothing_hangs(pod):
     "process(es) [1] of this 2-process job did not arrive within 5 s" in first["missing_process"]["message"]
   )
   assert first["missing_process_seconds"] < 30
+
+
+def test_the_pod_example_trains_resumes_and_exports(tmp_path):
+  """`examples/pod_finetune.py --local 2`, the README's pod script, twice: the second run resumes."""
+  import subprocess
+  import sys
+
+  script = os.path.join(_launch.ROOT, "examples", "pod_finetune.py")
+  run = lambda: subprocess.run(  # noqa: E731
+    [sys.executable, script, "--dir", str(tmp_path / "run"), "--local", "2"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  first = run()
+  assert first.returncode == 0, first.stderr[-4000:]
+  assert [ln.split(":")[0] for ln in first.stdout.splitlines() if ln.startswith("step")] == [
+    f"step {i}" for i in range(6)
+  ]
+  assert "from 2 processes" in first.stdout
+  assert sorted(os.listdir(tmp_path / "run" / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+  second = run()
+  assert second.returncode == 0, second.stderr[-4000:]
+  assert not [ln for ln in second.stdout.splitlines() if ln.startswith("step")]  # resumed after step 5
