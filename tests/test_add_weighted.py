@@ -312,6 +312,11 @@ def test_errors():
     jlora.add_weighted(pairs, [1, 1], method="linear", r=2)
   with pytest.raises(ValueError, match="one per adapter"):
     jlora.add_weighted(pairs, [1.0], method="linear")
+  with pytest.raises(ValueError, match=r"`weights` must be 2 finite numbers.*got None"):
+    jlora.add_weighted(pairs, None)
+  for bad in (math.nan, math.inf, -math.inf):
+    with pytest.raises(ValueError, match=rf"`weights\[1\]` is {bad!r}, which would make every combined"):
+      jlora.add_weighted(pairs, [0.5, bad], method="svd")
   with pytest.raises(ValueError, match="no rank-6 SVD"):
     jlora.add_weighted(pairs, [1, 1], method="svd", r=6)
   # Adapters for different bases: q is (6, 5) for one, (6, 9) for the other.

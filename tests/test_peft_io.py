@@ -286,9 +286,18 @@ def test_bad_config_fields(exported):
   _rewrite(d, config={**cfg, "r": 5})
   with pytest.raises(ValueError, match="has rank 3, but adapter_config.json gives rank 5"):
     jlora.import_peft(d, tree)
+  _rewrite(d, config={**cfg, "r": 3, "rank_pattern": {"(?i)q_proj": 3}})  # compiles alone, not inside PEFT's
+  with pytest.raises(
+    ValueError, match=r"`rank_pattern`/`alpha_pattern` key '\(\?i\)q_proj' is not a valid regex"
+  ):
+    jlora.import_peft(d, tree)
   with open(os.path.join(d, "adapter_config.json"), "w") as f:
     f.write("{not json")
   with pytest.raises(ValueError, match="not valid JSON"):
+    jlora.import_peft(d, tree)
+  with open(os.path.join(d, "adapter_config.json"), "w") as f:  # nested past Python's recursion limit
+    f.write('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}")
+  with pytest.raises(ValueError, match="not valid JSON .*recursion.*the adapter config is corrupted"):
     jlora.import_peft(d, tree)
 
 
