@@ -335,6 +335,19 @@ def _to_tree_order(kern: _Kernel, a: jax.Array, b: jax.Array) -> dict[str, jax.A
   return {paths.LORA_A: a.astype(kern.dtype), paths.LORA_B: b.astype(kern.dtype)}
 
 
+def _refuse_dora(configs: Sequence[LoraConfig]) -> None:
+  """Raises for a DoRA adapter: there is no combination of magnitudes to compute."""
+  dora = [i for i, c in enumerate(configs) if c.use_dora]
+  if dora:
+    raise ValueError(
+      f"`adapters[{dora[0]}]` is a DoRA adapter (`use_dora=True`); `jlora.add_weighted` combines LoRA "
+      "factors, not DoRA magnitudes. PEFT's `add_weighted_adapter` does not combine them either: its "
+      "result keeps the magnitude its new adapter got at its own initialisation (the kernel norms at a "
+      "random or zero update), dropping the trained ones, so there is no combination to reproduce. Merge "
+      "each DoRA adapter into the base instead (`jlora.merge`), or combine plain LoRA adapters."
+    )
+
+
 def _check_weights(weights: Any, n: int) -> list[float]:
   """``weights`` as ``n`` finite floats, one per adapter."""
   want = f"`weights` must be {n} finite numbers, one per adapter (e.g. weights={[round(1 / n, 3)] * n})"
@@ -408,8 +421,9 @@ def add_weighted(
       a missing one (``density``, ``key``), ``weights`` that are not one
       finite number per adapter, ranks the method cannot combine, adapters of different bases
       (naming the kernel), configs that disagree on ``exclude_modules``,
-      ``layers_to_transform`` or layouts, or that train copies
-      (``modules_to_save``, ``bias``).
+      ``layers_to_transform`` or layouts, that train copies
+      (``modules_to_save``, ``bias``), or DoRA adapters (``use_dora``: PEFT
+      keeps the new adapter's initial magnitudes, there is nothing to match).
     TypeError: for a config that is not a `LoraConfig`.
 
   Example:
@@ -430,6 +444,7 @@ def add_weighted(
     method, r=r, density=density, majority_sign_method=majority_sign_method, key=key, svd_clamp=svd_clamp
   )
   configs = [check_config(cfg, f"adapters[{i}][1]") for i, (_, cfg) in enumerate(adapters_)]
+  _refuse_dora(configs)
   ranks = [_config_rank(c) for c in configs]
   if len(adapters_) == 1:
     if r is not None and r != ranks[0]:
