@@ -116,7 +116,8 @@ class LoraConfig:
   Attributes:
     r: adapter rank, a positive integer.
     lora_alpha: scaling numerator; the update is ``(lora_alpha / r) * A @ B``
-      (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+      (or ``lora_alpha / sqrt(r)`` with ``use_rslora``). Finite, > 0 and at
+      most float32's largest value (the scale is applied in float32).
     lora_dropout: dropout rate in ``[0, 1)`` on the input of the LoRA branch
       (applied by the wrapped apply only when a ``lora_dropout_key`` is given).
     target_modules: which modules to adapt. A list/tuple of names: a module
