@@ -312,6 +312,11 @@ def test_errors():
     jlora.add_weighted(pairs, [1, 1], method="linear", r=2)
   with pytest.raises(ValueError, match="one per adapter"):
     jlora.add_weighted(pairs, [1.0], method="linear")
+  with pytest.raises(ValueError, match=r"`weights` must be 2 finite numbers.*got None"):
+    jlora.add_weighted(pairs, None)
+  for bad in (math.nan, math.inf, -math.inf):
+    with pytest.raises(ValueError, match=rf"`weights\[1\]` is {bad!r}, which would make every combined"):
+      jlora.add_weighted(pairs, [0.5, bad], method="svd")
   with pytest.raises(ValueError, match="no rank-6 SVD"):
     jlora.add_weighted(pairs, [1, 1], method="svd", r=6)
   # Adapters for different bases: q is (6, 5) for one, (6, 9) for the other.
@@ -328,6 +333,30 @@ def test_errors():
     jlora.add_weighted([(l2, c2), (l2, cfg)], [1, 1], method="cat")
   with pytest.raises(TypeError, match="LoraConfig"):
     jlora.add_weighted([(l2, {"r": 2})], [1])
+
+
+def test_dora_adapters_are_refused_as_peft_combines_no_magnitudes():
+  """PEFT's result keeps its new adapter's initial magnitudes (checked below), so jlora refuses."""
+  cfg = jlora.LoraConfig(r=2, target_modules=("q",), init_lora_weights=False, use_dora=True)
+  lora = jlora.init(PARAMS | {"q": {"kernel": jnp.ones((6, 5))}}, cfg, key=jax.random.key(0))
+  (la, ca), _ = _pairs()
+  for pairs in ([(la, ca), (lora, cfg)], [(lora, cfg)]):
+    with pytest.raises(
+      ValueError, match=rf"`adapters\[{len(pairs) - 1}\]` is a DoRA adapter .*`jlora.merge`"
+    ):
+      jlora.add_weighted(pairs, [0.5] * len(pairs))
+  torch.manual_seed(0)
+  pcfg = peft.LoraConfig(r=2, target_modules=["q"], init_lora_weights=True, use_dora=True)
+  model = peft.get_peft_model(_Tiny(), pcfg, adapter_name="one")
+  model.add_adapter("two", pcfg)
+  q = model.base_model.model.q
+  with torch.no_grad():
+    for name in ("one", "two"):
+      q.lora_magnitude_vector[name].weight.mul_(3.0)  # trained magnitudes, far from the kernel norms
+      q.lora_B[name].weight.normal_()
+  model.add_weighted_adapter(["one", "two"], [0.5, 0.5], "mix", combination_type="linear")
+  got = q.lora_magnitude_vector["mix"].weight.detach().numpy()  # the norms of W: the init's, not 3x
+  np.testing.assert_allclose(got, np.linalg.norm(q.base_layer.weight.detach().numpy(), axis=1), rtol=1e-6)
 
 
 def test_peft_rslora_scale_differs():

@@ -113,6 +113,62 @@ def _extra_head_copy():
 CASES = [
   # -- config ------------------------------------------------------------------------------------
   (
+    "config-target-modules-int",
+    lambda: _cfg(target_modules=5),
+    TypeError,
+    r"`target_modules` must be a string \(regex\), or a list/tuple of module names; got int: 5",
+  ),
+  (
+    "config-alpha-pattern-bad-regex",
+    lambda: _cfg(alpha_pattern={"q_proj[": 2.0}),
+    ValueError,
+    r"`alpha_pattern` pattern 'q_proj\[' is not a valid regex",
+  ),
+  (
+    "config-rank-pattern-flag-not-at-start",  # compiles alone; not as jlora matches it (a path suffix)
+    lambda: _cfg(rank_pattern={"(?i)q_proj": 4}),
+    ValueError,
+    r"`rank_pattern` pattern '\(\?i\)q_proj' is not a valid regex \(jlora matches it as .*'\(\?i:q_proj\)'",
+  ),
+  (
+    "config-lora-alpha-past-float32",
+    lambda: _cfg(lora_alpha=1e39),
+    ValueError,
+    r"`lora_alpha` must be a finite number > 0 and at most 3\.403e\+38 .*float32.*got 1e\+39",
+  ),
+  (
+    "config-alpha-pattern-past-float32",
+    lambda: _cfg(alpha_pattern={"q_proj": 1e39}),
+    ValueError,
+    r"`alpha_pattern\['q_proj'\]` must be a finite number > 0 and at most 3\.403e\+38",
+  ),
+  (
+    "apply-dropout-key-int",
+    lambda: _wrapped(_cfg(lora_dropout=0.1))(_tree(), _lora(), X, lora_dropout_key=3),
+    TypeError,
+    r"`lora_dropout_key` must be a PRNG key such as `jax.random.key\(0\)`.*got int 3",
+  ),
+  (
+    "apply-dropout-key-batch",
+    lambda: _wrapped(_cfg(lora_dropout=0.1))(_tree(), _lora(), X, lora_dropout_key=jax.random.split(KEY, 4)),
+    ValueError,
+    r"`lora_dropout_key` must be one PRNG key; got a batch of keys of shape \(4,\)",
+  ),
+  (
+    "apply-dropout-raw-key-batch",
+    lambda: _wrapped(_cfg(lora_dropout=0.1))(
+      _tree(), _lora(), X, lora_dropout_key=jax.random.split(jax.random.PRNGKey(0), 4)
+    ),
+    ValueError,
+    r"`lora_dropout_key` must be one PRNG key; got a batch of keys of shape \(4, 2\)",
+  ),
+  (
+    "add-weighted-weights-none",
+    lambda: jlora.add_weighted([(_lora(), CFG), (_lora(), CFG)], None),
+    ValueError,
+    r"`weights` must be 2 finite numbers, one per adapter \(e.g. weights=\[0.5, 0.5\]\); got None",
+  ),
+  (
     "ltt-float",
     lambda: _cfg(layers_to_transform=1.5),
     TypeError,

@@ -428,3 +428,68 @@ def test_magnitude_shape_is_lora_b_without_its_rank():
   assert attn["q_einsum"]["w"]["lora_B"].shape == (zoo.HEADS, 2, dh)  # "oio"
   assert attn["q_einsum"]["w"]["lora_magnitude"].shape == (zoo.HEADS, dh)
   assert attn["attn_vec_einsum"]["w"]["lora_magnitude"].shape == (zoo.D,)  # "iio"
+
+
+# -- edge cases: zero features, fp16 range, float64 ------------------------------------------------
+
+
+def test_an_all_zero_output_feature_is_an_error_at_init_naming_kernel_and_feature():
+  cfg = jlora.LoraConfig(r=2, target_modules=("fc",), use_dora=True)
+  dense = {"fc": {"kernel": jax.random.normal(K[0], (5, 4)).at[:, 2].set(0.0)}}
+  with pytest.raises(ValueError, match=r"output feature \(2,\) of kernel 'fc/kernel' is all zeros .* 0 / 0"):
+    jlora.init(dense, cfg, key=K[1])
+  embed = {"fc": {"embedding": jax.random.normal(K[0], (6, 3)).at[:, 1].set(0.0)}}  # feature 1, every token
+  with pytest.raises(ValueError, match=r"output feature \(1,\) of kernel 'fc/embedding' is all zeros"):
+    jlora.init(embed, cfg, key=K[1])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",))  # traced init: checked on its result
+  with pytest.raises(ValueError, match=r"output feature \(2,\) of kernel 'fc/kernel' is all zeros"):
+    jlora.init(dense, cfg, key=K[1], shardings=mesh)
+  # With B non-zero at init the column of V = W + scale * A @ B is not zero: no error, finite output.
+  lora = jlora.init(dense, dataclasses.replace(cfg, init_lora_weights=False), key=K[1])
+  assert bool(jnp.all(lora["fc"]["kernel"]["lora_magnitude"] > 0))
+
+
+def test_a_float16_norm_past_its_range_is_an_error_and_a_float32_adapter_keeps_it():
+  w = jnp.full((4, 3), 4.0e4, jnp.float16).at[:, 0].set(1.0)  # feature 1's norm: 8e4 > 65504
+  params = {"fc": {"kernel": w}}
+  cfg = jlora.LoraConfig(r=2, target_modules=("fc",), use_dora=True)
+  with pytest.raises(
+    ValueError,
+    match=r"norm of output feature \(1,\) of kernel 'fc/kernel' is 80000, past .*"
+    r"float16 \(65504\).*dtype='float32'",
+  ):
+    jlora.init(params, cfg, key=K[1])
+  cfg32 = dataclasses.replace(cfg, dtype="float32")
+  m = jlora.init(params, cfg32, key=K[1])["fc"]["kernel"]["lora_magnitude"]
+  assert m.dtype == jnp.float32
+  np.testing.assert_allclose(m, np.linalg.norm(np.asarray(w, np.float64), axis=0), rtol=1e-6)
+
+
+def test_float64_inputs_are_computed_in_float64():
+  with jax.enable_x64(True):
+    w = jax.random.normal(K[0], (12, 7), jnp.float64)
+    params = {"fc": {"kernel": w}}
+    cfg = jlora.LoraConfig(r=3, lora_alpha=6, target_modules=("fc",), init_lora_weights=False, use_dora=True)
+    lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+    node = lora["fc"]["kernel"]
+    assert node["lora_magnitude"].dtype == jnp.float64
+    want = _dora_formula(w, node["lora_A"], node["lora_B"], node["lora_magnitude"], 2.0)
+    merged = jlora.merge(params, lora, cfg)["fc"]["kernel"]
+    assert merged.dtype == jnp.float64
+    np.testing.assert_allclose(merged, want, rtol=1e-12, atol=1e-12)  # float32 inside gave ~1e-7
+    x = jax.random.normal(K[4], (2, 12), jnp.float64)
+    got = jlora.wrap(lambda p, x: x @ p["fc"]["kernel"], cfg)(params, lora, x)
+    np.testing.assert_allclose(got, np.asarray(x) @ want, rtol=1e-12, atol=1e-12)
+
+
+def test_safe_merge_names_a_zero_feature_not_an_overflow():
+  params = {"fc": {"kernel": jax.random.normal(K[0], (5, 4))}}
+  cfg = jlora.LoraConfig(r=2, target_modules=("fc",), use_dora=True)
+  lora = jlora.init(params, cfg, key=K[1])  # B = 0: V = W
+  zero = {"fc": {"kernel": params["fc"]["kernel"].at[:, 3].set(0.0)}}  # a base whose feature 3 is zero
+  with pytest.raises(ValueError, match=r"'fc/kernel'.* output feature \(3,\) .* is all zeros: m / 0"):
+    jlora.merge(zero, lora, cfg, safe_merge=True)
+  bad = jax.tree.map(lambda x: x, lora)
+  bad["fc"]["kernel"]["lora_magnitude"] = lora["fc"]["kernel"]["lora_magnitude"].at[0].set(jnp.inf)
+  with pytest.raises(ValueError, match=r"lora_magnitude of the adapter at 'fc/kernel' contains NaN or Inf"):
+    jlora.merge(params, bad, cfg, safe_merge=True)

@@ -212,6 +212,23 @@ def test_custom_name_map(tmp_path):
   chex.assert_trees_all_equal(lora2, lora)
 
 
+def test_a_name_map_that_answers_no_module_name_is_an_error_naming_the_path(tmp_path):
+  tree = _linen_tree()
+  cfg = _cfg(target_modules=("q_proj",))
+  lora = jlora.init(tree, cfg, key=jax.random.key(1))
+  first = ("params", "model", "layers_0", "self_attn", "q_proj", "kernel")
+  names = {first: "model.layers.0.self_attn.q_proj"}  # the other layer is missing: `.get` answers None
+  for answer, layer, shown in ((names.get, 1, "None"), (lambda path, index: path, 0, r"\('params'")):
+    where = f"'params/model/layers_{layer}/self_attn/q_proj/kernel'"
+    with pytest.raises(
+      ValueError,
+      match=rf"`name_map` returned {shown}.* for the weight at {where}: it must return the PyTorch module "
+      rf"name .* as a tuple of keys \(\('params', 'model', 'layers_{layer}'.* messages print it as {where}",
+    ):
+      jlora.export_peft(tmp_path, lora, cfg, name_map=answer)
+  assert not os.listdir(tmp_path)  # nothing written
+
+
 # -- bad files: each a clear error -------------------------------------------------------
 
 
@@ -286,9 +303,18 @@ def test_bad_config_fields(exported):
   _rewrite(d, config={**cfg, "r": 5})
   with pytest.raises(ValueError, match="has rank 3, but adapter_config.json gives rank 5"):
     jlora.import_peft(d, tree)
+  _rewrite(d, config={**cfg, "r": 3, "rank_pattern": {"(?i)q_proj": 3}})  # compiles alone, not inside PEFT's
+  with pytest.raises(
+    ValueError, match=r"`rank_pattern`/`alpha_pattern` key '\(\?i\)q_proj' is not a valid regex"
+  ):
+    jlora.import_peft(d, tree)
   with open(os.path.join(d, "adapter_config.json"), "w") as f:
     f.write("{not json")
   with pytest.raises(ValueError, match="not valid JSON"):
+    jlora.import_peft(d, tree)
+  with open(os.path.join(d, "adapter_config.json"), "w") as f:  # nested past Python's recursion limit
+    f.write('{"r": ' + "[" * 100_000 + "]" * 100_000 + "}")
+  with pytest.raises(ValueError, match="not valid JSON .*recursion.*the adapter config is corrupted"):
     jlora.import_peft(d, tree)
 
 

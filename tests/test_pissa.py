@@ -236,3 +236,19 @@ def test_against_peft(init, tmp_path):
   np.testing.assert_allclose(got, trained_logits, atol=3e-5)
   lora_back, cfg_back = jlora.import_peft(peft_dir, params, name_map=_NAMES)
   np.testing.assert_allclose(jlora.wrap(_flax, cfg_back)(params, lora_back, _X), trained_logits, atol=3e-5)
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_float64_kernels_are_decomposed_in_float64(init):
+  with jax.enable_x64(True):
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), _params())
+    cfg = _cfg(init)
+    lora, residual = jlora.init_with_residual(params, cfg, key=jax.random.key(1))
+    node = lora["fc1"]["kernel"]
+    assert node["lora_A"].dtype == residual["fc1"]["kernel"].dtype == jnp.float64
+    w = np.asarray(params["fc1"]["kernel"])
+    ab = 2.0 * np.asarray(node["lora_A"]) @ np.asarray(node["lora_B"])  # scale 8 / 4
+    np.testing.assert_allclose(np.asarray(residual["fc1"]["kernel"]) + ab, w, atol=1e-12)  # float32: ~1e-6
+    if init == "pissa":
+      u, s, vh = np.linalg.svd(w)
+      np.testing.assert_allclose(ab, (u[:, :4] * s[:4]) @ vh[:4], atol=1e-11)

@@ -137,3 +137,19 @@ def test_quantizing_twice_is_an_error():
   q = jlora.quantize({"w": {"kernel": jnp.ones((16, 64))}}, qtype="nf4")
   with pytest.raises(ValueError, match=r"already quantized \(at 'w/kernel'\)"):
     jlora.quantize(q, qtype="nf4")
+
+
+@pytest.mark.parametrize("qtype", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_weight_is_an_error_or_non_finite_under_jit(qtype, bad):
+  w = jnp.ones((2, 8)).at[1, 3].set(bad)
+  tree = {"ok": {"kernel": jnp.ones((2, 8))}, "q_proj": {"kernel": w}}
+  with pytest.raises(
+    ValueError, match=rf"'q_proj/kernel' \(2, 8\) has 1 non-finite .* index \(1, 3\), is {bad}"
+  ):
+    jlora.quantize(tree, qtype=qtype, block_size=8)
+  # Traced, it cannot raise: the entry's block dequantizes to non-finite values, not a finite code.
+  for block_size, double_quant in ((8, False), (None, False), (8, True)):
+    opts = dict(qtype=qtype, block_size=block_size, double_quant=double_quant)
+    got = jax.jit(lambda t, o=opts: jlora.dequantize(jlora.quantize(t, **o)))(tree)
+    assert not bool(jnp.isfinite(got["q_proj"]["kernel"][1, 3]))

@@ -29,7 +29,7 @@ def _python_blocks() -> list[tuple[str, str]]:
 def test_readme_has_the_examples_it_promises():
   headings = [h for h, _ in _python_blocks()]
   assert headings.count("Frameworks") == 2  # NNX, Flax attention
-  assert headings.count("Checkpoints and sharing adapters") == 2  # checkpoints, a fresh process
+  assert headings.count("Checkpoints and sharing adapters") == 3  # checkpoints, a fresh process, name_map
   assert "Sharding" in headings
   assert "```text" not in README, "a README example that is not run"
 

@@ -266,3 +266,46 @@ def test_routing_index_arithmetic():
   # The folded rank axis (adapter-major) comes apart as (N, ..., r).
   folded = jnp.arange(2 * 6).reshape(2, 6)  # (fan-in 2, N=3 adapters x r=2)
   np.testing.assert_array_equal(interpreter_routing._unfold(folded, 3)[1], [[2, 3], [8, 9]])
+
+
+_INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+@pytest.mark.parametrize("dtype", _INT_DTYPES)
+def test_traced_ids_of_every_integer_dtype_are_checked_before_any_cast(dtype):
+  # Under jit the range check is in the ids' own dtype: an id that would wrap into [-1, N) when cast to
+  # int32 (uint32 2**32 - 1 -> -1, int64 2**32 + 1 -> 1) gets no adapter and a NaN scale.
+  n = 3
+  info = np.iinfo(dtype)
+  edges = [0, n - 1, n, int(info.max)] + ([-1, -2, int(info.min)] if info.min < 0 else [])
+  edges += [e for e in (2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**32 + 2, -(2**32)) if info.min <= e <= info.max]
+  want_slot = [e if 0 <= e < n else n for e in edges]
+  bad = [not -1 <= e < n for e in edges]
+  with jax.enable_x64(True):  # the 64-bit dtypes exist only with x64 on
+    ids = np.array(edges, dtype)
+
+    def per_example(ids):
+      route = interpreter_routing.routing(n, ids, "gather", (0.0,) * n)
+      return route.slots(), route.per_example((1.0, 2.0, 3.0), jnp.float32)
+
+    slots, scale = jax.jit(per_example)(ids)
+    np.testing.assert_array_equal(slots, want_slot)
+    np.testing.assert_array_equal(np.isnan(scale), bad)
+    np.testing.assert_array_equal(
+      np.where(bad, 0.0, scale), [0.0 if b or e < 0 else e + 1.0 for e, b in zip(edges, bad)]
+    )
+    with pytest.raises(ValueError, match=r"out of range for a bank of 3 adapters"):  # concrete: an error
+      interpreter_routing.routing(n, ids, "gather", (0.0,) * n)
+
+
+def test_wrapped_uint32_max_and_int64_ids_that_wrap_give_nan_not_an_adapter():
+  case, tokens, pairs, bank = _setup("llama")
+  apply = jax.jit(jlora.wrap(case.apply_fn, bank.config))
+  out = apply(case.tree, bank.lora, tokens, adapter_ids=np.array([0, 2**32 - 1, 1, 2], np.uint32))
+  assert bool(jnp.all(jnp.isnan(out[1]))) and not bool(jnp.any(jnp.isnan(out[0::2])))
+  _close(out[2:3], _alone(case, pairs, 1, tokens[2:3]))
+  with jax.enable_x64(True):
+    ids = np.array([2**32 + 1, 2**32, -(2**32), 0], np.int64)
+    out = apply(case.tree, bank.lora, tokens, adapter_ids=ids)
+  assert bool(jnp.all(jnp.isnan(out[:3])))
+  _close(out[3:4], _alone(case, pairs, 0, tokens[3:4]))

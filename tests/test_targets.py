@@ -123,8 +123,31 @@ def test_a_weight_of_a_module_with_two_is_targetable_alone():
   with pytest.raises(ValueError, match=r"Close module names: \['linear'\]"):
     chosen(("lineat",))
   # Without the model, all-linear falls back to leaves named `kernel`; this model has none.
-  with pytest.raises(ValueError, match="leaves nothing to adapt"):
+  with pytest.raises(
+    ValueError,
+    match=r"'all-linear'` without the model only sees leaves named `kernel`.*'layer_0/attn/q_einsum/w'",
+  ):
     chosen("all-linear")
+
+
+def test_all_linear_without_the_model_on_top_level_weights_names_them_and_the_fix():
+  # Linen's self.param("q_w", ...) at the top module: module path '', which is never printed.
+  tree = {"params": {"q_w": jnp.ones((4, 4)), "v_w": jnp.ones((4, 4))}}
+  with pytest.raises(ValueError, match=r"its weights: \['q_w', 'v_w'\]\. Pass the model .*apply_fn=") as err:
+    jlora.init(tree, jlora.LoraConfig(target_modules="all-linear"), key=jax.random.key(0))
+  assert "''" not in str(err.value)
+  # With the model, all-linear finds them whatever their names.
+  lora = jlora.init(
+    tree,
+    jlora.LoraConfig(target_modules="all-linear"),
+    key=jax.random.key(0),
+    apply_fn=lambda t, x: (x @ t["params"]["q_w"]) @ t["params"]["v_w"],
+    example_args=(jnp.ones((2, 4)),),
+  )
+  assert sorted(lora["params"]) == ["q_w", "v_w"]
+  # A tree of top-level leaves that leaves nothing to adapt lists parameter paths, not ''.
+  with pytest.raises(ValueError, match=r"leaves nothing to adapt .* exist: \['q_w', 'v_w'\]"):
+    jlora_targets.match_targets(tree, jlora.LoraConfig(target_modules=("q_w",), exclude_modules=("q_w",)))
 
 
 def test_all_linear_leaves_out_a_keras_hub_reverse_embedding_head():

@@ -196,7 +196,9 @@ def init_adapters(
     pair = _init_pair(spec, config, k, dtype)
     if config.use_dora:
       kernel_view = view(spec, leaves[spec.path], pair[paths.LORA_A], pair[paths.LORA_B])
-      pair[paths.LORA_MAGNITUDE] = dora.initial_magnitude(kernel_view, spec.layers).astype(dtype)
+      norm = dora.initial_magnitude(kernel_view, spec.layers)
+      dora.check_initial(spec.where, norm, dtype)
+      pair[paths.LORA_MAGNITUDE] = norm.astype(dtype)
     paths.nested_set(out, spec.path, pair)
   add_saved_copies(out, tree, config, specs)
   return out

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
@@ -335,6 +335,38 @@ def _to_tree_order(kern: _Kernel, a: jax.Array, b: jax.Array) -> dict[str, jax.A
   return {paths.LORA_A: a.astype(kern.dtype), paths.LORA_B: b.astype(kern.dtype)}
 
 
+def _refuse_dora(configs: Sequence[LoraConfig]) -> None:
+  """Raises for a DoRA adapter: there is no combination of magnitudes to compute."""
+  dora = [i for i, c in enumerate(configs) if c.use_dora]
+  if dora:
+    raise ValueError(
+      f"`adapters[{dora[0]}]` is a DoRA adapter (`use_dora=True`); `jlora.add_weighted` combines LoRA "
+      "factors, not DoRA magnitudes. PEFT's `add_weighted_adapter` does not combine them either: its "
+      "result keeps the magnitude its new adapter got at its own initialisation (the kernel norms at a "
+      "random or zero update), dropping the trained ones, so there is no combination to reproduce. Merge "
+      "each DoRA adapter into the base instead (`jlora.merge`), or combine plain LoRA adapters."
+    )
+
+
+def _check_weights(weights: Any, n: int) -> list[float]:
+  """``weights`` as ``n`` finite floats, one per adapter."""
+  want = f"`weights` must be {n} finite numbers, one per adapter (e.g. weights={[round(1 / n, 3)] * n})"
+  if isinstance(weights, (str, bytes)) or not isinstance(weights, Iterable):
+    raise ValueError(f"{want}; got {weights!r}.")
+  weights = list(weights)
+  if len(weights) != n or not all(
+    isinstance(w, (int, float, np.floating, np.integer)) and not isinstance(w, bool) for w in weights
+  ):
+    raise ValueError(f"{want}; got {weights!r}.")
+  bad = [i for i, w in enumerate(weights) if not math.isfinite(w)]
+  if bad:
+    raise ValueError(
+      f"{want}: `weights[{bad[0]}]` is {weights[bad[0]]!r}, which would make every combined factor NaN; "
+      "pass a finite weight."
+    )
+  return [float(w) for w in weights]
+
+
 def add_weighted(
   adapters: Sequence[tuple[Any, LoraConfig]],
   weights: Sequence[float],
@@ -366,7 +398,7 @@ def add_weighted(
 
   Args:
     adapters: ``(lora, config)`` pairs, at least one.
-    weights: a weight per adapter (negative weights subtract).
+    weights: a finite weight per adapter (negative weights subtract).
     method: one of ``"linear"``, ``"cat"``, ``"svd"``, ``"ties"``,
       ``"ties_svd"``, ``"dare_linear"``, ``"dare_ties"``, ``"dare_linear_svd"``,
       ``"dare_ties_svd"``, ``"magnitude_prune"``, ``"magnitude_prune_svd"``.
@@ -386,11 +418,12 @@ def add_weighted(
 
   Raises:
     ValueError: for an unknown method, an option the method does not use or
-      a missing one (``density``, ``key``), weights that are not one per
-      adapter, ranks the method cannot combine, adapters of different bases
+      a missing one (``density``, ``key``), ``weights`` that are not one
+      finite number per adapter, ranks the method cannot combine, adapters of different bases
       (naming the kernel), configs that disagree on ``exclude_modules``,
-      ``layers_to_transform`` or layouts, or that train copies
-      (``modules_to_save``, ``bias``).
+      ``layers_to_transform`` or layouts, that train copies
+      (``modules_to_save``, ``bias``), or DoRA adapters (``use_dora``: PEFT
+      keeps the new adapter's initial magnitudes, there is nothing to match).
     TypeError: for a config that is not a `LoraConfig`.
 
   Example:
@@ -406,16 +439,12 @@ def add_weighted(
     ((6, 3), 3, 3.0)
   """
   adapters_ = adapter_pairs(adapters, "jlora.add_weighted")
-  weights = list(weights)
-  if len(weights) != len(adapters_) or not all(
-    isinstance(w, (int, float, np.floating, np.integer)) and not isinstance(w, bool) for w in weights
-  ):
-    raise ValueError(f"`weights` must be {len(adapters_)} numbers, one per adapter; got {weights!r}.")
-  weights = [float(w) for w in weights]
+  weights = _check_weights(weights, len(adapters_))
   _check_method_options(
     method, r=r, density=density, majority_sign_method=majority_sign_method, key=key, svd_clamp=svd_clamp
   )
   configs = [check_config(cfg, f"adapters[{i}][1]") for i, (_, cfg) in enumerate(adapters_)]
+  _refuse_dora(configs)
   ranks = [_config_rank(c) for c in configs]
   if len(adapters_) == 1:
     if r is not None and r != ranks[0]:

@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
+
 InitLoraWeights = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora"
 Bias = Literal["none", "all", "lora_only"]
 BIAS_MODES = ("none", "all", "lora_only")
@@ -41,6 +43,14 @@ def pissa_niter(init: Any) -> int | None:
   return int(m.group(1)) if m else None
 
 
+# The largest alpha: scales (alpha / r, alpha / sqrt(r), never above alpha) are applied in float32.
+_ALPHA_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_alpha(value: float) -> bool:
+  return math.isfinite(value) and 0 < value <= _ALPHA_MAX
+
+
 def _as_str_tuple(field: str, value: Any) -> tuple[str, ...] | str | None:
   if value is None or isinstance(value, str):
     return value
@@ -58,11 +68,26 @@ def _as_str_tuple(field: str, value: Any) -> tuple[str, ...] | str | None:
   )
 
 
-def _check_regex(field: str, pattern: str) -> None:
+def _check_regex(field: str, pattern: str, *, embedded: bool = False) -> None:
+  """Raises for a ``pattern`` that is not a valid regex, alone or (``embedded``) in `pattern_regex`."""
   try:
     re.compile(pattern)
+    if embedded:
+      re.compile(pattern_regex(pattern))
   except re.error as e:
-    raise ValueError(f"`{field}` pattern {pattern!r} is not a valid regex: {e}.") from e
+    fix = ""
+    if embedded:
+      fix = (
+        f" (jlora matches it as {pattern_regex(pattern)!r}, a suffix of the module path; write a flag "
+        "for the pattern alone as a group, e.g. '(?i:q_proj)' instead of '(?i)q_proj')"
+      )
+    raise ValueError(f"`{field}` pattern {pattern!r} is not a valid regex{fix}: {e}.") from e
+
+
+def pattern_regex(key: str) -> str:
+  """The regex a ``rank_pattern``/``alpha_pattern``/``layout_pattern`` key becomes: it matches a whole
+  module path or a ``/``-suffix of it."""
+  return rf"(?:.*/)?(?:{key})"
 
 
 def _freeze_mapping(field: str, value: Any, check) -> tuple[tuple[str, Any], ...]:
@@ -79,7 +104,7 @@ def _freeze_mapping(field: str, value: Any, check) -> tuple[tuple[str, Any], ...
   for key, val in value.items():
     if not isinstance(key, str) or not key:
       raise ValueError(f"`{field}` keys must be non-empty strings; got {key!r}.")
-    _check_regex(field, key)
+    _check_regex(field, key, embedded=True)
     items.append((key, check(key, val)))
   return tuple(items)
 
@@ -91,7 +116,8 @@ class LoraConfig:
   Attributes:
     r: adapter rank, a positive integer.
     lora_alpha: scaling numerator; the update is ``(lora_alpha / r) * A @ B``
-      (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+      (or ``lora_alpha / sqrt(r)`` with ``use_rslora``). Finite, > 0 and at
+      most float32's largest value (the scale is applied in float32).
     lora_dropout: dropout rate in ``[0, 1)`` on the input of the LoRA branch
       (applied by the wrapped apply only when a ``lora_dropout_key`` is given).
     target_modules: which modules to adapt. A list/tuple of names: a module
@@ -176,8 +202,12 @@ class LoraConfig:
       raise ValueError(f"`r` must be a positive integer; got {self.r!r}.")
     if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
       raise TypeError(f"`lora_alpha` must be a number; got {self.lora_alpha!r}.")
-    if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
-      raise ValueError(f"`lora_alpha` must be a finite number > 0; got {self.lora_alpha!r}.")
+    if not _is_alpha(self.lora_alpha):
+      raise ValueError(
+        f"`lora_alpha` must be a finite number > 0 and at most {_ALPHA_MAX:.4g} (the scale is applied in "
+        f"float32, where a larger one is inf and a fresh adapter's update inf * 0 = NaN); got "
+        f"{self.lora_alpha!r}."
+      )
     set_("lora_alpha", float(self.lora_alpha))
     if (
       isinstance(self.lora_dropout, bool)
@@ -242,8 +272,11 @@ class LoraConfig:
       return val
 
     def check_alpha(key, val):
-      if isinstance(val, bool) or not isinstance(val, (int, float)) or not (math.isfinite(val) and val > 0):
-        raise ValueError(f"`alpha_pattern[{key!r}]` must be a finite number > 0; got {val!r}.")
+      if isinstance(val, bool) or not isinstance(val, (int, float)) or not _is_alpha(val):
+        raise ValueError(
+          f"`alpha_pattern[{key!r}]` must be a finite number > 0 and at most {_ALPHA_MAX:.4g} (the float32 "
+          f"range, as `lora_alpha`); got {val!r}."
+        )
       return float(val)
 
     set_("rank_pattern", _freeze_mapping("rank_pattern", self.rank_pattern, check_rank))
@@ -344,7 +377,7 @@ def longest_match(items: Iterable[tuple[str, Any]], names: str | Sequence[str]) 
   names = (names,) if isinstance(names, str) else tuple(names)
   best = None
   for key, value in items:
-    if any(re.fullmatch(rf"(?:.*/)?(?:{key})", name) for name in names):
+    if any(re.fullmatch(pattern_regex(key), name) for name in names):
       if best is None or len(key) > len(best[0]):
         best = (key, value)
   return best

@@ -16,8 +16,11 @@ follow `LoraValue`'s layout: ``a`` over ``a_axes`` plus the rank, ``b`` over
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora._src import values as V
 from jlora._src.contractions import contract
@@ -26,14 +29,16 @@ _HIGHEST = dict(precision=jax.lax.Precision.HIGHEST)
 
 
 def column_norm(kv: V.LoraValue) -> jax.Array:
-  """``||W + scale * A @ B||`` per output feature of the view ``kv``, over ``b_axes``, in float32.
+  """``||W + scale * A @ B||`` per output feature of the view ``kv``, over ``b_axes``, in
+  ``kv.accumulate_dtype`` (float32, float64 for float64 inputs).
 
   Computed from ``||W||^2``, ``A^T W`` and ``A^T A`` (never an ``in x out`` update),
   under ``stop_gradient``.
   """
-  w = kv.base.astype(jnp.float32)  # no gradient reaches the norm (stop_gradient below)
-  a = jax.lax.stop_gradient(kv.a).astype(jnp.float32)
-  b = jax.lax.stop_gradient(kv.b).astype(jnp.float32)
+  acc = kv.accumulate_dtype
+  w = kv.base.astype(acc)  # no gradient reaches the norm (stop_gradient below)
+  a = jax.lax.stop_gradient(kv.a).astype(acc)
+  b = jax.lax.stop_gradient(kv.b).astype(acc)
   lab = V.letters(len(kv.shape) + 2)
   r, q = lab[-2], lab[-1]
   k_lab = "".join(lab[: len(kv.shape)])
@@ -69,6 +74,52 @@ def initial_magnitude(kv: V.LoraValue, layers: tuple[int, ...] | None) -> jax.Ar
   return jnp.transpose(norm, [kv.b_axes.index(ax) for ax in sorted(kv.b_axes)])
 
 
+def check_initial(where: str, norm: jax.Array, dtype: Any) -> None:
+  """Raises if a concrete initial magnitude ``norm`` (`initial_magnitude`) cannot start DoRA.
+
+  A zero norm is an all-zero output feature of the kernel (a column of a Dense
+  kernel, a feature of an embedding): ``m / ||W||`` is then ``0 / 0``, NaN in
+  the output and in every factor's gradient (PEFT divides without an epsilon
+  too). A norm past ``dtype``'s range would be stored as ``inf``. A NaN norm
+  is a NaN or inf in the kernel. Under a trace (``jit``) nothing is checked.
+
+  Args:
+    where: the kernel's path, for the message.
+    norm: the magnitude before its cast, in the kernel's axis order.
+    dtype: the dtype the magnitude is stored in (the adapter's).
+
+  Raises:
+    ValueError: naming the kernel, the output feature's index and the fix.
+  """
+  if isinstance(norm, jax.core.Tracer):
+    return
+  host = np.asarray(norm).astype(np.float64)
+  shape = tuple(host.shape)
+  first = lambda bad: tuple(int(i) for i in np.argwhere(bad)[0])  # noqa: E731
+  if np.isnan(host).any():
+    raise ValueError(
+      f"DoRA: kernel {where!r} holds NaN or inf, so the norm of its output feature {first(np.isnan(host))} "
+      f"(index into `lora_magnitude`, shape {shape}) is NaN; fix the base weights, or leave the kernel out "
+      "of `target_modules`."
+    )
+  if (host == 0).any():
+    raise ValueError(
+      f"DoRA: output feature {first(host == 0)} of kernel {where!r} is all zeros (index into "
+      f"`lora_magnitude`, shape {shape}; a Dense kernel's column, an embedding's feature): its norm is 0, "
+      "so DoRA's m / ||W|| is 0 / 0 and the output and every factor's gradient would be NaN (PEFT "
+      "divides without an epsilon too). Leave the kernel out of the DoRA adapter (`exclude_modules`, or a "
+      "plain LoRA config for it), or start from weights with no all-zero feature."
+    )
+  big = host > float(jnp.finfo(dtype).max)
+  if big.any():
+    at = first(big)
+    raise ValueError(
+      f"DoRA: the norm of output feature {at} of kernel {where!r} is {host[at]:.6g}, past the largest "
+      f"{jnp.dtype(dtype).name} ({float(jnp.finfo(dtype).max):g}), so its magnitude would be stored as inf. "
+      "Keep the adapter in float32: `LoraConfig(..., dtype='float32')`."
+    )
+
+
 def scale(kv: V.LoraValue, m: jax.Array, layers: tuple[int, ...] | None) -> jax.Array:
   """DoRA's ``m / ||W + scale * A @ B||`` for the whole kernel ``kv``, over its ``b_axes``.
 
@@ -82,7 +133,7 @@ def scale(kv: V.LoraValue, m: jax.Array, layers: tuple[int, ...] | None) -> jax.
   """
   norm = column_norm(kv)
   kernel_order = sorted(kv.b_axes)
-  m = jnp.transpose(m, [kernel_order.index(ax) for ax in kv.b_axes]).astype(jnp.float32)
+  m = jnp.transpose(m, [kernel_order.index(ax) for ax in kv.b_axes]).astype(norm.dtype)
   if layers is None:
     return m / norm
   idx = jnp.asarray(layers)

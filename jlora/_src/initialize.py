@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._src import adapters, paths, sharding, targets
+from jlora._src import adapters, dora, paths, sharding, targets
 from jlora._src import layouts as layouts_
 from jlora._src.config import ALL_LINEAR, LoraConfig, check_config, residual_init
 from jlora._src.qarray import is_quantized
@@ -173,4 +173,8 @@ def _init_sharded(
         f"`shardings` holds non-Sharding leaves at {bad[:5]}; PartitionSpecs need a mesh: "
         "`jlora.adapter_specs(..., mesh=mesh)` returns NamedShardings."
       )
-  return jax.jit(fn, out_shardings=shardings)(saved, key)
+  out = jax.jit(fn, out_shardings=shardings)(saved, key)
+  for path, leaf in paths.leaves_with_paths(out):  # traced above: DoRA's magnitudes are checked here
+    if path[-1] == paths.LORA_MAGNITUDE and leaf.is_fully_addressable:
+      dora.check_initial(paths.to_str(path[:-1]), leaf, leaf.dtype)
+  return out

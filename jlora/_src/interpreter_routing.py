@@ -110,7 +110,24 @@ def routing(num_adapters: int, adapter_ids: Any, design: str, dropout: tuple[flo
         f"`adapter_ids` {concrete[bad].tolist()} (at examples {bad.tolist()}) are out of range for a bank "
         f"of {num_adapters} adapters: ids are in [0, {num_adapters}), or -1 for the base model alone."
       )
-  return Routing(jnp.asarray(adapter_ids, jnp.int32), num_adapters, design, dropout)
+  return Routing(_as_int32(adapter_ids, num_adapters), num_adapters, design, dropout)
+
+
+def _as_int32(ids: Any, num_adapters: int) -> jax.Array:
+  """``ids`` as int32, with every id out of ``[-1, num_adapters)`` (in its own dtype) as ``-2``.
+
+  The range is checked before the cast, in the ids' dtype, so that no id wraps into range: a uint32
+  ``2**32 - 1`` is not ``-1`` and an int64 ``2**32 + 1`` is not ``1``. ``-2`` is out of range for every
+  bank, so `Routing` gives that example no adapter and a NaN scale.
+  """
+  ids = jnp.asarray(ids)
+  info = jnp.iinfo(ids.dtype)
+  valid = jnp.ones(ids.shape, bool)
+  if info.min < -1:
+    valid = valid & (ids >= jnp.asarray(-1, ids.dtype))
+  if num_adapters <= info.max:
+    valid = valid & (ids < jnp.asarray(num_adapters, ids.dtype))
+  return jnp.where(valid, ids.astype(jnp.int32), jnp.int32(-2))
 
 
 def is_routed(x: Any) -> bool:

@@ -25,7 +25,8 @@ def _concrete(arr: Any) -> np.ndarray:
 
 def _check_finite(item: adapters.Bound, base: Any, merged: Any) -> None:
   """PEFT's ``safe_merge``: the factors, then the merged kernel in its own dtype, must be finite."""
-  for name, arr in ((paths.LORA_A, item.a), (paths.LORA_B, item.b)):
+  factors = ((paths.LORA_A, item.a), (paths.LORA_B, item.b))
+  for name, arr in factors + (((paths.LORA_MAGNITUDE, item.m),) if item.m is not None else ()):
     if not bool(np.all(np.isfinite(_concrete(arr)))):
       raise ValueError(
         f"Refusing to merge: {name} of the adapter at {item.spec.where!r} contains NaN or Inf. "
@@ -40,6 +41,14 @@ def _check_finite(item: adapters.Bound, base: Any, merged: Any) -> None:
       if base_ok
       else "the base kernel itself holds NaN or Inf"
     )
+    if base_ok and item.m is not None:
+      norm = _concrete(dora.column_norm(adapters.view(item.spec, item.kernel, item.a, item.b)))
+      if (norm == 0).any():
+        why = (
+          f"DoRA divides by the norm of W + scale * A @ B per output feature, and output feature "
+          f"{tuple(int(i) for i in np.argwhere(norm == 0)[0])} (over the kernel's stacked and fan-out axes) "
+          "is all zeros: m / 0"
+        )
     raise ValueError(
       f"Refusing to merge: the merged kernel at {item.spec.where!r} ({dtype}) would contain NaN or Inf: "
       f"{why}. Nothing was merged; serve it unmerged with `jlora.wrap`, or merge into a wider dtype "

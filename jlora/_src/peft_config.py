@@ -86,7 +86,7 @@ def read_peft_config(file: Any) -> dict[str, Any]:
     raise FileNotFoundError(f"No {CONFIG_NAME} at {path!r}; is this a PEFT adapter directory?")
   try:
     data = json.loads(storage.read_bytes(file).decode())
-  except (OSError, ValueError) as e:
+  except (OSError, ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
     raise ValueError(f"{path!r} is not valid JSON ({e}); the adapter config is corrupted.") from e
   if not isinstance(data, Mapping):
     raise ValueError(f"{path!r} must hold a JSON object; got {type(data).__name__}.")
@@ -129,7 +129,15 @@ def read_peft_config(file: Any) -> dict[str, Any]:
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
   """PEFT's `get_pattern_key`: the first pattern matching the module name or a dotted suffix."""
   for key, value in patterns.items():
-    if re.match(rf"(.*\.)?({key})$", name):
+    regex = rf"(.*\.)?({key})$"
+    try:
+      hit = re.match(regex, name)
+    except re.error as e:
+      raise ValueError(
+        f"adapter_config.json's `rank_pattern`/`alpha_pattern` key {key!r} is not a valid regex where PEFT "
+        f"uses it ({regex!r}): {e}; fix or escape it in the file."
+      ) from e
+    if hit:
       return value
   return default
 

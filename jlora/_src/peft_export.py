@@ -22,6 +22,7 @@ from jlora._src.peft_names import (
   Keys,
   NameMap,
   PeftParameter,
+  checked_name_map,
   default_name_map,
   family_name,
   is_conv1d,
@@ -143,6 +144,7 @@ def _adapter_tensors(
   """Each adapter's ``lora_A``/``lora_B`` (one module per stacked entry, or one expert parameter per
   layer); the rank and alpha by module or parameter name; the expert parameters' names. ``used``: the
   layouts read off the model, with the ops that use each kernel (``None``: no model)."""
+  name_map = checked_name_map(name_map)
   named = [
     (item, dict(peft_io.module_names(s.path, s.layout, s.kernel_shape, name_map, s.layers)))
     for item in bound
@@ -206,6 +208,7 @@ def _saved_tensors(
   out: _Tensors,
 ) -> list[str]:
   """Trained biases and `modules_to_save` copies as PEFT keys; the saved modules' names."""
+  name_map = checked_name_map(name_map)
   saved_modules = []
   for path, leaf in saved.items():
     where = paths.to_str(path)

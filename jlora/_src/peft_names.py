@@ -259,6 +259,33 @@ def _hf_like(path: paths.Path, index: int | None) -> bool:
   return bool(entries) and entries[-1] in _HF_TOP
 
 
+def checked_name_map(name_map: NameMap) -> NameMap:
+  """``name_map`` with each answer checked: a non-empty module name (str) or a `PeftParameter`.
+
+  A map that answers anything else (``None`` from a dict's ``.get``, a path tuple)
+  would give every weight the same PEFT key (``...None.lora_A.weight``).
+
+  Raises:
+    ValueError: (from the returned map) for such an answer, naming the path, the
+      index and the answer.
+  """
+
+  def checked(path: paths.Path, index: int | None = None) -> str | PeftParameter:
+    name = name_map(path, index)
+    if isinstance(name, PeftParameter) or (isinstance(name, str) and name):
+      return name
+    at = repr(paths.to_str(path)) + ("" if index is None else f" (index {index})")
+    raise ValueError(
+      f"Your `name_map` returned {name!r} for the weight at {at}: it must return the PyTorch module name "
+      "without 'base_model.model.' (a non-empty str such as 'model.layers.0.self_attn.q_proj'), or a "
+      "`jlora.PeftParameter` for an expert kernel. The map gets the path as a tuple of keys "
+      f"({tuple(path)!r}; messages print it as {paths.to_str(path)!r}) and `index`, the entry along the "
+      "weight's stacked axis or None."
+    )
+
+  return checked
+
+
 def default_name_map(path: paths.Path, index: int | None = None) -> str:
   """The name map `export_peft` and `import_peft` use when given none (see module doc).
 

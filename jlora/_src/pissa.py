@@ -62,7 +62,7 @@ def _svd_lowrank(w: jax.Array, q: int, niter: int, key: jax.Array) -> tuple[jax.
   tall = w.shape[0] >= w.shape[1]
   a = w if tall else w.T
   qr = lambda x: jnp.linalg.qr(x)[0]  # noqa: E731
-  basis = qr(_mm(a, jax.random.normal(key, (a.shape[1], q), jnp.float32)))
+  basis = qr(_mm(a, jax.random.normal(key, (a.shape[1], q), a.dtype)))
   for _ in range(niter):
     basis = qr(_mm(a, qr(_mm(a.T, basis))))
   u, s, vh = jnp.linalg.svd(_mm(basis.T, a), full_matrices=False)
@@ -71,7 +71,7 @@ def _svd_lowrank(w: jax.Array, q: int, niter: int, key: jax.Array) -> tuple[jax.
 
 
 def _factor(w: jax.Array, rank: int, scale: float, init: Any, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """PEFT's ``(lora_A (r, in), lora_B (out, r))`` of one float32 ``(out, in)`` weight."""
+  """PEFT's ``(lora_A (r, in), lora_B (out, r))`` of one ``(out, in)`` weight, in its dtype."""
   if init == "olora":
     q, r = jnp.linalg.qr(w)
     return r[:rank], q[:, :rank]
@@ -105,12 +105,14 @@ def _check_spec(spec: adapters.AdapterSpec, config: LoraConfig) -> None:
 def principal_pair(spec: adapters.AdapterSpec, kernel: Any, config: LoraConfig, key: jax.Array, dtype: Any):
   """``(lora_A, lora_B, residual kernel)`` of one adapter, the factors in the kernel's axis order.
 
-  The kernel (dequantized if quantized) is decomposed in float32, one matrix per
-  selected stacked entry; the residual keeps the kernel's dtype (a quantized
-  kernel is quantized again in its format; unselected layers are unchanged).
+  The kernel (dequantized if quantized) is decomposed in float32 (float64 for a
+  float64 kernel, under x64), one matrix per selected stacked entry; the
+  residual keeps the kernel's dtype (a quantized kernel is quantized again in
+  its format; unselected layers are unchanged).
   """
   _check_spec(spec, config)
-  full = (kernel.dequantize(jnp.float32) if is_quantized(kernel) else jnp.asarray(kernel)).astype(jnp.float32)
+  full = kernel.dequantize(jnp.float32) if is_quantized(kernel) else jnp.asarray(kernel)
+  full = full.astype(jnp.result_type(jnp.float32, full.dtype))
   canon = jnp.transpose(full, spec.layout.kernel_perm())
   n_stacked = len(spec.layout.stacked_axes)
   if spec.layers is not None:

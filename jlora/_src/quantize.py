@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jlora._src import paths
 from jlora._src import targets as target_rules
@@ -145,8 +146,10 @@ def quantize(
 
   Raises:
     ValueError: for an unknown ``qtype``, a ``block_size`` that does not
-      divide a weight's last axis, a target that matches nothing, or a tree
-      that is already quantized; each naming the path.
+      divide a weight's last axis, a target that matches nothing, a tree
+      that is already quantized, or a weight with a NaN or infinite entry
+      (under ``jit``, where it cannot raise, such an entry makes its block
+      dequantize to non-finite values); each naming the path.
 
   Example:
     >>> import jax, jax.numpy as jnp, jlora
@@ -187,9 +190,29 @@ def quantize(
       raise ValueError(
         f"{paths.to_str(path)!r} {tuple(leaf.shape)} has an odd last axis; 4-bit codes pack two per byte."
       )
+    _check_finite(leaf, path)
     return quantize_array(leaf, qtype=qtype, block_size=block_size, double_quant=double_quant)
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _check_finite(leaf: Any, path: paths.Path) -> None:
+  """Raises for a concrete weight with a NaN or infinite entry, which no code can stand for.
+
+  A traced weight (`quantize` under ``jit``) cannot raise: there a non-finite
+  entry makes its block's scale non-finite, so the block dequantizes to
+  non-finite values, never to a finite stand-in.
+  """
+  if isinstance(leaf, jax.core.Tracer):
+    return
+  finite = np.isfinite(np.asarray(leaf, np.float32))
+  if not finite.all():
+    at = tuple(int(i) for i in np.argwhere(~finite)[0])
+    raise ValueError(
+      f"{paths.to_str(path)!r} {tuple(leaf.shape)} has {int((~finite).sum())} non-finite entries (the first, "
+      f"at index {at}, is {np.asarray(leaf)[at]}); no code stands for NaN or inf: fix the weight (or leave "
+      "it out with `targets=`) before quantizing."
+    )
 
 
 def dequantize(tree: Any) -> Any:

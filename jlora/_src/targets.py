@@ -165,6 +165,7 @@ def layer_index(module: str, layers_pattern: tuple[str, ...] | None) -> int | No
 
 
 def _unmatched_error(field: str, spec: str, modules: list[str]) -> ValueError:
+  modules = [m for m in modules if m]  # a top-level module's path is '': its parameter paths are listed
   names = sorted({m.split("/")[-1] for m in modules})
   close = difflib.get_close_matches(spec.rsplit("/", maxsplit=1)[-1], names, n=5, cutoff=0.5)
   sample = modules[:12]
@@ -242,18 +243,28 @@ def match_targets(
     chosen = [c for c in chosen if not name_matches(config.exclude_modules, c.names)]
   if config.modules_to_save is not None:
     chosen = [c for c in chosen if not name_matches(config.modules_to_save, c.names)]
+  # A top-level leaf's module path is '': show parameter paths where a module path is empty.
+  shown = [m for m in modules if m] or [c.param for c in cands]
   if not chosen and spec == ALL_LINEAR and linear is not None:
     raise ValueError(
       "`target_modules='all-linear'` found no weight the model uses as a linear layer other than "
       "the output head (convolutions and embedding lookups are not linear layers, as in PEFT); "
-      f"name the modules to adapt in `target_modules`. Module paths: {modules[:12]}."
+      f"name the modules to adapt in `target_modules`. Module paths: {shown[:12]}."
+    )
+  if not chosen and spec == ALL_LINEAR and not any(c.leaf_name == "kernel" and not is_head(c) for c in cands):
+    raise ValueError(
+      "`target_modules='all-linear'` without the model only sees leaves named `kernel` (it cannot tell "
+      "which other weights are used as linear layers), and this tree has none outside the output head; "
+      f"its weights: {[c.param for c in cands][:12]}. Pass the model to `jlora.init` "
+      "(`apply_fn=model.apply, example_args=(x,)`) so 'all-linear' finds every weight the model uses as a "
+      "linear layer whatever its name, or name the weights in `target_modules`."
     )
   if not chosen:
     raise ValueError(
       f"`target_modules`={spec!r} with `exclude_modules`={config.exclude_modules!r} and "
       f"`modules_to_save`={config.modules_to_save!r} leaves nothing to adapt (a module in "
       "`modules_to_save` is trained in full, not adapted). Some module paths that exist: "
-      f"{modules[:12]}."
+      f"{shown[:12]}."
     )
   return chosen
 

@@ -116,8 +116,14 @@ class LoraValue:
 
   # -- materialisation -------------------------------------------------------
 
-  def delta(self, dtype: Any = jnp.float32) -> jax.Array:
-    """``scale * einsum(a, b)`` laid out as the view."""
+  @property
+  def accumulate_dtype(self) -> Any:
+    """The dtype sums over this kernel are accumulated in: float32, or wider if an input is
+    (float64 under x64)."""
+    return jnp.result_type(jnp.float32, jnp.dtype(self.w.dtype), self.a.dtype, self.b.dtype)
+
+  def delta(self) -> jax.Array:
+    """``scale * einsum(a, b)`` laid out as the view, in `accumulate_dtype`."""
     lab = letters(len(self.shape) + 1)
     r = lab[-1]
     spec = (
@@ -129,17 +135,18 @@ class LoraValue:
       + "->"
       + "".join(lab[: len(self.shape)])
     )
-    a = self.a.astype(jnp.float32)
-    b = self.b.astype(jnp.float32)
+    a = self.a.astype(self.accumulate_dtype)
+    b = self.b.astype(self.accumulate_dtype)
     d = jnp.einsum(spec, a, b, precision=jax.lax.Precision.HIGHEST)
-    return (d * self.scale).astype(dtype)
+    return d * self.scale
 
   def dense(self) -> jax.Array:
-    """The kernel view itself, ``w + delta`` (``g * (w + delta)`` with DoRA), accumulated in float32."""
-    merged = self.base.astype(jnp.float32) + self.delta()
+    """The kernel view itself, ``w + delta`` (``g * (w + delta)`` with DoRA), accumulated in
+    `accumulate_dtype`."""
+    merged = self.base.astype(self.accumulate_dtype) + self.delta()
     if self.g is not None:
       perm = sorted(range(len(self.b_axes)), key=lambda i: self.b_axes[i])
-      g = jnp.transpose(self.g, perm).astype(jnp.float32)
+      g = jnp.transpose(self.g, perm).astype(self.accumulate_dtype)
       merged = merged * jnp.expand_dims(g, [i for i in range(len(self.shape)) if i not in self.b_axes])
     return merged.astype(self.w.dtype)
 

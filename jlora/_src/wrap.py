@@ -223,6 +223,7 @@ def _make_apply(
         "`adapter_ids` routes examples to the adapters of a bank, but this apply wraps one adapter's "
         "LoraConfig: stack the adapters with `bank = jlora.stack(...)` and wrap `bank.config`."
       )
+    _check_dropout_key(lora_dropout_key)
     dropout = lora_dropout_key is not None and max(rates) > 0.0
     if strategy == "merged" and dropout:
       raise ValueError(
@@ -258,6 +259,28 @@ def _make_apply(
     return jax.tree_util.tree_unflatten(traced.out_tree, outs)
 
   return apply
+
+
+def _check_dropout_key(key: Any) -> None:
+  """Raises unless ``key`` is ``None`` or one PRNG key: a typed key of shape ``()``
+  (`jax.random.key`) or a raw 1-D uint32 key (`jax.random.PRNGKey`)."""
+  if key is None:
+    return
+  dtype = getattr(key, "dtype", None)
+  shape = tuple(getattr(key, "shape", ()))
+  typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  if (typed and shape == ()) or (dtype == np.uint32 and len(shape) == 1):
+    return
+  if typed or (dtype == np.uint32 and len(shape) > 1):
+    raise ValueError(
+      f"`lora_dropout_key` must be one PRNG key; got a batch of keys of shape {shape}. Pass one key "
+      "(each LoRA branch folds in its own counter), e.g. `keys[0]` or `jax.random.split(key)[0]`; to give "
+      "each example its own key, `jax.vmap` the wrapped apply over the keys."
+    )
+  raise TypeError(
+    f"`lora_dropout_key` must be a PRNG key such as `jax.random.key(0)` (or a raw `jax.random.PRNGKey(0)`); "
+    f"got {type(key).__name__} {key!r}."
+  )
 
 
 def wrap(
@@ -355,10 +378,12 @@ def wrap(
       range (concrete) or not one per example at an adapted kernel, or a bank
       kernel used where it cannot be routed (a convolution, ``ragged_dot``);
       ``adapter_ids`` given for a plain `LoraConfig`; ``dora_recompute=True``
-      for a config without ``use_dora`` or with ``strategy="merged"``.
+      for a config without ``use_dora`` or with ``strategy="merged"``; a
+      ``lora_dropout_key`` that is a batch of keys.
     TypeError: if ``config`` is not a `LoraConfig` or `BankConfig`, or
       ``fuse_siblings`` or ``dora_recompute`` not a bool; when called, for
-      ``adapter_ids`` that are not integers.
+      ``adapter_ids`` that are not integers or a ``lora_dropout_key`` that is
+      not a PRNG key.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jlora
