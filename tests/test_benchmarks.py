@@ -114,3 +114,12 @@ def test_swiglu_temp_runs():
   # What the README describes: without biases XLA:CPU keeps both products of gate and up for the
   # backward pass; with them the excess is smaller. If this stops holding, re-measure the README.
   assert rows["yes"][2] < rows["no"][2]
+
+
+@pytest.mark.slow
+def test_pod_storage_quick(tmp_path):
+  """The 2-process save/restore benchmark runs both sides on a real job (its times are only printed)."""
+  result = _quick("pod_storage.py", tmp_path)
+  assert set(result["times"]) == {"jlora", "orbax"}
+  assert all(len(t) == 2 and min(t) > 0 for t in result["times"].values())
+  assert result["adapter_bytes"] > 0 and result["ratio"] > 0

@@ -30,6 +30,10 @@ def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch
   assert os.fspath(storage.resolve("rel/dir")) == os.path.join(str(tmp_path), "rel", "dir")
   assert os.fspath(storage.resolve(epath.Path("a"))) == str(tmp_path / "a")
   assert os.fspath(storage.resolve("file:///x/y")) == "/x/y"
+
+
+def test_resolve_keeps_gcs_urls():
+  pytest.importorskip("gcsfs", reason="gs:// paths need jlora[gcs]")
   gcs = storage.resolve("gs://bucket/dir")
   assert storage.is_remote(gcs) and os.fspath(gcs) == "gs://bucket/dir"
   assert os.fspath(gcs / "a") == "gs://bucket/dir/a"
