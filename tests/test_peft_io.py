@@ -8,6 +8,7 @@ installed (CPU, float32, atol 1e-4 on logits).
 
 import json
 import os
+import warnings
 
 import chex
 import flax.linen as nn
@@ -206,7 +207,7 @@ def test_custom_name_map(tmp_path):
   jlora.export_peft(tmp_path, lora, cfg, name_map=name_map)
   _, tensors = _read(tmp_path)
   assert f"{PREFIX}transformer.model.layers_0.self_attn.q_proj.lora_A.weight" in tensors
-  with pytest.raises(ValueError, match="no leaf of the given tree maps to tensor"):
+  with pytest.raises(ValueError, match=r"select no module of the base model.*`name_map`\? Some module names"):
     jlora.import_peft(tmp_path, tree)
   lora2, _ = jlora.import_peft(tmp_path, tree, name_map=name_map)
   chex.assert_trees_all_equal(lora2, lora)
@@ -253,11 +254,18 @@ def test_bad_dtype_and_unknown_and_missing_keys(exported):
   _rewrite(d, tensors)
   with pytest.raises(ValueError, match=r"q_proj\.lora_A\.weight.*dtype I32"):
     jlora.import_peft(d, tree)
-  _rewrite(
-    d, {**good, f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight": np.zeros((3, 8), np.float32)}
-  )
+  k_proj = f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight"
+  _rewrite(d, {**good, k_proj: np.zeros((3, 8), np.float32)})
+  # The config does not select k_proj: PEFT ignores its tensor, and jlora says so.
+  with pytest.warns(
+    UserWarning, match=r"module\(s\) \['model.layers.0.self_attn.k_proj'\] that adapter_config"
+  ):
+    jlora.import_peft(d, tree)
+  # Selected, but the tree has no such module: a wrong base model or name map.
+  _rewrite(d, config={**cfg, "target_modules": cfg["target_modules"] + ["model.layers.0.self_attn.k_proj"]})
   with pytest.raises(ValueError, match=r"no leaf of the given tree maps to tensor .*k_proj"):
     jlora.import_peft(d, tree)
+  _rewrite(d, good, cfg)
   missing = dict(good)
   del missing[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"]
   _rewrite(d, missing)
@@ -500,3 +508,131 @@ def test_keras_hub_gemma_names_and_unknown_kernels():
   ):
     default_name_map(("encoder", "proj", "kernel"))
   assert default_name_map(("params", "lm_head", "kernel")) == "lm_head"
+
+
+# -- what PEFT's config selects (a plain JAX model and its PyTorch twin) -------------------------
+
+_D, _LAYERS = 6, 2
+_PROJ = ("q_proj", "k_proj", "v_proj")
+
+
+def _attn_tree(key=0):
+  k = iter(jax.random.split(jax.random.key(key), 3 * _LAYERS))
+  layer = lambda: {"self_attn": {p: {"kernel": 0.4 * jax.random.normal(next(k), (_D, _D))} for p in _PROJ}}  # noqa: E731
+  return {"model": {f"layers_{i}": layer() for i in range(_LAYERS)}}
+
+
+def _attn_apply(tree, x):
+  for i in range(_LAYERS):
+    attn = tree["model"][f"layers_{i}"]["self_attn"]
+    x = jnp.tanh(x + sum(x @ attn[p]["kernel"] for p in _PROJ))
+  return x
+
+
+def _attn_torch(tree):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("peft")
+
+  class Layer(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.self_attn = torch.nn.Module()
+      for p in _PROJ:
+        setattr(self.self_attn, p, torch.nn.Linear(_D, _D, bias=False))
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model = torch.nn.Module()
+      self.model.layers = torch.nn.ModuleList(Layer() for _ in range(_LAYERS))
+
+    def forward(self, x):
+      for layer in self.model.layers:
+        x = torch.tanh(x + sum(getattr(layer.self_attn, p)(x) for p in _PROJ))
+      return x
+
+  net = Net().eval()
+  with torch.no_grad():
+    for i, layer in enumerate(net.model.layers):
+      for p in _PROJ:
+        w = np.asarray(tree["model"][f"layers_{i}"]["self_attn"][p]["kernel"]).T
+        getattr(layer.self_attn, p).weight.copy_(torch.tensor(w))
+  return torch, net
+
+
+_XS = np.random.default_rng(3).normal(size=(4, _D)).astype(np.float32)
+
+
+def _peft_file_of_every_module(directory, tree):
+  """A PEFT file with tensors for q, k and v of every layer (PEFT's own save, trained-looking)."""
+  torch, net = _attn_torch(tree)
+  import peft  # noqa: PLC0415
+
+  torch.manual_seed(0)
+  cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(_PROJ), init_lora_weights=False)
+  peft.get_peft_model(net, cfg).save_pretrained(str(directory))
+
+
+def _peft_outputs(directory, tree):
+  torch, net = _attn_torch(tree)
+  import peft  # noqa: PLC0415
+
+  with torch.no_grad():
+    return peft.PeftModel.from_pretrained(net, str(directory)).eval()(torch.tensor(_XS)).numpy()
+
+
+@pytest.mark.parametrize(
+  ("fields", "ignored"),
+  [
+    (
+      {"target_modules": ["q_proj", "v_proj"]},
+      r"\['model.layers.0.self_attn.k_proj', .*layers.1.self_attn.k_proj",
+    ),
+    ({"target_modules": ["q_proj"]}, r"\['model.layers.0.self_attn.k_proj', .*layers.1.self_attn.v_proj'\]"),
+    ({"target_modules": list(_PROJ), "layers_to_transform": [1]}, r"\['model.layers.0.self_attn.k_proj'"),
+    (
+      {"target_modules": r".*layers\.1\.self_attn\.(q|v)_proj"},
+      r"\['model.layers.0.self_attn.k_proj', .*layers.1.self_attn.k_proj'\]",
+    ),
+    (
+      {"target_modules": list(_PROJ), "exclude_modules": ["layers.0.self_attn.v_proj"]},
+      r"\['model.layers.0.self_attn.v_proj'\]",
+    ),
+  ],
+  ids=["extra_k", "extra_k_and_v", "layers_to_transform", "regex", "exclude_modules"],
+)
+@_PEFT_WARNINGS
+def test_import_applies_what_peft_selects(tmp_path, fields, ignored):
+  tree = _attn_tree()
+  _peft_file_of_every_module(tmp_path, tree)
+  cfg, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**cfg, **fields})
+  with pytest.warns(UserWarning, match=rf"module\(s\) {ignored}.*does not select.*PEFT ignores them"):
+    lora, jcfg = jlora.import_peft(tmp_path, tree)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # PEFT says nothing of the tensors it drops; other chatter is not ours
+    theirs = _peft_outputs(tmp_path, tree)
+  ours = np.asarray(jlora.wrap(_attn_apply, jcfg)(tree, lora, _XS))
+  assert np.abs(ours - _attn_apply(tree, _XS)).max() > 1e-2  # the adapter changes the outputs
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+@_PEFT_WARNINGS
+def test_a_regex_target_that_selects_nothing_is_an_error_as_in_peft(tmp_path):
+  tree = _attn_tree()
+  _peft_file_of_every_module(tmp_path, tree)
+  cfg, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**cfg, "target_modules": r".*\.o_proj"})
+  with pytest.raises(ValueError, match=r"Target modules .*o_proj not found in the base model"):
+    _peft_outputs(tmp_path, tree)
+  with pytest.raises(
+    ValueError, match=r"`target_modules`='\.\*\\\\\.o_proj' select no module of the base model.*PEFT refuses"
+  ):
+    jlora.import_peft(tmp_path, tree)
+  _rewrite(tmp_path, tensors, {**cfg, "target_modules": r".*\.q_proj", "layers_to_transform": [1]})
+  with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+    _peft_outputs(tmp_path, tree)
+  with pytest.raises(
+    ValueError, match=r"`layers_to_transform`=\[1\] with a regex `target_modules`.*PEFT refuses"
+  ):
+    jlora.import_peft(tmp_path, tree)
