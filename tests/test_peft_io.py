@@ -636,3 +636,40 @@ def test_a_regex_target_that_selects_nothing_is_an_error_as_in_peft(tmp_path):
     ValueError, match=r"`layers_to_transform`=\[1\] with a regex `target_modules`.*PEFT refuses"
   ):
     jlora.import_peft(tmp_path, tree)
+
+
+@pytest.mark.parametrize(
+  "fields",
+  [
+    {"target_modules": ["v_proj", "q_proj"]},
+    {"target_modules": ["q_proj", "k_proj"], "layers_to_transform": [1]},
+  ],
+  ids=["list", "layers_to_transform"],
+)
+@_PEFT_WARNINGS
+def test_peft_round_trip_keeps_target_modules_as_written(tmp_path, fields):
+  tree = _attn_tree()
+  torch, net = _attn_torch(tree)
+  import peft  # noqa: PLC0415
+
+  torch.manual_seed(1)
+  pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **fields))
+  pm.save_pretrained(str(tmp_path / "peft"))
+  written, _ = _read(tmp_path / "peft")
+  lora, cfg = jlora.import_peft(tmp_path / "peft", tree)
+  assert cfg.target_modules == tuple(written["target_modules"])  # as PEFT wrote them (PEFT's order)
+  assert cfg.layers_to_transform == (None if "layers_to_transform" not in fields else (1,))
+  modules = 2 * (_LAYERS if "layers_to_transform" not in fields else 1)
+  assert len(jax.tree_util.tree_leaves(lora)) == 2 * modules  # lora_A and lora_B of each adapted module
+  back = jlora.export_peft(tmp_path / "back", lora, cfg, base=tree, task_type=None)
+  again, _ = _read(tmp_path / "back")
+  for field in ("target_modules", "layers_to_transform", "exclude_modules"):
+    assert again[field] == written[field], field
+  assert back["rank_pattern"] == {} and back["alpha_pattern"] == {}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs = _peft_outputs(tmp_path / "back", tree)
+  with torch.no_grad():
+    want = pm.eval()(torch.tensor(_XS)).numpy()
+  np.testing.assert_allclose(theirs, want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(jlora.wrap(_attn_apply, cfg)(tree, lora, _XS), want, atol=1e-5, rtol=0)

@@ -428,6 +428,7 @@ def _check_peft_targets(
 def _import_config(
   pcfg: Mapping[str, Any],
   *,
+  tree: Any,
   matches: list[_Match],
   cands: list[targets.Candidate],
   saved_modules: list[str],
@@ -435,7 +436,8 @@ def _import_config(
   dtype: str | None,
   where: str,
 ) -> LoraConfig:
-  """The jlora config that reproduces the file: adapted weights by exact path, ranks and alphas."""
+  """The jlora config that reproduces the file: the file's `target_modules` (or the adapted weights by
+  exact path, `_as_written`), ranks and alphas by exact path."""
   per_module: dict[str, int] = {}
   for c in cands:
     per_module[c.module] = per_module.get(c.module, 0) + 1
@@ -454,7 +456,7 @@ def _import_config(
     if layer_set != tuple(range(min(sizes))) or len(sizes) > 1:
       ltt = layer_set
   try:
-    return LoraConfig(
+    exact = LoraConfig(
       r=r,
       lora_alpha=alpha,
       lora_dropout=pcfg.get("lora_dropout", 0.0),
@@ -472,6 +474,40 @@ def _import_config(
     )
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where!r} has an invalid value: {e}") from e
+  return _as_written(pcfg, exact, tree, matches)
+
+
+def _as_written(pcfg: Mapping[str, Any], exact: LoraConfig, tree: Any, matches: list[_Match]) -> LoraConfig:
+  """``exact`` with the file's own `target_modules` (and `exclude_modules`, `layers_to_transform`,
+  `layers_pattern`) where jlora's matching of them adapts exactly the imported weights, so that
+  `export_peft` writes them back as PEFT wrote them; else ``exact`` (adapted weights by path)."""
+  target, layers = pcfg.get("target_modules"), pcfg.get("layers_to_transform")
+  if not target:
+    return exact
+  stacked = {m.cand.path for m in matches if m.layer_axis}
+  fields = dict(
+    target_modules=target if isinstance(target, str) else tuple(target),
+    exclude_modules=pcfg.get("exclude_modules") or None,
+  )
+  if layers is not None and not stacked:
+    pattern = pcfg.get("layers_pattern") or None
+    fields.update(
+      layers_to_transform=[layers] if isinstance(layers, int) else layers,
+      layers_pattern=[pattern] if isinstance(pattern, str) else pattern,
+    )
+  try:
+    written = dataclasses.replace(exact, **fields)
+    chosen = targets.match_targets(tree, written)
+  except (TypeError, ValueError):  # fields jlora reads otherwise (PEFT's dotted names, regexes)
+    return exact
+  kept = {
+    c.path
+    for c in chosen
+    if written.layers_to_transform is None
+    or c.path in stacked
+    or targets.layer_index(c.module, written.layers_pattern) in written.layers_to_transform
+  }
+  return written if kept == {m.cand.path for m in matches} else exact
 
 
 def _read_factors(handle: Any, m: _Match, keys: Keys, weights_path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -582,9 +618,13 @@ def import_peft(
   fused kernel that PEFT did not adapt (``v_proj`` without ``k_proj`` on
   gemma's ``kv_einsum``) get zero factors, which compute what PEFT computes.
 
-  The returned config lists the adapted weights by exact path in
-  ``target_modules`` and encodes per-module ranks and alphas as exact-path
-  patterns, so ``jlora.wrap``/``merge`` reproduce PEFT's model.
+  The returned config keeps the file's ``target_modules`` as written
+  (``["q_proj", "v_proj"]``; with its ``exclude_modules`` and
+  ``layers_to_transform``) where jlora's matching of them adapts exactly the
+  weights the file adapts, so `export_peft` writes them back as PEFT wrote
+  them; otherwise it lists the adapted weights by exact path. Per-module
+  ranks and alphas are exact-path patterns, so ``jlora.wrap``/``merge``
+  reproduce PEFT's model.
 
   Args:
     directory: a PEFT adapter directory (``adapter_config.json`` +
@@ -672,6 +712,7 @@ def import_peft(
   collections = paths.is_collections(tree)
   config = _import_config(
     pcfg,
+    tree=tree,
     matches=matches,
     cands=cands,
     saved_modules=[paths.module_path(p, collections) for p in saved],
