@@ -673,3 +673,52 @@ def test_peft_round_trip_keeps_target_modules_as_written(tmp_path, fields):
     want = pm.eval()(torch.tensor(_XS)).numpy()
   np.testing.assert_allclose(theirs, want, atol=1e-5, rtol=0)
   np.testing.assert_allclose(jlora.wrap(_attn_apply, cfg)(tree, lora, _XS), want, atol=1e-5, rtol=0)
+
+
+@_PEFT_WARNINGS
+def test_short_target_modules_only_where_they_select_exactly_the_exported_modules(tmp_path):
+  """Short names ['0', '2'] for attention/0 and attention/2 would also select the module
+  encoder.stages.0 in PEFT (which refuses to adapt it): the export writes full names."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  keys = iter(jax.random.split(jax.random.key(4), 3))
+  attn = {str(i): {"kernel": 0.5 * jax.random.normal(next(keys), (_D, _D))} for i in range(3)}
+  tree = {"encoder": {"stages": {"0": {"attention": attn}}}}
+
+  def apply(t, x):
+    for i in range(3):
+      x = jnp.tanh(x @ t["encoder"]["stages"]["0"]["attention"][str(i)]["kernel"])
+    return x
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.encoder = torch.nn.Module()
+      self.encoder.stages = torch.nn.ModuleList([torch.nn.Module()])
+      self.encoder.stages[0].attention = torch.nn.ModuleList(
+        torch.nn.Linear(_D, _D, bias=False) for _ in range(3)
+      )
+      with torch.no_grad():
+        for i, lin in enumerate(self.encoder.stages[0].attention):
+          lin.weight.copy_(torch.tensor(np.asarray(attn[str(i)]["kernel"]).T))
+
+    def forward(self, x):
+      for lin in self.encoder.stages[0].attention:
+        x = torch.tanh(lin(x))
+      return x
+
+  cfg = jlora.LoraConfig(r=2, target_modules=("attention/0", "attention/2"), init_lora_weights=False)
+  lora = jlora.init(tree, cfg, key=jax.random.key(5))
+  name_map = lambda path, index: ".".join(map(str, path[:-1]))  # noqa: E731
+  pcfg = jlora.export_peft(tmp_path, lora, cfg, base=tree, name_map=name_map, task_type=None)
+  assert pcfg["target_modules"] == ["encoder.stages.0.attention.0", "encoder.stages.0.attention.2"]
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(Net(), str(tmp_path)).eval()(torch.tensor(_XS)).numpy()
+  ours = np.asarray(jlora.wrap(apply, cfg)(tree, lora, _XS))
+  assert np.abs(ours - apply(tree, _XS)).max() > 1e-2
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+  # The short names, by hand: PEFT selects encoder.stages.0 too, and refuses it.
+  written, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**written, "target_modules": ["0", "2"]})
+  with pytest.raises(ValueError, match=r"(?s)Target module Module\(.*\(attention\).* is not supported"):
+    peft.PeftModel.from_pretrained(Net(), str(tmp_path))
