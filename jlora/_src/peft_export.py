@@ -28,6 +28,7 @@ from jlora._src.peft_names import (
   is_conv1d,
   magnitude_key,
   name_str,
+  with_hf_biases,
 )
 
 
@@ -361,7 +362,12 @@ def export_peft(
   tensors = _Tensors()
   ranks, alphas, params = _adapter_tensors(bound, config, name_map, tensors, used)
   saved_modules = _saved_tensors(
-    saved, config, paths.is_collections(lora), name_map=name_map, ranks=ranks, out=tensors
+    saved,
+    config,
+    paths.is_collections(lora),
+    name_map=with_hf_biases(name_map, [item.spec.path for item in bound]),
+    ranks=ranks,
+    out=tensors,
   )
   known_modules, known_params = _known_names(base, bound, name_map) if base is not None else (None, None)
   modules = sorted(set(ranks) - set(params))

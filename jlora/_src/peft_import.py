@@ -41,6 +41,7 @@ from jlora._src.peft_names import (
   default_name_map,
   magnitude_key,
   name_str,
+  with_hf_biases,
 )
 
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -699,7 +700,8 @@ def import_peft(
         "Save the adapter again with PEFT, or set `use_dora` to false if it is a plain LoRA adapter."
       )
     claimed |= magnitudes
-  biases = _bias_leaves(tree, pcfg, name_map, info, weights_path)
+  bias_names = with_hf_biases(name_map, [c.path for c in cands])
+  biases = _bias_leaves(tree, pcfg, bias_names, info, weights_path)
   claimed |= set(biases.values())
   saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
   unclaimed = _drop_ignored(set(info) - claimed - set(saved.values()), chosen, pcfg, weights_path)
