@@ -618,6 +618,27 @@ def test_import_applies_what_peft_selects(tmp_path, fields, ignored):
 
 
 @_PEFT_WARNINGS
+def test_an_all_linear_file_adapts_the_linear_modules_as_peft_expands_it(tmp_path):
+  tree = {**_attn_tree(), "lm_head": {"kernel": jax.random.normal(jax.random.key(8), (_D, 3))}}
+  _peft_file_of_every_module(tmp_path, tree)  # q, k and v of every layer
+  cfg, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**cfg, "target_modules": "all-linear"})
+  lora, jcfg = jlora.import_peft(tmp_path, tree)  # no warning: every tensor is a linear module's
+  assert "lm_head" not in lora and len(jax.tree_util.tree_leaves(lora)) == 2 * len(_PROJ) * _LAYERS
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs = _peft_outputs(tmp_path, tree)
+  np.testing.assert_allclose(jlora.wrap(_attn_apply, jcfg)(tree, lora, _XS), theirs, atol=1e-5, rtol=0)
+  # The output head is never a linear module of "all-linear" (PEFT excludes a model's output embeddings).
+  head = {f"{PREFIX}lm_head.lora_A.weight": np.ones((2, _D), np.float32)}
+  head[f"{PREFIX}lm_head.lora_B.weight"] = np.ones((3, 2), np.float32)
+  _rewrite(tmp_path, {**tensors, **head}, {**cfg, "target_modules": "all-linear"})
+  with pytest.warns(UserWarning, match=r"module\(s\) \['lm_head'\] that adapter_config.json does not select"):
+    lora, _ = jlora.import_peft(tmp_path, tree)
+  assert "lm_head" not in lora
+
+
+@_PEFT_WARNINGS
 def test_a_regex_target_that_selects_nothing_is_an_error_as_in_peft(tmp_path):
   tree = _attn_tree()
   _peft_file_of_every_module(tmp_path, tree)
