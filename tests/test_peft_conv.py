@@ -289,6 +289,22 @@ def test_scanned_conv_is_one_peft_module_per_layer(tmp_path):
   chex.assert_trees_all_equal(back, lora)
 
 
+def test_an_all_linear_file_on_a_cnn_imports_without_the_model(tmp_path):
+  """PEFT's "all-linear" adapts the Linear (fc), not the convolutions; jlora cannot tell a conv kernel of
+  unknown layout from a DenseGeneral's, so it takes one as linear only where the file adapts it so."""
+  model, variables, x = _flax(2)
+  torch.manual_seed(1)
+  cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+  pm = peft.get_peft_model(_torch_twin(variables, 2), cfg).eval()
+  pm.save_pretrained(tmp_path / "saved")  # PEFT writes the expanded list, ["fc"]
+  _edited(tmp_path / "saved", tmp_path / "d", lambda t: t, target_modules="all-linear")  # as a user writes it
+  lora, jcfg = jlora.import_peft(tmp_path / "d", variables, name_map=jlora.peft_module_name)
+  assert set(lora["params"]) == {"fc"}
+  got = np.asarray(jlora.wrap(model.apply, jcfg)(variables, lora, x))
+  assert np.abs(got - model.apply(variables, x)).max() > 1e-3
+  np.testing.assert_allclose(got, _run(pm, x), atol=ATOL, rtol=0)
+
+
 # -- error paths -------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from jlora._src.peft_names import (
   NameMap,
   PeftParameter,
   default_name_map,
+  lora_keys,
   magnitude_key,
   name_str,
   with_hf_biases,
@@ -333,10 +334,12 @@ def _selection(
   cands: list[targets.Candidate],
   lays: Mapping[paths.Path, layouts.Layout],
   name_map: NameMap,
+  *,
+  info: Mapping[str, Any],
   where: str,
 ) -> Callable[[str], bool]:
   """Whether PEFT adapts a module, by the file's config (`peft_io.PeftTargets`; ``"all-linear"``: the
-  kernels other than the output head and convolutions). Without `target_modules` or
+  kernels other than the output head and convolutions, `_linear_kernel`). Without `target_modules` or
   `target_parameters` (PEFT then picks by model type, which the tree does not tell) every module.
 
   Raises:
@@ -357,8 +360,7 @@ def _selection(
       for c in cands
       for lay in ([lays[c.path]] if c.path in lays else peft_io.name_guesses(c))
       for _, n in peft_io.safe_module_names(c, lay, name_map)
-      if isinstance(n, str)
-      and not (sel.all_linear and (c.leaf_name != "kernel" or targets.is_head(c) or _conv_kernel(lays, c)))
+      if isinstance(n, str) and (not sel.all_linear or _linear_kernel(c, n, lays, info))
     }
   )
   sel = sel.expand(modules)
@@ -372,8 +374,18 @@ def _selection(
   return sel.selects
 
 
-def _conv_kernel(lays: Mapping[paths.Path, layouts.Layout], cand: targets.Candidate) -> bool:
-  return cand.path in lays and peft_conv.is_conv(lays[cand.path])
+def _linear_kernel(
+  cand: targets.Candidate, name: str, lays: Mapping[paths.Path, layouts.Layout], info: Mapping[str, Any]
+) -> bool:
+  """For ``"all-linear"`` (PEFT's Linear and Conv1D modules): a kernel other than the output head that
+  the model does not use in a convolution; one of unknown layout (a Flax conv kernel or a DenseGeneral's,
+  which shapes cannot tell apart) only where the file adapts it as a Linear (a 2-D ``lora_A``)."""
+  if cand.leaf_name != "kernel" or targets.is_head(cand):
+    return False
+  if cand.path in lays:
+    return not peft_conv.is_conv(lays[cand.path])
+  key = lora_keys(name, False)[0]
+  return key in info and len(info[key][0]) == 2
 
 
 def _key_module(key: str) -> str | None:
@@ -680,7 +692,7 @@ def import_peft(
     n for n in known if isinstance(n, PeftParameter) and peft_config.parameter_selected(targeted, n.name)
   )
   config_path = os.path.join(directory, CONFIG_NAME)
-  chosen = _selection(pcfg, cands, lays, name_map, config_path)
+  chosen = _selection(pcfg, cands, lays, name_map, info=info, where=config_path)
   found, unmapped = _find_modules(
     cands, (lays, unknown), name_map, info, keys=keys, chosen=chosen, weights_path=weights_path
   )
