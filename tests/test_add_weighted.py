@@ -382,3 +382,24 @@ def test_peft_rslora_scale_differs():
   np.testing.assert_allclose(_jlora_deltas(lora, cfg)["q"], want, atol=TOL, rtol=TOL)
   peft_q = _peft_deltas(model, "mix")["q"]
   np.testing.assert_allclose(peft_q, math.sqrt(8) * want, atol=1e-4, rtol=1e-4)
+
+
+def test_all_linear_combines_with_a_list_by_the_adapted_modules():
+  """PEFT expands 'all-linear' to the model's linear modules before combining: the result names them."""
+  keys = iter(jax.random.split(jax.random.key(7), 3))
+  base = {m: {"kernel": jax.random.normal(next(keys), s)} for m, s in SHAPES.items()}
+  listed = jlora.LoraConfig(r=2, lora_alpha=4.0, target_modules=("q", "v"), init_lora_weights=False)
+  linear = jlora.LoraConfig(r=3, lora_alpha=3.0, target_modules="all-linear", init_lora_weights=False)
+  pairs = [(jlora.init(base, c, key=jax.random.key(i)), c) for i, c in enumerate((listed, linear))]
+  weights = [0.5, -1.5]
+  lora, cfg = jlora.add_weighted(pairs, weights, method="cat", base=base)
+  assert sorted(cfg.target_modules) == ["o", "q", "v"] and cfg.r == 5
+  merged = jlora.merge(base, lora, cfg)
+  for m in SHAPES:  # by hand: W + sum_k w_k * (alpha_k / r_k) * A_k @ B_k over the adapters of m
+    want = np.asarray(base[m]["kernel"], np.float64)
+    for (lo, c), w in zip(pairs, weights):
+      if m in lo:
+        ab = np.asarray(lo[m]["kernel"]["lora_A"], np.float64) @ np.asarray(lo[m]["kernel"]["lora_B"])
+        want = want + w * c.lora_alpha / c.r * ab
+    np.testing.assert_allclose(merged[m]["kernel"], want, atol=TOL, rtol=TOL, err_msg=m)
+  assert "o" not in pairs[0][0] and np.abs(merged["o"]["kernel"] - base["o"]["kernel"]).max() > 1e-2

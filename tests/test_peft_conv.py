@@ -9,6 +9,7 @@ jlora -> PEFT outputs agree to atol 1e-5 (float32, CPU); a round trip
 reproduces the adapter tree exactly. Needs torch and peft; skipped otherwise.
 """
 
+import json
 import os
 import re
 
@@ -288,6 +289,22 @@ def test_scanned_conv_is_one_peft_module_per_layer(tmp_path):
   chex.assert_trees_all_equal(back, lora)
 
 
+def test_an_all_linear_file_on_a_cnn_imports_without_the_model(tmp_path):
+  """PEFT's "all-linear" adapts the Linear (fc), not the convolutions; jlora cannot tell a conv kernel of
+  unknown layout from a DenseGeneral's, so it takes one as linear only where the file adapts it so."""
+  model, variables, x = _flax(2)
+  torch.manual_seed(1)
+  cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+  pm = peft.get_peft_model(_torch_twin(variables, 2), cfg).eval()
+  pm.save_pretrained(tmp_path / "saved")  # PEFT writes the expanded list, ["fc"]
+  _edited(tmp_path / "saved", tmp_path / "d", lambda t: t, target_modules="all-linear")  # as a user writes it
+  lora, jcfg = jlora.import_peft(tmp_path / "d", variables, name_map=jlora.peft_module_name)
+  assert set(lora["params"]) == {"fc"}
+  got = np.asarray(jlora.wrap(model.apply, jcfg)(variables, lora, x))
+  assert np.abs(got - model.apply(variables, x)).max() > 1e-3
+  np.testing.assert_allclose(got, _run(pm, x), atol=ATOL, rtol=0)
+
+
 # -- error paths -------------------------------------------------------------------------------
 
 
@@ -366,14 +383,14 @@ def test_export_reads_only_the_adapted_kernels_off_the_model(tmp_path):
   assert tensors[f"{PREFIX}conv1.lora_A.weight"].shape == (R, 2, 3, 3)
 
 
-def _edited(src, dst, edit):
-  """A copy of a PEFT adapter directory with its tensors edited (PEFT writes no jlora checksum)."""
+def _edited(src, dst, edit, **config):
+  """A copy of a PEFT adapter directory with its tensors edited (PEFT writes no jlora checksum), and
+  ``config`` fields replaced."""
   os.makedirs(dst)
-  with (
-    open(os.path.join(src, "adapter_config.json")) as f,
-    open(os.path.join(dst, "adapter_config.json"), "w") as g,
-  ):
-    g.write(f.read())
+  with open(os.path.join(src, "adapter_config.json")) as f:
+    pcfg = {**json.load(f), **config}
+  with open(os.path.join(dst, "adapter_config.json"), "w") as g:
+    json.dump(pcfg, g)
   tensors = safetensors.numpy.load_file(os.path.join(src, "adapter_model.safetensors"))
   safetensors.numpy.save_file(edit(tensors), os.path.join(dst, "adapter_model.safetensors"))
 
@@ -403,7 +420,9 @@ def test_import_refuses_wrong_conv_tensors(tmp_path):
     )
 
   for name, edit, match in cases():
-    _edited(tmp_path / "ok", tmp_path / name, edit)
+    # fc's tensors count only where the config selects fc (else PEFT ignores them, and jlora warns)
+    fields = {"target_modules": ["conv1", "conv2", "fc"]} if name == "fc" else {}
+    _edited(tmp_path / "ok", tmp_path / name, edit, **fields)
     with pytest.raises(ValueError, match=match):
       jlora.import_peft(tmp_path / name, variables, name_map=jlora.peft_module_name)
   # the model's use: a 2-D Linear tensor on a convolution kernel

@@ -8,6 +8,7 @@ installed (CPU, float32, atol 1e-4 on logits).
 
 import json
 import os
+import warnings
 
 import chex
 import flax.linen as nn
@@ -206,7 +207,7 @@ def test_custom_name_map(tmp_path):
   jlora.export_peft(tmp_path, lora, cfg, name_map=name_map)
   _, tensors = _read(tmp_path)
   assert f"{PREFIX}transformer.model.layers_0.self_attn.q_proj.lora_A.weight" in tensors
-  with pytest.raises(ValueError, match="no leaf of the given tree maps to tensor"):
+  with pytest.raises(ValueError, match=r"select no module of the base model.*`name_map`\? Some module names"):
     jlora.import_peft(tmp_path, tree)
   lora2, _ = jlora.import_peft(tmp_path, tree, name_map=name_map)
   chex.assert_trees_all_equal(lora2, lora)
@@ -270,11 +271,18 @@ def test_bad_dtype_and_unknown_and_missing_keys(exported):
   _rewrite(d, tensors)
   with pytest.raises(ValueError, match=r"q_proj\.lora_A\.weight.*dtype I32"):
     jlora.import_peft(d, tree)
-  _rewrite(
-    d, {**good, f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight": np.zeros((3, 8), np.float32)}
-  )
+  k_proj = f"{PREFIX}model.layers.0.self_attn.k_proj.lora_A.weight"
+  _rewrite(d, {**good, k_proj: np.zeros((3, 8), np.float32)})
+  # The config does not select k_proj: PEFT ignores its tensor, and jlora says so.
+  with pytest.warns(
+    UserWarning, match=r"module\(s\) \['model.layers.0.self_attn.k_proj'\] that adapter_config"
+  ):
+    jlora.import_peft(d, tree)
+  # Selected, but the tree has no such module: a wrong base model or name map.
+  _rewrite(d, config={**cfg, "target_modules": cfg["target_modules"] + ["model.layers.0.self_attn.k_proj"]})
   with pytest.raises(ValueError, match=r"no leaf of the given tree maps to tensor .*k_proj"):
     jlora.import_peft(d, tree)
+  _rewrite(d, good, cfg)
   missing = dict(good)
   del missing[f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"]
   _rewrite(d, missing)
@@ -526,3 +534,272 @@ def test_keras_hub_gemma_names_and_unknown_kernels():
   ):
     default_name_map(("encoder", "proj", "kernel"))
   assert default_name_map(("params", "lm_head", "kernel")) == "lm_head"
+
+
+# -- what PEFT's config selects (a plain JAX model and its PyTorch twin) -------------------------
+
+_D, _LAYERS = 6, 2
+_PROJ = ("q_proj", "k_proj", "v_proj")
+
+
+def _attn_tree(key=0):
+  k = iter(jax.random.split(jax.random.key(key), 3 * _LAYERS))
+  layer = lambda: {"self_attn": {p: {"kernel": 0.4 * jax.random.normal(next(k), (_D, _D))} for p in _PROJ}}  # noqa: E731
+  return {"model": {f"layers_{i}": layer() for i in range(_LAYERS)}}
+
+
+def _attn_apply(tree, x):
+  for i in range(_LAYERS):
+    attn = tree["model"][f"layers_{i}"]["self_attn"]
+    x = jnp.tanh(x + sum(x @ attn[p]["kernel"] for p in _PROJ))
+  return x
+
+
+def _attn_torch(tree):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("peft")
+
+  class Layer(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.self_attn = torch.nn.Module()
+      for p in _PROJ:
+        setattr(self.self_attn, p, torch.nn.Linear(_D, _D, bias=False))
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.model = torch.nn.Module()
+      self.model.layers = torch.nn.ModuleList(Layer() for _ in range(_LAYERS))
+
+    def forward(self, x):
+      for layer in self.model.layers:
+        x = torch.tanh(x + sum(getattr(layer.self_attn, p)(x) for p in _PROJ))
+      return x
+
+  net = Net().eval()
+  with torch.no_grad():
+    for i, layer in enumerate(net.model.layers):
+      for p in _PROJ:
+        w = np.asarray(tree["model"][f"layers_{i}"]["self_attn"][p]["kernel"]).T
+        getattr(layer.self_attn, p).weight.copy_(torch.tensor(w))
+  return torch, net
+
+
+_XS = np.random.default_rng(3).normal(size=(4, _D)).astype(np.float32)
+
+
+def _peft_file_of_every_module(directory, tree):
+  """A PEFT file with tensors for q, k and v of every layer (PEFT's own save, trained-looking)."""
+  torch, net = _attn_torch(tree)
+  import peft  # noqa: PLC0415
+
+  torch.manual_seed(0)
+  cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(_PROJ), init_lora_weights=False)
+  peft.get_peft_model(net, cfg).save_pretrained(str(directory))
+
+
+def _peft_outputs(directory, tree):
+  torch, net = _attn_torch(tree)
+  import peft  # noqa: PLC0415
+
+  with torch.no_grad():
+    return peft.PeftModel.from_pretrained(net, str(directory)).eval()(torch.tensor(_XS)).numpy()
+
+
+@pytest.mark.parametrize(
+  "fields",
+  [
+    {"target_modules": ["q_proj", "v_proj"]},
+    {"target_modules": ["q_proj", "self_attn.v_proj"], "layers_to_transform": [1, 3]},
+    {
+      "target_modules": ["q_proj", "model.layers.0.mlp.up"],
+      "layers_to_transform": 0,
+      "layers_pattern": "layers",
+    },
+    {"target_modules": ["up"], "layers_to_transform": [2], "layers_pattern": ["blocks", "h"]},
+    {"target_modules": r".*\.(q|v)_proj", "exclude_modules": r".*layers\.2\..*"},
+    {"target_modules": ["q_proj", "up"], "exclude_modules": ["layers.1.self_attn.q_proj"]},
+    {"target_modules": ["q_proj", "up"], "modules_to_save": ["mlp"]},
+  ],
+)
+def test_peft_targets_select_as_peft_checks_them(fields):
+  peft = pytest.importorskip("peft")
+  from peft.tuners.tuners_utils import check_target_module_exists  # noqa: PLC0415
+
+  from jlora._src.peft_io import PeftTargets  # noqa: PLC0415
+
+  names = [
+    f"{root}.{i}.{m}"
+    for root in ("model.layers", "blocks", "transformer.h")
+    for i in range(4)
+    for m in ("self_attn.q_proj", "self_attn.v_proj", "self_attn", "mlp.up", "mlp")
+  ] + ["model.layers", "lm_head", "q_proj", "model.layers.0.mlp.up.experts.1.up"]
+  cfg = peft.LoraConfig(**fields)
+  got = {n for n in names if PeftTargets.of(fields).selects(n)}
+  want = {n for n in names if check_target_module_exists(cfg, n)}  # falsy for an excluded module
+  assert got == want and got
+
+
+@pytest.mark.parametrize(
+  ("fields", "ignored"),
+  [
+    (
+      {"target_modules": ["q_proj", "v_proj"]},
+      r"\['model.layers.0.self_attn.k_proj', .*layers.1.self_attn.k_proj",
+    ),
+    ({"target_modules": ["q_proj"]}, r"\['model.layers.0.self_attn.k_proj', .*layers.1.self_attn.v_proj'\]"),
+    ({"target_modules": list(_PROJ), "layers_to_transform": [1]}, r"\['model.layers.0.self_attn.k_proj'"),
+    (
+      {"target_modules": r".*layers\.1\.self_attn\.(q|v)_proj"},
+      r"\['model.layers.0.self_attn.k_proj', .*layers.1.self_attn.k_proj'\]",
+    ),
+    (
+      {"target_modules": list(_PROJ), "exclude_modules": ["layers.0.self_attn.v_proj"]},
+      r"\['model.layers.0.self_attn.v_proj'\]",
+    ),
+  ],
+  ids=["extra_k", "extra_k_and_v", "layers_to_transform", "regex", "exclude_modules"],
+)
+@_PEFT_WARNINGS
+def test_import_applies_what_peft_selects(tmp_path, fields, ignored):
+  tree = _attn_tree()
+  _peft_file_of_every_module(tmp_path, tree)
+  cfg, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**cfg, **fields})
+  with pytest.warns(UserWarning, match=rf"module\(s\) {ignored}.*does not select.*PEFT ignores them"):
+    lora, jcfg = jlora.import_peft(tmp_path, tree)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # PEFT says nothing of the tensors it drops; other chatter is not ours
+    theirs = _peft_outputs(tmp_path, tree)
+  ours = np.asarray(jlora.wrap(_attn_apply, jcfg)(tree, lora, _XS))
+  assert np.abs(ours - _attn_apply(tree, _XS)).max() > 1e-2  # the adapter changes the outputs
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+@_PEFT_WARNINGS
+def test_an_all_linear_file_adapts_the_linear_modules_as_peft_expands_it(tmp_path):
+  tree = {**_attn_tree(), "lm_head": {"kernel": jax.random.normal(jax.random.key(8), (_D, 3))}}
+  _peft_file_of_every_module(tmp_path, tree)  # q, k and v of every layer
+  cfg, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**cfg, "target_modules": "all-linear"})
+  lora, jcfg = jlora.import_peft(tmp_path, tree)  # no warning: every tensor is a linear module's
+  assert "lm_head" not in lora and len(jax.tree_util.tree_leaves(lora)) == 2 * len(_PROJ) * _LAYERS
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs = _peft_outputs(tmp_path, tree)
+  np.testing.assert_allclose(jlora.wrap(_attn_apply, jcfg)(tree, lora, _XS), theirs, atol=1e-5, rtol=0)
+  # The output head is never a linear module of "all-linear" (PEFT excludes a model's output embeddings).
+  head = {f"{PREFIX}lm_head.lora_A.weight": np.ones((2, _D), np.float32)}
+  head[f"{PREFIX}lm_head.lora_B.weight"] = np.ones((3, 2), np.float32)
+  _rewrite(tmp_path, {**tensors, **head}, {**cfg, "target_modules": "all-linear"})
+  with pytest.warns(UserWarning, match=r"module\(s\) \['lm_head'\] that adapter_config.json does not select"):
+    lora, _ = jlora.import_peft(tmp_path, tree)
+  assert "lm_head" not in lora
+
+
+@_PEFT_WARNINGS
+def test_a_regex_target_that_selects_nothing_is_an_error_as_in_peft(tmp_path):
+  tree = _attn_tree()
+  _peft_file_of_every_module(tmp_path, tree)
+  cfg, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**cfg, "target_modules": r".*\.o_proj"})
+  with pytest.raises(ValueError, match=r"Target modules .*o_proj not found in the base model"):
+    _peft_outputs(tmp_path, tree)
+  with pytest.raises(
+    ValueError, match=r"`target_modules`='\.\*\\\\\.o_proj' select no module of the base model.*PEFT refuses"
+  ):
+    jlora.import_peft(tmp_path, tree)
+  _rewrite(tmp_path, tensors, {**cfg, "target_modules": r".*\.q_proj", "layers_to_transform": [1]})
+  with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+    _peft_outputs(tmp_path, tree)
+  with pytest.raises(
+    ValueError, match=r"`layers_to_transform`=\[1\] with a regex `target_modules`.*PEFT refuses"
+  ):
+    jlora.import_peft(tmp_path, tree)
+
+
+@pytest.mark.parametrize(
+  "fields",
+  [
+    {"target_modules": ["v_proj", "q_proj"]},
+    {"target_modules": ["q_proj", "k_proj"], "layers_to_transform": [1]},
+  ],
+  ids=["list", "layers_to_transform"],
+)
+@_PEFT_WARNINGS
+def test_peft_round_trip_keeps_target_modules_as_written(tmp_path, fields):
+  tree = _attn_tree()
+  torch, net = _attn_torch(tree)
+  import peft  # noqa: PLC0415
+
+  torch.manual_seed(1)
+  pm = peft.get_peft_model(net, peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **fields))
+  pm.save_pretrained(str(tmp_path / "peft"))
+  written, _ = _read(tmp_path / "peft")
+  lora, cfg = jlora.import_peft(tmp_path / "peft", tree)
+  assert cfg.target_modules == tuple(written["target_modules"])  # as PEFT wrote them (PEFT's order)
+  assert cfg.layers_to_transform == (None if "layers_to_transform" not in fields else (1,))
+  modules = 2 * (_LAYERS if "layers_to_transform" not in fields else 1)
+  assert len(jax.tree_util.tree_leaves(lora)) == 2 * modules  # lora_A and lora_B of each adapted module
+  back = jlora.export_peft(tmp_path / "back", lora, cfg, base=tree, task_type=None)
+  again, _ = _read(tmp_path / "back")
+  for field in ("target_modules", "layers_to_transform", "exclude_modules"):
+    assert again[field] == written[field], field
+  assert back["rank_pattern"] == {} and back["alpha_pattern"] == {}
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs = _peft_outputs(tmp_path / "back", tree)
+  with torch.no_grad():
+    want = pm.eval()(torch.tensor(_XS)).numpy()
+  np.testing.assert_allclose(theirs, want, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(jlora.wrap(_attn_apply, cfg)(tree, lora, _XS), want, atol=1e-5, rtol=0)
+
+
+@_PEFT_WARNINGS
+def test_short_target_modules_only_where_they_select_exactly_the_exported_modules(tmp_path):
+  """Short names ['0', '2'] for attention/0 and attention/2 would also select the module
+  encoder.stages.0 in PEFT (which refuses to adapt it): the export writes full names."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  keys = iter(jax.random.split(jax.random.key(4), 3))
+  attn = {str(i): {"kernel": 0.5 * jax.random.normal(next(keys), (_D, _D))} for i in range(3)}
+  tree = {"encoder": {"stages": {"0": {"attention": attn}}}}
+
+  def apply(t, x):
+    for i in range(3):
+      x = jnp.tanh(x @ t["encoder"]["stages"]["0"]["attention"][str(i)]["kernel"])
+    return x
+
+  class Net(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.encoder = torch.nn.Module()
+      self.encoder.stages = torch.nn.ModuleList([torch.nn.Module()])
+      self.encoder.stages[0].attention = torch.nn.ModuleList(
+        torch.nn.Linear(_D, _D, bias=False) for _ in range(3)
+      )
+      with torch.no_grad():
+        for i, lin in enumerate(self.encoder.stages[0].attention):
+          lin.weight.copy_(torch.tensor(np.asarray(attn[str(i)]["kernel"]).T))
+
+    def forward(self, x):
+      for lin in self.encoder.stages[0].attention:
+        x = torch.tanh(lin(x))
+      return x
+
+  cfg = jlora.LoraConfig(r=2, target_modules=("attention/0", "attention/2"), init_lora_weights=False)
+  lora = jlora.init(tree, cfg, key=jax.random.key(5))
+  name_map = lambda path, index: ".".join(map(str, path[:-1]))  # noqa: E731
+  pcfg = jlora.export_peft(tmp_path, lora, cfg, base=tree, name_map=name_map, task_type=None)
+  assert pcfg["target_modules"] == ["encoder.stages.0.attention.0", "encoder.stages.0.attention.2"]
+  with torch.no_grad():
+    theirs = peft.PeftModel.from_pretrained(Net(), str(tmp_path)).eval()(torch.tensor(_XS)).numpy()
+  ours = np.asarray(jlora.wrap(apply, cfg)(tree, lora, _XS))
+  assert np.abs(ours - apply(tree, _XS)).max() > 1e-2
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+  # The short names, by hand: PEFT selects encoder.stages.0 too, and refuses it.
+  written, tensors = _read(tmp_path)
+  _rewrite(tmp_path, tensors, {**written, "target_modules": ["0", "2"]})
+  with pytest.raises(ValueError, match=r"(?s)Target module Module\(.*\(attention\).* is not supported"):
+    peft.PeftModel.from_pretrained(Net(), str(tmp_path))

@@ -132,16 +132,20 @@ def _new_rank(method: str, ranks: list[int], r: int | None) -> int:
   return r or max(ranks)
 
 
-def _union_targets(configs: Sequence[LoraConfig]) -> tuple[str, ...] | str:
-  """PEFT's targets of the result: the union of lists, or the regexes joined by ``|``."""
+def _union_targets(
+  configs: Sequence[LoraConfig], adapted: Sequence[adapters.AdapterSpec]
+) -> tuple[str, ...] | str:
+  """PEFT's targets of the result: the union of lists, or the regexes joined by ``|``; ``"all-linear"``
+  beside other targets (PEFT expands it to the model's linear modules first): the ``adapted`` kernels'
+  modules (a kernel's own path where its module has several kernels)."""
   found = [c.target_modules for c in configs]
   if any(t == ALL_LINEAR for t in found):
     if all(t == ALL_LINEAR for t in found):
       return ALL_LINEAR
-    raise ValueError(
-      f"Cannot combine 'all-linear' with other `target_modules` {found}: without the model the union has no "
-      "name; give every adapter 'all-linear', or list the modules."
-    )
+    per_module: dict[str, int] = {}
+    for s in adapted:
+      per_module[s.module] = per_module.get(s.module, 0) + 1
+    return tuple(dict.fromkeys(s.module if per_module[s.module] == 1 else s.param for s in adapted))
   if len({isinstance(t, str) for t in found}) > 1:
     raise ValueError(
       f"The adapters' `target_modules` {found} mix lists and regex strings, which PEFT does not combine "
@@ -152,9 +156,11 @@ def _union_targets(configs: Sequence[LoraConfig]) -> tuple[str, ...] | str:
   return tuple(dict.fromkeys(name for t in found for name in t))
 
 
-def _combined_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
+def _combined_config(
+  configs: Sequence[LoraConfig], rank: int, adapted: Sequence[adapters.AdapterSpec]
+) -> LoraConfig:
   """PEFT's config of the result: the first adapter's, with ``r = lora_alpha = rank`` (scale 1),
-  the targets' union and no rank or alpha patterns."""
+  the targets' union (`_union_targets`) and no rank or alpha patterns."""
   for name in ("exclude_modules", "layers_to_transform", "layers_pattern"):
     values = [getattr(c, name) for c in configs]
     if any(v != values[0] for v in values):
@@ -176,7 +182,7 @@ def _combined_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
     configs[0],
     r=rank,
     lora_alpha=float(rank),
-    target_modules=_union_targets(configs),
+    target_modules=_union_targets(configs, adapted),
     rank_pattern=(),
     alpha_pattern=(),
     use_rslora=False,
@@ -386,7 +392,9 @@ def add_weighted(
   ``cat``, ``r`` or the largest rank for the SVD methods; an adapter's rank is
   the largest of ``r`` and its ``rank_pattern``) and config: the first
   adapter's, with ``r = lora_alpha = rank`` (scale 1), no rank or alpha
-  patterns, and the union of the adapters' ``target_modules``. A kernel only
+  patterns, and the union of the adapters' ``target_modules`` (``"all-linear"``
+  beside other targets: the adapted kernels' modules, by path, as PEFT expands
+  ``"all-linear"`` to the model's linear modules before combining). A kernel only
   some adapters adapt combines those (as PEFT). As in PEFT, one adapter is
   always combined ``linear``-ly. One difference: PEFT copies the first
   adapter's ``use_rslora``, which scales its result by ``sqrt(r)``; here the
@@ -451,9 +459,9 @@ def add_weighted(
       raise ValueError(f"One adapter is combined linearly at its own rank {ranks[0]} (as PEFT); got r={r}.")
     method, density, key = "linear", None, None
   rank = _new_rank(method, ranks, r)
-  config = _combined_config(configs, rank)
   trees = [_read(lora, cfg, base, f"adapters[{i}]") for i, (lora, cfg) in enumerate(adapters_)]
   order = list(dict.fromkeys(p for t in trees for p in t))
+  config = _combined_config(configs, rank, [next(t[p] for t in trees if p in t).spec for p in order])
   keys = list(jax.random.split(key, len(order))) if key is not None else [None] * len(order)
   merge = _Merge(method.removesuffix("_svd"), density, majority_sign_method)
   out: dict = {}

@@ -159,8 +159,11 @@ def exported_targets(
   if config.layers_to_transform is not None:
     options += [(t, list(config.layers_to_transform)) for t, _ in list(options)]
   for target, layers in options if known is not None else ():
-    if {n for n in known | want if peft_io.peft_selects(target, layers, n)} == want:
-      return target, layers, (None if layers is None else "layers")
+    sel = peft_io.PeftTargets(
+      target_modules=target, layers_to_transform=None if layers is None else tuple(layers)
+    )
+    if {n for n in known | want if sel.selects(n)} == want:
+      return target, layers, None
   return sorted(want), None, None
 
 

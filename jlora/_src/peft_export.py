@@ -28,6 +28,7 @@ from jlora._src.peft_names import (
   is_conv1d,
   magnitude_key,
   name_str,
+  with_hf_biases,
 )
 
 
@@ -110,15 +111,25 @@ def _is_conv(spec: adapters.AdapterSpec, names: Mapping[int | None, Any], used: 
 
 
 def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> tuple[set[str], set[str]]:
-  """The PEFT names of every adaptable weight of ``base`` that the name map knows: modules, and
-  expert parameters."""
+  """The PEFT names the name map knows in ``base``: every module of PyTorch's module tree (the modules
+  of the adaptable weights and of the 1-D leaves (norms), and their parents: ``encoder.stages.0`` is a
+  module, which PEFT's suffix ``"0"`` matches), and the expert parameters."""
   by_path = {item.spec.path: item.spec.layout for item in bound}
   names: set[str | PeftParameter] = set()
   for cand in targets.candidates(base):
     layout = by_path.get(cand.path)
     for lay in [layout] if layout is not None else peft_io.name_guesses(cand):
       names.update(n for _, n in peft_io.safe_module_names(cand, lay, name_map))
-  return {n for n in names if isinstance(n, str)}, {n.name for n in names if isinstance(n, PeftParameter)}
+  for path, leaf in targets.param_leaves(base):
+    if len(getattr(leaf, "shape", ())) > 1:  # kernels are named above; a stacked norm has no one name
+      continue
+    try:
+      names.add(name_map(path, None))
+    except (ValueError, LookupError, TypeError):  # a leaf the map does not name
+      continue
+  modules = {n for n in names if isinstance(n, str)}
+  modules |= {n.rsplit(".", k)[0] for n in modules for k in range(1, n.count(".") + 1)}
+  return modules, {n.name for n in names if isinstance(n, PeftParameter)}
 
 
 @dataclasses.dataclass
@@ -380,7 +391,12 @@ def _peft_files(
   tensors = _Tensors()
   ranks, alphas, params = _adapter_tensors(bound, config, name_map, tensors, used)
   saved_modules = _saved_tensors(
-    saved, config, paths.is_collections(lora), name_map=name_map, ranks=ranks, out=tensors
+    saved,
+    config,
+    paths.is_collections(lora),
+    name_map=with_hf_biases(name_map, [item.spec.path for item in bound]),
+    ranks=ranks,
+    out=tensors,
   )
   known_modules, known_params = _known_names(base, bound, name_map) if base is not None else (None, None)
   modules = sorted(set(ranks) - set(params))

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,8 +43,10 @@ from jlora._src.peft_names import (
   NameMap,
   PeftParameter,
   default_name_map,
+  lora_keys,
   magnitude_key,
   name_str,
+  with_hf_biases,
 )
 
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -136,9 +139,11 @@ def _find_modules(
   info: Mapping[str, Any],
   *,
   keys: Keys,
+  chosen: Callable[[str], bool],
   weights_path: str,
 ) -> tuple[list[tuple[targets.Candidate, layouts.Layout, list[tuple[int | None, Any]]]], str | None]:
-  """The weights the file adapts, with their module names; and the first weight no name map knows."""
+  """The weights the file adapts, with their module names (those the config selects, ``chosen``; the
+  tensors of others are left unclaimed); and the first weight no name map knows."""
   known, unknown = lays
   found, unmapped = [], None
   for cand in cands:
@@ -152,7 +157,7 @@ def _find_modules(
     embedding = peft_io.is_embedding(cand.path)
     hits = []
     for index, name in names:
-      if not keys.has(name):
+      if not keys.has(name) or (isinstance(name, str) and not chosen(name)):
         continue
       key_a, key_b = keys(name, embedding)
       if (key_a in info) != (key_b in info):
@@ -329,23 +334,110 @@ def _bias_leaves(
   return out
 
 
-def _check_peft_targets(pcfg: Mapping[str, Any], matches: list[_Match], known: set, where: str) -> None:
+def _selection(
+  pcfg: Mapping[str, Any],
+  cands: list[targets.Candidate],
+  lays: Mapping[paths.Path, layouts.Layout],
+  name_map: NameMap,
+  *,
+  info: Mapping[str, Any],
+  where: str,
+) -> Callable[[str], bool]:
+  """Whether PEFT adapts a module, by the file's config (`peft_io.PeftTargets`; ``"all-linear"``: the
+  kernels other than the output head and convolutions, `_linear_kernel`). Without `target_modules` or
+  `target_parameters` (PEFT then picks by model type, which the tree does not tell) every module.
+
+  Raises:
+    ValueError: if `target_modules` select no module of ``tree``, or are a regex with
+      `layers_to_transform` (PEFT refuses both).
+  """
+  sel = peft_io.PeftTargets.of(pcfg)
+  if isinstance(sel.target_modules, str) and not sel.all_linear and sel.layers_to_transform is not None:
+    raise ValueError(
+      f"{where!r}: `layers_to_transform`={pcfg['layers_to_transform']!r} with a regex `target_modules` "
+      f"({sel.target_modules!r}): PEFT refuses this config. Put the layer in the regex, or list the modules."
+    )
+  if sel.target_modules is None:
+    return lambda name: pcfg.get("target_parameters") is None
+  modules = sorted(
+    {
+      n
+      for c in cands
+      for lay in ([lays[c.path]] if c.path in lays else peft_io.name_guesses(c))
+      for _, n in peft_io.safe_module_names(c, lay, name_map)
+      if isinstance(n, str) and (not sel.all_linear or _linear_kernel(c, n, lays, info))
+    }
+  )
+  sel = sel.expand(modules)
+  if sel.target_modules and not any(sel.selects(n) for n in modules) and not pcfg.get("target_parameters"):
+    raise ValueError(
+      f"{where!r}: `target_modules`={pcfg['target_modules']!r} select no module of the base model "
+      f"(`exclude_modules`={sel.exclude_modules!r}, `layers_to_transform`={sel.layers_to_transform!r}); "
+      "PEFT refuses this adapter ('Target modules ... not found in the base model'). Wrong base model or "
+      f"`name_map`? Some module names of the tree: {modules[:8]}."
+    )
+  return sel.selects
+
+
+def _linear_kernel(
+  cand: targets.Candidate, name: str, lays: Mapping[paths.Path, layouts.Layout], info: Mapping[str, Any]
+) -> bool:
+  """For ``"all-linear"`` (PEFT's Linear and Conv1D modules): a kernel other than the output head that
+  the model does not use in a convolution; one of unknown layout (a Flax conv kernel or a DenseGeneral's,
+  which shapes cannot tell apart) only where the file adapts it as a Linear (a 2-D ``lora_A``)."""
+  if cand.leaf_name != "kernel" or targets.is_head(cand):
+    return False
+  if cand.path in lays:
+    return not peft_conv.is_conv(lays[cand.path])
+  key = lora_keys(name, False)[0]
+  return key in info and len(info[key][0]) == 2
+
+
+def _key_module(key: str) -> str | None:
+  """The module of a PEFT LoRA tensor key (``None`` for other keys)."""
+  found = re.fullmatch(rf"{re.escape(PREFIX)}(.+?)(?:\.base_layer)*\.(?:lora_.*|base_layer\.bias)", key)
+  return None if found is None else found.group(1)
+
+
+def _drop_ignored(
+  unclaimed: set[str], chosen: Callable[[str], bool], pcfg: Mapping[str, Any], where: str
+) -> set:
+  """Warns of the LoRA tensors of modules the file's config does not select, which PEFT ignores when it
+  loads the file; the other unclaimed keys."""
+  ignored = sorted(k for k in unclaimed if (m := _key_module(k)) is not None and not chosen(m))
+  if ignored:
+    fields = ", ".join(
+      f"`{f}`={pcfg.get(f)!r}" for f in ("target_modules", "exclude_modules", "layers_to_transform")
+    )
+    modules = sorted({_key_module(k) for k in ignored})
+    warnings.warn(
+      f"{where!r} holds tensors of module(s) {modules[:4]}"
+      + (f" (and {len(modules) - 4} more)" if len(modules) > 4 else "")
+      + f" that adapter_config.json does not select ({fields}): "
+      "PEFT ignores them when it loads the adapter, and so does jlora. If they were meant to be adapted, "
+      "fix the config's `target_modules`.",
+      UserWarning,
+      stacklevel=3,
+    )
+  return unclaimed - set(ignored)
+
+
+def _check_peft_targets(
+  pcfg: Mapping[str, Any], matches: list[_Match], known: set, chosen: Callable[[str], bool], where: str
+) -> None:
   """Every module PEFT's ``target_modules`` selects, and every parameter its ``target_parameters``
   selects, must have tensors in the file."""
-  target = pcfg.get("target_modules")
-  layers = pcfg.get("layers_to_transform")
-  layers = [layers] if isinstance(layers, int) else layers
   present = {name_str(name) for m in matches for _, name in m.names}
   modules = {n for n in known if isinstance(n, str)} - present
   params = {n.name for n in known if isinstance(n, PeftParameter)} - present
   missing = sorted(
-    [n for n in modules if target and peft_io.peft_selects(target, layers, n)]
+    [n for n in modules if pcfg.get("target_modules") and chosen(n)]
     + [n for n in params if peft_config.parameter_selected(pcfg.get("target_parameters"), n)]
   )
   if missing:
     raise ValueError(
-      f"{where!r}: `target_modules`={target!r} / `target_parameters`={pcfg.get('target_parameters')!r} "
-      f"select {missing[0]!r}"
+      f"{where!r}: `target_modules`={pcfg.get('target_modules')!r} / `target_parameters`="
+      f"{pcfg.get('target_parameters')!r} select {missing[0]!r}"
       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
       + f", but {WEIGHTS_NAME} has no tensors for it: the adapter is incomplete."
     )
@@ -354,6 +446,7 @@ def _check_peft_targets(pcfg: Mapping[str, Any], matches: list[_Match], known: s
 def _import_config(
   pcfg: Mapping[str, Any],
   *,
+  tree: Any,
   matches: list[_Match],
   cands: list[targets.Candidate],
   saved_modules: list[str],
@@ -361,7 +454,8 @@ def _import_config(
   dtype: str | None,
   where: str,
 ) -> LoraConfig:
-  """The jlora config that reproduces the file: adapted weights by exact path, ranks and alphas."""
+  """The jlora config that reproduces the file: the file's `target_modules` (or the adapted weights by
+  exact path, `_as_written`), ranks and alphas by exact path."""
   per_module: dict[str, int] = {}
   for c in cands:
     per_module[c.module] = per_module.get(c.module, 0) + 1
@@ -380,7 +474,7 @@ def _import_config(
     if layer_set != tuple(range(min(sizes))) or len(sizes) > 1:
       ltt = layer_set
   try:
-    return LoraConfig(
+    exact = LoraConfig(
       r=r,
       lora_alpha=alpha,
       lora_dropout=pcfg.get("lora_dropout", 0.0),
@@ -398,6 +492,40 @@ def _import_config(
     )
   except (TypeError, ValueError) as e:
     raise ValueError(f"{where!r} has an invalid value: {e}") from e
+  return _as_written(pcfg, exact, tree, matches)
+
+
+def _as_written(pcfg: Mapping[str, Any], exact: LoraConfig, tree: Any, matches: list[_Match]) -> LoraConfig:
+  """``exact`` with the file's own `target_modules` (and `exclude_modules`, `layers_to_transform`,
+  `layers_pattern`) where jlora's matching of them adapts exactly the imported weights, so that
+  `export_peft` writes them back as PEFT wrote them; else ``exact`` (adapted weights by path)."""
+  target, layers = pcfg.get("target_modules"), pcfg.get("layers_to_transform")
+  if not target:
+    return exact
+  stacked = {m.cand.path for m in matches if m.layer_axis}
+  fields = dict(
+    target_modules=target if isinstance(target, str) else tuple(target),
+    exclude_modules=pcfg.get("exclude_modules") or None,
+  )
+  if layers is not None and not stacked:
+    pattern = pcfg.get("layers_pattern") or None
+    fields.update(
+      layers_to_transform=[layers] if isinstance(layers, int) else layers,
+      layers_pattern=[pattern] if isinstance(pattern, str) else pattern,
+    )
+  try:
+    written = dataclasses.replace(exact, **fields)
+    chosen = targets.match_targets(tree, written)
+  except (TypeError, ValueError):  # fields jlora reads otherwise (PEFT's dotted names, regexes)
+    return exact
+  kept = {
+    c.path
+    for c in chosen
+    if written.layers_to_transform is None
+    or c.path in stacked
+    or targets.layer_index(c.module, written.layers_pattern) in written.layers_to_transform
+  }
+  return written if kept == {m.cand.path for m in matches} else exact
 
 
 def _read_factors(handle: Any, m: _Match, keys: Keys, weights_path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -490,14 +618,31 @@ def import_peft(
   1, ...)`` on a Flax conv kernel ``(*k, in, out)``, with or without
   ``apply_fn``, read as jlora's ``(*k, in, r)`` and ``(r, out)``; DoRA's
   magnitude ``(1, out, 1, ...)``), and every module the
-  file's ``target_modules`` selects must have tensors. All tensors are checked
+  file's ``target_modules`` selects must have tensors.
+
+  Only the modules the file's own ``adapter_config.json`` selects are adapted,
+  as PEFT selects them (`check_target_module_exists`): ``target_modules`` as a
+  list of names or dotted suffixes, filtered by ``layers_to_transform`` /
+  ``layers_pattern``; as a full-match regex (which ``layers_to_transform`` may
+  not accompany); or ``"all-linear"`` (every kernel but the output head and
+  convolutions); less ``exclude_modules`` and ``modules_to_save``. PEFT
+  ignores the tensors of other modules when it loads the file; so does jlora,
+  with a ``UserWarning`` naming them (not an error: PEFT loads such files, and
+  jlora must read them to the model PEFT builds; not silence: trained tensors
+  that are dropped point at a config that does not say what was trained).
+  ``target_modules`` that select no module of ``tree`` are an error, as in
+  PEFT. All tensors are checked
   before any is read: the result is complete or an error is raised. Parts of a
   fused kernel that PEFT did not adapt (``v_proj`` without ``k_proj`` on
   gemma's ``kv_einsum``) get zero factors, which compute what PEFT computes.
 
-  The returned config lists the adapted weights by exact path in
-  ``target_modules`` and encodes per-module ranks and alphas as exact-path
-  patterns, so ``jlora.wrap``/``merge`` reproduce PEFT's model.
+  The returned config keeps the file's ``target_modules`` as written
+  (``["q_proj", "v_proj"]``; with its ``exclude_modules`` and
+  ``layers_to_transform``) where jlora's matching of them adapts exactly the
+  weights the file adapts, so `export_peft` writes them back as PEFT wrote
+  them; otherwise it lists the adapted weights by exact path. Per-module
+  ranks and alphas are exact-path patterns, so ``jlora.wrap``/``merge``
+  reproduce PEFT's model.
 
   Args:
     directory: a PEFT adapter directory (``adapter_config.json`` +
@@ -520,7 +665,8 @@ def import_peft(
 
   Raises:
     FileNotFoundError: if a file is missing.
-    ValueError: for unknown or unsupported config fields, unreadable files,
+    ValueError: for unknown or unsupported config fields, ``target_modules``
+      that select no module of ``tree``, unreadable files,
       keys no weight maps to, modules missing from the file, wrong shapes or
       dtypes (each naming the key or module; ConvNd tensors on a kernel that
       is not a Flax conv kernel, or that the model uses in no convolution),
@@ -570,8 +716,10 @@ def _import(
   keys = Keys(
     n for n in known if isinstance(n, PeftParameter) and peft_config.parameter_selected(targeted, n.name)
   )
+  config_path = storage.show(directory / CONFIG_NAME)
+  chosen = _selection(pcfg, cands, lays, name_map, info=info, where=config_path)
   found, unmapped = _find_modules(
-    cands, (lays, unknown), name_map, info, keys=keys, weights_path=weights_path
+    cands, (lays, unknown), name_map, info, keys=keys, chosen=chosen, weights_path=weights_path
   )
   matches = [
     _check_module(c, layout=lay, hits=hits, info=info, keys=keys, pcfg=pcfg, weights_path=weights_path)
@@ -589,24 +737,27 @@ def _import(
         "Save the adapter again with PEFT, or set `use_dora` to false if it is a plain LoRA adapter."
       )
     claimed |= magnitudes
-  biases = _bias_leaves(tree, pcfg, name_map, info, weights_path)
+  bias_names = with_hf_biases(name_map, [c.path for c in cands])
+  biases = _bias_leaves(tree, pcfg, bias_names, info, weights_path)
   claimed |= set(biases.values())
   saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
-  _check_all_claimed(set(info) - claimed - set(saved.values()), unmapped, weights_path)
+  unclaimed = _drop_ignored(set(info) - claimed - set(saved.values()), chosen, pcfg, weights_path)
+  _check_all_claimed(unclaimed, unmapped, weights_path)
   if not matches:
     raise ValueError(f"{weights_path!r} holds no LoRA weights (no '.lora_A.weight' keys).")
-  _check_peft_targets(pcfg, matches, known, storage.show(directory / CONFIG_NAME))
+  _check_peft_targets(pcfg, matches, known, chosen, config_path)
   dtypes = {_ST_DTYPES[info[k][1]] for k in claimed - set(biases.values())}
   kernel_dtypes = {jnp.dtype(m.cand.dtype).name for m in matches}
   collections = paths.is_collections(tree)
   config = _import_config(
     pcfg,
+    tree=tree,
     matches=matches,
     cands=cands,
     saved_modules=[paths.module_path(p, collections) for p in saved],
     layout_pattern=layout_pattern,
     dtype=next(iter(dtypes)) if len(dtypes) == 1 and dtypes != kernel_dtypes else None,
-    where=storage.show(directory / CONFIG_NAME),
+    where=config_path,
   )
   lora = _build_tree(
     handle, tree, config, matches=matches, keys=keys, saved=saved, biases=biases, where=weights_path

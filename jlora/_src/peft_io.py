@@ -21,15 +21,17 @@ never loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from jlora._src import layouts, paths, targets
+from jlora._src.config import ALL_LINEAR
 from jlora._src.peft_names import NameMap, PeftParameter
 
 CONFIG_NAME = "adapter_config.json"
@@ -42,8 +44,6 @@ SAVED_LEAVES = {
   "bias": ("bias", False),
   "scale": ("weight", False),
 }
-# PEFT's default layer containers (`peft.utils.constants.LAYERS_PATTERN`-like), for `layers_to_transform`.
-PEFT_LAYER_NAMES = ("layers", "h", "blocks", "layer")
 
 
 # jlora's SHA-256 over adapter_config.json and every tensor, kept in the safetensors metadata (which
@@ -68,17 +68,82 @@ def is_embedding(path: paths.Path) -> bool:
 # -- what PEFT selects -------------------------------------------------------------------------
 
 
-def peft_selects(target_modules: Any, layers: Sequence[int] | None, name: str) -> bool:
-  """PEFT's `check_target_module_exists` for one module name (suffix or full-match regex, then
-  the layer filter)."""
-  if isinstance(target_modules, str):
-    hit = re.fullmatch(target_modules, name) is not None
-  else:
-    hit = any(name == t or name.endswith("." + t) for t in target_modules or ())
-  if not hit or layers is None:
-    return hit
-  m = re.search(rf"\.(?:{'|'.join(PEFT_LAYER_NAMES)})\.(\d+)\.", name)
-  return m is not None and int(m.group(1)) in layers
+@dataclasses.dataclass(frozen=True)
+class PeftTargets:
+  """The fields of an ``adapter_config.json`` that choose PEFT's adapted modules.
+
+  ``target_modules``: a list of names (a module's full name or a dotted
+  suffix), a full-match regex, ``"all-linear"`` (expand it with `expand`
+  first), or ``None``.
+  """
+
+  target_modules: Any = None
+  layers_to_transform: tuple[int, ...] | None = None
+  layers_pattern: tuple[str, ...] | None = None
+  exclude_modules: Any = None
+  modules_to_save: tuple[str, ...] | None = None
+
+  @classmethod
+  def of(cls, pcfg: Mapping[str, Any]) -> PeftTargets:
+    """The selection of a PEFT config (a dict read from ``adapter_config.json``)."""
+    layers, pattern = pcfg.get("layers_to_transform"), pcfg.get("layers_pattern")
+    target, exclude = pcfg.get("target_modules"), pcfg.get("exclude_modules")
+    return cls(
+      target_modules=target if target is None or isinstance(target, str) else tuple(target),
+      layers_to_transform=(layers,)
+      if isinstance(layers, int)
+      else (None if layers is None else tuple(layers)),
+      layers_pattern=(pattern,) if isinstance(pattern, str) else (tuple(pattern) if pattern else None),
+      exclude_modules=exclude if exclude is None or isinstance(exclude, str) else tuple(exclude),
+      modules_to_save=tuple(pcfg.get("modules_to_save") or ()) or None,
+    )
+
+  @property
+  def all_linear(self) -> bool:
+    return isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR
+
+  def expand(self, linear: Iterable[str]) -> PeftTargets:
+    """PEFT's ``"all-linear"`` (`_maybe_include_all_linear_layers`): the names of the model's linear
+    modules, the output head excluded (``linear``)."""
+    return dataclasses.replace(self, target_modules=tuple(sorted(linear))) if self.all_linear else self
+
+  def excludes(self, name: str) -> bool:
+    """Whether ``exclude_modules`` or ``modules_to_save`` keep PEFT off module ``name``."""
+    ex = self.exclude_modules
+    if ex and (re.fullmatch(ex, name) if isinstance(ex, str) else _in_list(ex, name)):
+      return True
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in self.modules_to_save or ())
+
+  def selects(self, name: str) -> bool:
+    """PEFT's `check_target_module_exists` for module ``name``: a full-match regex (which ignores
+    ``layers_to_transform``), or a list entry equal to the name, or a dotted suffix of it in a
+    layer ``layers_to_transform`` keeps; never an excluded module."""
+    target = self.target_modules
+    if not target or self.excludes(name):
+      return False
+    if isinstance(target, str):
+      return re.fullmatch(target, name) is not None
+    if name in target:
+      return True
+    if not any(name.endswith("." + t) for t in target):
+      return False
+    return not self.layers_to_transform or layer_of(name, self.layers_pattern) in self.layers_to_transform
+
+
+def _in_list(entries: Sequence[str], name: str) -> bool:
+  return name in entries or any(name.endswith("." + e) for e in entries)
+
+
+def layer_of(name: str, layers_pattern: Sequence[str] | None) -> int | None:
+  """PEFT's layer index of a module name: the first numbered entry (after a ``layers_pattern`` name,
+  when given)."""
+  found = None
+  for pattern in layers_pattern or [None]:
+    regex = r".*?\.[^.]*\.(\d+)\." if pattern is None else rf"(?:^|.*?\.){pattern}\.(\d+)\."
+    found = re.match(regex, name)
+    if found:
+      break
+  return None if found is None else int(found.group(1))
 
 
 def module_names(

@@ -313,3 +313,21 @@ def default_name_map(path: paths.Path, index: int | None = None) -> str:
     "giving the PyTorch module name of each weight (for an expert kernel, "
     "`jlora.PeftParameter('model.layers.0.mlp.experts.gate_up_proj')`, PEFT's `target_parameters`)."
   )
+
+
+def with_hf_biases(name_map: NameMap, kernels: Iterable[paths.Path]) -> NameMap:
+  """The map for the biases `bias` trains: ``name_map``; the default map extended, on a Hugging Face
+  Flax tree, to the 1-D leaves outside its layer stack (OPT's ``model/decoder/final_layer_norm/bias``,
+  GPT-2's ``transformer/ln_f/bias``, BERT's ``embeddings/LayerNorm/bias``), which mirror PyTorch's
+  modules as the tree's kernels do (`peft_module_name`). The tree is a Hugging Face one when one of
+  its ``kernels`` is named by that mirror rule (not by a gemma, tunix or keras-hub rule)."""
+  hf = any(family_name(p, None) is None and str(p[-1]) in _HF_LEAVES and _hf_like(p, None) for p in kernels)
+  if name_map is not default_name_map or not hf:
+    return name_map
+
+  def named(path: paths.Path, index: int | None = None) -> str | PeftParameter:
+    if index is None and str(path[-1]) in ("bias", "scale") and family_name(path, None) is None:
+      return peft_module_name(path)
+    return default_name_map(path, index)
+
+  return named

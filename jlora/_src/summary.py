@@ -78,10 +78,15 @@ def summary(tree: Any, lora: Any, config: Any = None) -> str:
   Args:
     tree: the base tree.
     lora: the adapter tree.
-    config: its config; needed only with ``bias`` "all" or "lora_only".
+    config: its config; needed when the adapter tree holds copies of
+      biases (``bias`` "all" or "lora_only", or `modules_to_save`).
 
   Returns:
     ``"trainable params: 1,048,576 || all params: 7,242,780,672 || trainable%: 0.0145"``.
+
+  Raises:
+    ValueError: if ``config`` is not given and the adapter tree holds copies
+      of biases (which PEFT counts once or twice, by the config).
 
   Example:
     >>> import jax.numpy as jnp, jlora
@@ -89,6 +94,20 @@ def summary(tree: Any, lora: Any, config: Any = None) -> str:
     ...               {"w": {"kernel": {"lora_A": jnp.zeros((8, 2)), "lora_B": jnp.zeros((2, 8))}}})
     'trainable params: 32 || all params: 96 || trainable%: 33.3333'
   """
+  if config is None:
+    copies = [
+      paths.to_str(p)
+      for p, node in paths.adapter_items(lora)
+      if not paths.is_adapter(node) and str(p[-1]) == "bias"
+    ]
+    if copies:
+      raise ValueError(
+        f"The adapter tree holds trained copies of biases ({copies[:3]}"
+        + (f" and {len(copies) - 3} more" if len(copies) > 3 else "")
+        + "): PEFT counts a bias that `bias` trains once (it trains the model's own) but a `modules_to_save` "
+        "copy twice, and without the config summary cannot tell which these are. Pass the config: "
+        "`jlora.summary(tree, lora, config)`."
+      )
   trainable = count_params(lora)
   total = count_params(_base_params(tree)) + trainable - _trained_bias_count(lora, config)
   pct = 100.0 * trainable / total if total else 0.0
