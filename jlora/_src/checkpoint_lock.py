@@ -109,17 +109,8 @@ def _read_local_info(fd: int) -> WriterInfo:
   return _UNKNOWN
 
 
-def _open_lock_file(path: epath.Path, flags: int) -> int:
-  storage.refuse_link(path, "the writer lock file")
-  try:
-    return os.open(path, flags | os.O_NOFOLLOW, 0o644)
-  except OSError as e:
-    storage.refuse_link(path, "the writer lock file")  # a link that appeared meanwhile
-    raise e
-
-
 def _take_local(directory: epath.Path) -> int:
-  fd = _open_lock_file(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+  fd = storage.open_no_follow(directory / LOCK_NAME, "the writer lock file", create=True)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -139,9 +130,11 @@ def _local_holder(directory: epath.Path) -> WriterInfo | None:
   if storage.is_link(path):
     return None
   try:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = storage.open_no_follow(path, "the writer lock file", create=False)
   except OSError:
-    return None  # no lock file: no writer ever opened the directory (or it is not readable)
+    return None  # not readable
+  if fd is None:
+    return None  # no lock file: no writer ever opened the directory
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)

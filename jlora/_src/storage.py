@@ -345,6 +345,26 @@ def remove_file(path: epath.Path) -> None:
 # -- exclusive creation (leases and locks) ---------------------------------------------------
 
 
+def open_no_follow(path: epath.Path, what: str, *, create: bool) -> int | None:
+  """A read-write (``create``) or read-only file descriptor of a local file, never through a link; ``None``
+  when it is absent and not ``create``.
+
+  Raises:
+    LinkError: if ``path`` is a symbolic link.
+  """
+  refuse_link(path, what)
+  flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_NOFOLLOW
+  try:
+    return os.open(path, flags, 0o644)
+  except FileNotFoundError:
+    if create:
+      raise
+    return None
+  except OSError:
+    refuse_link(path, what)  # a link that appeared meanwhile (ELOOP)
+    raise
+
+
 def create_exclusive(path: epath.Path, data: bytes) -> Any:
   """Creates the file only if nothing is there; returns a token for `delete_exclusive`, ``None`` if it exists.
 
