@@ -484,3 +484,26 @@ def test_checkpoint_is_small_relative_to_base(tmp_path):
   a, b = size(tmp_path / "adapter"), size(tmp_path / "merged")
   print(f"adapter checkpoint {a} bytes vs merged base {b} bytes ({a / b:.3f})")
   assert a < 0.15 * b  # 2*256*8 / 256**2 = 6.25% of the parameters, plus metadata
+
+
+def test_save_adapter_refuses_a_managers_directory_and_keeps_its_steps(tmp_path):
+  params = {"q_proj": {"kernel": jnp.ones((4, 3))}}
+  cfg = jlora.LoraConfig(r=2, target_modules=("q_proj",))
+  lora = jlora.init(params, cfg, key=jax.random.key(0))
+  opt = optax.adam(1e-3)
+  with jlora.AdapterCheckpointManager(tmp_path / "run", cfg) as mngr:
+    for step in (100, 200, 300):
+      mngr.save(step, lora, opt_state=opt.init(lora))
+  with pytest.raises(ValueError, match=r"holds 3 steps \(100 \.\.\. 300\).*would delete them"):
+    jlora.save_adapter(tmp_path / "run", lora, cfg)
+  with jlora.AdapterCheckpointManager(tmp_path / "one", cfg, max_to_keep=1) as mngr:
+    mngr.save(7, lora, opt_state=opt.init(lora))
+  with pytest.raises(ValueError, match="holds a step with an optimizer state"):
+    jlora.save_adapter(tmp_path / "one", lora, cfg)
+  jlora.save_bank(tmp_path / "bank", jlora.stack([(lora, cfg)], names=["a"]))
+  with pytest.raises(ValueError, match="holds a 'jlora.bank' checkpoint"):
+    jlora.save_adapter(tmp_path / "bank", lora, cfg)
+  with jlora.AdapterCheckpointManager(tmp_path / "run", read_only=True) as reader:
+    assert reader.all_steps() == [100, 200, 300]
+  jlora.save_adapter(tmp_path / "plain", lora, cfg)
+  jlora.save_adapter(tmp_path / "plain", lora, cfg)  # its own directory: replaced
