@@ -192,3 +192,88 @@ def test_gemma_style_einsums_merge_as_peft_merges_them(tmp_path):
       want = linear(fn(merged[f"layer_{i}"])).numpy()
       assert np.max(np.abs(want - linear(fn(base[f"layer_{i}"])).numpy())) > 1e-3, name
       np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"layer {i} {name}")
+
+
+# -- "all-linear" on Hugging Face Flax models whose modules outside the layer stack mirror PyTorch's -----
+
+_IDS = np.array([[5, 9, 1, 33, 12, 63, 7], [3, 3, 40, 22, 17, 8, 51]], np.int32)
+# The modules outside the layer stack (or in ALBERT's numbered layer groups) the default name map names.
+_OUTSIDE = {
+  "bert": "pooler.dense",
+  "electra": "embeddings_project",
+  "albert": "encoder.albert_layer_groups.0.albert_layers.0.ffn_output",
+}
+
+
+def _encoder(kind):
+  tiny = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
+  if kind == "bert":  # pooler.dense
+    config = transformers.BertConfig(hidden_size=16, intermediate_size=32, **tiny)
+    classes = transformers.FlaxBertModel, transformers.BertModel
+  elif kind == "electra":  # embeddings_project (embedding_size != hidden_size)
+    config = transformers.ElectraConfig(hidden_size=16, intermediate_size=32, embedding_size=8, **tiny)
+    classes = transformers.FlaxElectraModel, transformers.ElectraModel
+  else:  # encoder.albert_layer_groups.0.albert_layers.0..., encoder.embedding_hidden_mapping_in, pooler
+    config = transformers.AlbertConfig(hidden_size=16, intermediate_size=32, embedding_size=8, **tiny)
+    classes = transformers.FlaxAlbertModel, transformers.AlbertModel
+  flax_model = classes[0](config, seed=0, dtype=jnp.float32)
+  params = flax_model.params
+
+  def apply_fn(p, ids):  # Flax ELECTRA's default token types differ from PyTorch's: pass them
+    out = flax_model(ids, attention_mask=jnp.ones_like(ids), token_type_ids=jnp.zeros_like(ids), params=p)
+    return out.last_hidden_state, getattr(out, "pooler_output", out.last_hidden_state)
+
+  def torch_model():
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # transformers' chatter about the weights it copies
+      m = classes[1](config)
+      load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
+    return m.eval()
+
+  return params, apply_fn, torch_model
+
+
+def _outputs(m):
+  with torch.no_grad():
+    out = m(torch.tensor(_IDS, dtype=torch.long))
+  return out.last_hidden_state.numpy(), getattr(out, "pooler_output", out.last_hidden_state).numpy()
+
+
+def _assert_close(got, want, atol):
+  for g, w in zip(got, want, strict=True):  # the hidden states and the pooled output
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "electra", "albert"])
+def test_all_linear_on_hf_encoders_exports_and_imports_without_a_name_map(kind, tmp_path):
+  params, apply_fn, torch_model = _encoder(kind)
+  ids = (jnp.asarray(_IDS),)
+  _assert_close(apply_fn(params, *ids), _outputs(torch_model()), atol=1e-5)  # the twin
+  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=ids)
+  # jlora -> PEFT: every Linear PEFT's "all-linear" adapts, those outside the layer stack included
+  jlora.export_peft(
+    tmp_path / "out", lora, cfg, base=params, apply_fn=apply_fn, example_args=ids, task_type=None
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    ref = peft.get_peft_model(torch_model(), peft.LoraConfig(r=R, target_modules="all-linear"))
+    pm = peft.PeftModel.from_pretrained(torch_model(), tmp_path / "out").eval()
+  assert sorted(n for n, _ in pm.named_parameters() if "lora_" in n) == sorted(
+    n for n, _ in ref.named_parameters() if "lora_" in n
+  )
+  assert any(f".{_OUTSIDE[kind]}.lora_A" in n for n, _ in pm.named_parameters())
+  ours = jlora.wrap(apply_fn, cfg)(params, lora, *ids)
+  assert np.abs(ours[1] - apply_fn(params, *ids)[1]).max() > 1e-2, "the adapter must change the outputs"
+  _assert_close(_outputs(pm), ours, atol=1e-5)
+  # PEFT -> jlora
+  torch.manual_seed(5)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pm = peft.get_peft_model(
+      torch_model(),
+      peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False),
+    ).eval()
+  pm.save_pretrained(tmp_path / "peft")
+  lora2, cfg2 = jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=ids)
+  _assert_close(jlora.wrap(apply_fn, cfg2)(params, lora2, *ids), _outputs(pm), atol=1e-5)

@@ -536,6 +536,34 @@ def test_keras_hub_gemma_names_and_unknown_kernels():
   assert default_name_map(("params", "lm_head", "kernel")) == "lm_head"
 
 
+def test_hf_tree_map_names_the_modules_outside_the_layer_stack():
+  from jlora._src.peft_names import default_name_map, hf_tree_map  # noqa: PLC0415
+
+  # A numbered module list reads as Hugging Face's (ALBERT's layer groups, Wav2Vec2's conv layers).
+  albert = ("encoder", "albert_layer_groups", "0", "albert_layers", "0", "ffn", "kernel")
+  assert default_name_map(albert) == "encoder.albert_layer_groups.0.albert_layers.0.ffn"
+  pooler, query = (
+    ("pooler", "dense", "kernel"),
+    ("encoder", "layer", "0", "attention", "self", "query", "kernel"),
+  )
+  with pytest.raises(
+    ValueError, match=r"No PEFT name map jlora knows names the weight 'pooler/dense/kernel'"
+  ):
+    default_name_map(pooler)
+  # On a tree that is Hugging Face's (BERT), the leaves outside the layer stack mirror PyTorch's too.
+  bert = hf_tree_map(default_name_map, [pooler, query])
+  assert bert(pooler) == "pooler.dense" and bert(query) == "encoder.layer.0.attention.self.query"
+  assert bert(("embeddings_project", "kernel")) == "embeddings_project"  # ELECTRA
+  # Not on a tree none of whose paths reads as Hugging Face's, nor for a map the user gave.
+  proj = ("encoder", "proj", "kernel")
+  with pytest.raises(
+    ValueError, match=r"No PEFT name map jlora knows names the weight 'encoder/proj/kernel'"
+  ):
+    hf_tree_map(default_name_map, [proj, pooler])(proj)
+  mine = lambda path, index: "x"  # noqa: E731
+  assert hf_tree_map(mine, [pooler, query]) is mine
+
+
 # -- what PEFT's config selects (a plain JAX model and its PyTorch twin) -------------------------
 
 _D, _LAYERS = 6, 2

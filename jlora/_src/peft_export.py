@@ -25,10 +25,10 @@ from jlora._src.peft_names import (
   checked_name_map,
   default_name_map,
   family_name,
+  hf_tree_map,
   is_conv1d,
   magnitude_key,
   name_str,
-  with_hf_biases,
 )
 
 
@@ -388,13 +388,15 @@ def _peft_files(
     adapted = [p for p, node in paths.adapter_items(lora) if paths.is_adapter(node)]
     used = peft_io.model_layouts(apply_fn, base, example_args, example_kwargs, only=adapted)
   bound, saved = adapters.bound_adapters(lora, config, base, used)
+  kernels = [c.path for c in targets.candidates(base)] if base is not None else [i.spec.path for i in bound]
+  name_map = hf_tree_map(name_map, kernels)
   tensors = _Tensors()
   ranks, alphas, params = _adapter_tensors(bound, config, name_map, tensors, used)
   saved_modules = _saved_tensors(
     saved,
     config,
     paths.is_collections(lora),
-    name_map=with_hf_biases(name_map, [item.spec.path for item in bound]),
+    name_map=name_map,
     ranks=ranks,
     out=tensors,
   )

@@ -43,10 +43,10 @@ from jlora._src.peft_names import (
   NameMap,
   PeftParameter,
   default_name_map,
+  hf_tree_map,
   lora_keys,
   magnitude_key,
   name_str,
-  with_hf_biases,
 )
 
 _ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
@@ -709,6 +709,7 @@ def _import(
   pcfg, handle, info = _open_checked(directory, files)
   weights_path = storage.show(directory / WEIGHTS_NAME)
   cands = targets.candidates(tree)
+  name_map = hf_tree_map(name_map, [c.path for c in cands])
   read = lambda: peft_io.model_layouts(apply_fn, tree, example_args, example_kwargs)  # noqa: E731
   lays, unknown = _import_layouts(tree, cands, layout_pattern, read)
   known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
@@ -737,8 +738,7 @@ def _import(
         "Save the adapter again with PEFT, or set `use_dora` to false if it is a plain LoRA adapter."
       )
     claimed |= magnitudes
-  bias_names = with_hf_biases(name_map, [c.path for c in cands])
-  biases = _bias_leaves(tree, pcfg, bias_names, info, weights_path)
+  biases = _bias_leaves(tree, pcfg, name_map, info, weights_path)
   claimed |= set(biases.values())
   saved = _saved_leaves(tree, name_map, info, claimed, weights_path)
   unclaimed = _drop_ignored(set(info) - claimed - set(saved.values()), chosen, pcfg, weights_path)

@@ -9,7 +9,9 @@ the part of a fused kernel: gemma's ``kv_einsum`` entry 0 is ``k_proj``, 1 is
 `default_name_map` knows, by their parameter names, the model families jlora
 is tested on: Hugging Face Flax models (the Flax tree mirrors PyTorch's
 module tree: `peft_module_name`; paths with a layer container such as
-``layers_3`` or ``h/0``, or a top-level ``lm_head``/``embed_tokens``), gemma's
+``layers_3`` or a numbered module list such as ``h/0``, or a top-level
+``lm_head``/``embed_tokens``; on a tree with such paths, every ``kernel``,
+``embedding``, ``bias`` and ``scale``: `hf_tree_map`), gemma's
 ``gm.nn.Transformer``, tunix's NNX Llama/Qwen/Gemma and keras-hub's Gemma
 (mapped to the Hugging Face ``transformers`` module names of the same
 architecture). A weight none of them knows is an error that names
@@ -246,15 +248,16 @@ def family_name(path: paths.Path, index: int | None) -> str | None:
 
 
 def _hf_like(path: paths.Path, index: int | None) -> bool:
-  """Whether a path reads as a Hugging Face module tree: a layer container (``layers_3``,
-  ``h/0``; or, for a stacked kernel, ``layers``) or a known top-level module."""
+  """Whether a path reads as a Hugging Face module tree: a layer container (``layers_3``; or, for a
+  stacked kernel, ``layers``), a numbered module list (``h/0``, ALBERT's ``albert_layer_groups/0``,
+  Wav2Vec2's ``conv_layers/0``) or a known top-level module."""
   entries = [str(e) for e in path[:-1]]
   for i, e in enumerate(entries):
     m = re.fullmatch(r"(.+)_(\d+)", e)
     numbered = m is not None and m.group(1) in _LAYER_NAMES  # layers_3
-    followed = e in _LAYER_NAMES and i + 1 < len(entries) and entries[i + 1].isdigit()  # layers/3
+    listed = not e.isdigit() and i + 1 < len(entries) and entries[i + 1].isdigit()  # layers/3
     scanned = e in _LAYER_NAMES and index is not None  # layers, one module per layer
-    if numbered or followed or scanned:
+    if numbered or listed or scanned:
       return True
   return bool(entries) and entries[-1] in _HF_TOP
 
@@ -315,18 +318,20 @@ def default_name_map(path: paths.Path, index: int | None = None) -> str:
   )
 
 
-def with_hf_biases(name_map: NameMap, kernels: Iterable[paths.Path]) -> NameMap:
-  """The map for the biases `bias` trains: ``name_map``; the default map extended, on a Hugging Face
-  Flax tree, to the 1-D leaves outside its layer stack (OPT's ``model/decoder/final_layer_norm/bias``,
-  GPT-2's ``transformer/ln_f/bias``, BERT's ``embeddings/LayerNorm/bias``), which mirror PyTorch's
-  modules as the tree's kernels do (`peft_module_name`). The tree is a Hugging Face one when one of
-  its ``kernels`` is named by that mirror rule (not by a gemma, tunix or keras-hub rule)."""
-  hf = any(family_name(p, None) is None and str(p[-1]) in _HF_LEAVES and _hf_like(p, None) for p in kernels)
+def hf_tree_map(name_map: NameMap, leaves: Iterable[paths.Path]) -> NameMap:
+  """The map for a whole tree: ``name_map``; the default map extended, on a Hugging Face Flax tree, to
+  every leaf named ``kernel``/``embedding``/``bias``/``scale`` (without a stacked axis) that no gemma,
+  tunix or keras-hub rule names, outside the layer stack too (BERT's ``pooler/dense/kernel``, ELECTRA's
+  ``embeddings_project``, CLIP's ``visual_projection``, GPT-2's ``transformer/ln_f/bias``): those mirror
+  PyTorch's modules as the layers' weights do (`peft_module_name`). The tree is a Hugging Face one when
+  one of its ``leaves`` reads as a Hugging Face path (a layer container or a numbered module list) and is
+  named by that mirror rule."""
+  hf = any(family_name(p, None) is None and str(p[-1]) in _HF_LEAVES and _hf_like(p, None) for p in leaves)
   if name_map is not default_name_map or not hf:
     return name_map
 
   def named(path: paths.Path, index: int | None = None) -> str | PeftParameter:
-    if index is None and str(path[-1]) in ("bias", "scale") and family_name(path, None) is None:
+    if index is None and str(path[-1]) in _HF_LEAVES and family_name(path, None) is None:
       return peft_module_name(path)
     return default_name_map(path, index)
 
