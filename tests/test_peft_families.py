@@ -197,83 +197,111 @@ def test_gemma_style_einsums_merge_as_peft_merges_them(tmp_path):
 # -- "all-linear" on Hugging Face Flax models whose modules outside the layer stack mirror PyTorch's -----
 
 _IDS = np.array([[5, 9, 1, 33, 12, 63, 7], [3, 3, 40, 22, 17, 8, 51]], np.int32)
-# The modules outside the layer stack (or in ALBERT's numbered layer groups) the default name map names.
+_PIXELS = np.random.default_rng(0).normal(size=(2, 3, 8, 8)).astype(np.float32)
+# A module outside the layer stack (or in ALBERT's numbered layer groups) the default name map names.
 _OUTSIDE = {
   "bert": "pooler.dense",
   "electra": "embeddings_project",
   "albert": "encoder.albert_layer_groups.0.albert_layers.0.ffn_output",
+  "clip": "visual_projection",
 }
 
 
-def _encoder(kind):
+def _hf_config(kind):
   tiny = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
   if kind == "bert":  # pooler.dense
     config = transformers.BertConfig(hidden_size=16, intermediate_size=32, **tiny)
-    classes = transformers.FlaxBertModel, transformers.BertModel
-  elif kind == "electra":  # embeddings_project (embedding_size != hidden_size)
+    return config, transformers.FlaxBertModel, transformers.BertModel
+  if kind == "electra":  # embeddings_project (embedding_size != hidden_size)
     config = transformers.ElectraConfig(hidden_size=16, intermediate_size=32, embedding_size=8, **tiny)
-    classes = transformers.FlaxElectraModel, transformers.ElectraModel
-  else:  # encoder.albert_layer_groups.0.albert_layers.0..., encoder.embedding_hidden_mapping_in, pooler
+    return config, transformers.FlaxElectraModel, transformers.ElectraModel
+  if (
+    kind == "albert"
+  ):  # encoder.albert_layer_groups.0.albert_layers.0..., embedding_hidden_mapping_in, pooler
     config = transformers.AlbertConfig(hidden_size=16, intermediate_size=32, embedding_size=8, **tiny)
-    classes = transformers.FlaxAlbertModel, transformers.AlbertModel
-  flax_model = classes[0](config, seed=0, dtype=jnp.float32)
-  params = flax_model.params
+    return config, transformers.FlaxAlbertModel, transformers.AlbertModel
+  # clip: text_projection, visual_projection (and a conv stem "all-linear" leaves alone)
+  text = transformers.CLIPTextConfig(hidden_size=16, intermediate_size=32, projection_dim=8, **tiny)
+  vision = transformers.CLIPVisionConfig(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+    patch_size=4, projection_dim=8,
+  )  # fmt: skip
+  config = transformers.CLIPConfig(
+    text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8
+  )
+  return config, transformers.FlaxCLIPModel, transformers.CLIPModel
 
-  def apply_fn(p, ids):  # Flax ELECTRA's default token types differ from PyTorch's: pass them
-    out = flax_model(ids, attention_mask=jnp.ones_like(ids), token_type_ids=jnp.zeros_like(ids), params=p)
-    return out.last_hidden_state, getattr(out, "pooler_output", out.last_hidden_state)
+
+def _hf_model(kind):
+  """The Flax model's params, its apply function and inputs, its PyTorch twin and the twin's outputs."""
+  config, flax_cls, torch_cls = _hf_config(kind)
+  flax_model = flax_cls(config, seed=0, dtype=jnp.float32)
+  params = flax_model.params
+  if kind == "clip":
+    args = (jnp.asarray(_IDS), jnp.asarray(_PIXELS))
+    fields = ("text_embeds", "image_embeds")
+
+    def apply_fn(p, ids, pixels):
+      out = flax_model(ids, pixels, params=p)
+      return out.text_embeds, out.image_embeds
+
+    inputs = {"input_ids": torch.tensor(_IDS, dtype=torch.long), "pixel_values": torch.tensor(_PIXELS)}
+  else:
+    args = (jnp.asarray(_IDS),)
+    fields = ("last_hidden_state", "pooler_output" if kind != "electra" else "last_hidden_state")
+
+    def apply_fn(p, ids):  # Flax ELECTRA's default token types differ from PyTorch's: pass them
+      out = flax_model(ids, attention_mask=jnp.ones_like(ids), token_type_ids=jnp.zeros_like(ids), params=p)
+      return tuple(getattr(out, f) for f in fields)
+
+    inputs = {"input_ids": torch.tensor(_IDS, dtype=torch.long)}
 
   def torch_model():
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # transformers' chatter about the weights it copies
-      m = classes[1](config)
+      m = torch_cls(config)
       load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
     return m.eval()
 
-  return params, apply_fn, torch_model
+  def outputs(m):
+    with torch.no_grad():
+      out = m(**inputs)
+    return tuple(getattr(out, f).numpy() for f in fields)
+
+  return params, apply_fn, args, torch_model, outputs
 
 
-def _outputs(m):
-  with torch.no_grad():
-    out = m(torch.tensor(_IDS, dtype=torch.long))
-  return out.last_hidden_state.numpy(), getattr(out, "pooler_output", out.last_hidden_state).numpy()
+def _assert_close(got, want):
+  for g, w in zip(got, want, strict=True):  # each output of the model
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 
 
-def _assert_close(got, want, atol):
-  for g, w in zip(got, want, strict=True):  # the hidden states and the pooled output
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=0)
-
-
-@pytest.mark.parametrize("kind", ["bert", "electra", "albert"])
-def test_all_linear_on_hf_encoders_exports_and_imports_without_a_name_map(kind, tmp_path):
-  params, apply_fn, torch_model = _encoder(kind)
-  ids = (jnp.asarray(_IDS),)
-  _assert_close(apply_fn(params, *ids), _outputs(torch_model()), atol=1e-5)  # the twin
+@pytest.mark.parametrize("kind", ["bert", "electra", "albert", "clip"])
+def test_all_linear_on_hf_models_exports_and_imports_without_a_name_map(kind, tmp_path):
+  params, apply_fn, args, torch_model, outputs = _hf_model(kind)
+  _assert_close(apply_fn(params, *args), outputs(torch_model()))  # the twin
   cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
-  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=ids)
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=args)
   # jlora -> PEFT: every Linear PEFT's "all-linear" adapts, those outside the layer stack included
   jlora.export_peft(
-    tmp_path / "out", lora, cfg, base=params, apply_fn=apply_fn, example_args=ids, task_type=None
+    tmp_path / "out", lora, cfg, base=params, apply_fn=apply_fn, example_args=args, task_type=None
   )
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     ref = peft.get_peft_model(torch_model(), peft.LoraConfig(r=R, target_modules="all-linear"))
     pm = peft.PeftModel.from_pretrained(torch_model(), tmp_path / "out").eval()
-  assert sorted(n for n, _ in pm.named_parameters() if "lora_" in n) == sorted(
-    n for n, _ in ref.named_parameters() if "lora_" in n
-  )
-  assert any(f".{_OUTSIDE[kind]}.lora_A" in n for n, _ in pm.named_parameters())
-  ours = jlora.wrap(apply_fn, cfg)(params, lora, *ids)
-  assert np.abs(ours[1] - apply_fn(params, *ids)[1]).max() > 1e-2, "the adapter must change the outputs"
-  _assert_close(_outputs(pm), ours, atol=1e-5)
+  adapted = sorted(n for n, _ in pm.named_parameters() if "lora_A" in n)
+  assert adapted == sorted(n for n, _ in ref.named_parameters() if "lora_A" in n)
+  assert any(f".{_OUTSIDE[kind]}.lora_A" in n for n in adapted)
+  ours = jlora.wrap(apply_fn, cfg)(params, lora, *args)
+  assert np.abs(ours[-1] - apply_fn(params, *args)[-1]).max() > 1e-2, "the adapter must change the outputs"
+  _assert_close(outputs(pm), ours)
   # PEFT -> jlora
   torch.manual_seed(5)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    pm = peft.get_peft_model(
-      torch_model(),
-      peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False),
-    ).eval()
+    pcfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+    pm = peft.get_peft_model(torch_model(), pcfg).eval()
   pm.save_pretrained(tmp_path / "peft")
-  lora2, cfg2 = jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=ids)
-  _assert_close(jlora.wrap(apply_fn, cfg2)(params, lora2, *ids), _outputs(pm), atol=1e-5)
+  lora2, cfg2 = jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=args)
+  _assert_close(jlora.wrap(apply_fn, cfg2)(params, lora2, *args), outputs(pm))
