@@ -12,6 +12,7 @@ reproduces the adapter tree exactly. Needs torch and peft; skipped otherwise.
 import json
 import os
 import re
+import warnings
 
 import chex
 import flax.linen as nn
@@ -383,6 +384,63 @@ def test_export_reads_only_the_adapted_kernels_off_the_model(tmp_path):
   assert tensors[f"{PREFIX}conv1.lora_A.weight"].shape == (R, 2, 3, 3)
 
 
+class GroupedCNN(nn.Module):  # a grouped convolution beside a plain one
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", name="conv1")(x))
+    x = nn.Conv(8, (3, 3), padding="SAME", feature_group_count=2, name="grouped")(x)
+    return nn.Dense(5, name="fc")(x.mean(axis=(1, 2)))
+
+
+class TorchGroupedCNN(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+    self.grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)  # weight (8, 4, 3, 3)
+    self.fc = torch.nn.Linear(8, 5)
+
+  def forward(self, x):  # (B, H, W, C), as the Flax model takes it
+    x = self.grouped(torch.relu(self.conv1(x.movedim(-1, 1))))
+    return self.fc(x.mean(dim=(2, 3)))
+
+
+def _grouped():
+  """`GroupedCNN`, its variables (non-trivial biases), an input, and its PyTorch twin (same weights)."""
+  model, x = GroupedCNN(), jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  keys = iter(jax.random.split(jax.random.key(1), 20))
+  variables = jax.tree_util.tree_map(
+    lambda v: v + 0.1 * jax.random.normal(next(keys), v.shape), model.init(jax.random.key(2), x)
+  )
+  twin, p = TorchGroupedCNN().eval(), jax.tree_util.tree_map(np.asarray, variables["params"])
+  with torch.no_grad():
+    for name in ("conv1", "grouped"):
+      getattr(twin, name).weight.copy_(torch.tensor(p[name]["kernel"].transpose(3, 2, 0, 1)))
+      getattr(twin, name).bias.copy_(torch.tensor(p[name]["bias"]))
+    twin.fc.weight.copy_(torch.tensor(p["fc"]["kernel"].T))
+    twin.fc.bias.copy_(torch.tensor(p["fc"]["bias"]))
+  assert np.abs(_run(twin, x) - np.asarray(model.apply(variables, x))).max() < ATOL
+  return model, variables, x, twin
+
+
+def test_import_with_the_model_reads_only_the_kernels_the_file_adapts(tmp_path):
+  model, variables, x, twin = _grouped()
+  torch.manual_seed(0)
+  cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["conv1", "fc"], init_lora_weights=False)
+  pm = peft.get_peft_model(twin, cfg).eval()
+  pm.save_pretrained(tmp_path)
+  want = _run(pm, x)
+  lora, jcfg = jlora.import_peft(tmp_path, variables, name_map=jlora.peft_module_name)
+  # the grouped convolution the file leaves alone gives no layout, which is no error
+  lora_used, jcfg_used = jlora.import_peft(
+    tmp_path, variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+  )
+  chex.assert_trees_all_equal(lora, lora_used)
+  assert jcfg == jcfg_used and "grouped" not in lora_used["params"]
+  got = np.asarray(jlora.wrap(model.apply, jcfg_used)(variables, lora_used, x))
+  assert np.abs(got - np.asarray(model.apply(variables, x))).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
 def _edited(src, dst, edit, **config):
   """A copy of a PEFT adapter directory with its tensors edited (PEFT writes no jlora checksum), and
   ``config`` fields replaced."""
@@ -599,3 +657,66 @@ def test_hugging_face_vit_convolution_and_linears_against_peft(tmp_path, dora):
   with torch.no_grad():
     got = loaded(torch.as_tensor(x)).last_hidden_state.numpy()
   np.testing.assert_allclose(got, jlora.wrap(fn, cfg)(fm.params, trained, x), atol=ATOL, rtol=ATOL)
+
+
+def _hf_wav2vec2():
+  """transformers' Flax Wav2Vec2 (tiny config): a conv stem (`feature_extractor/conv_layers/<i>/conv`), and a
+  positional convolution whose kernel the model computes from `weight_v` and `weight_g` (weight norm,
+  grouped); its PyTorch twin with the same weights, and a waveform."""
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxWav2Vec2Model"):
+    pytest.skip("transformers >= 4.58 has no Flax models")
+  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model  # noqa: PLC0415
+
+  config = transformers.Wav2Vec2Config(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, conv_dim=(8, 8),
+    conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+    do_stable_layer_norm=True, feat_extract_norm="layer",
+  )  # fmt: skip
+  flax_model = transformers.FlaxWav2Vec2Model(config, seed=0, dtype=jnp.float32)
+  params = flax_model.params
+  wav = jnp.asarray(np.random.default_rng(0).normal(size=(2, 400)), jnp.float32)
+
+  def apply_fn(p, w):
+    return flax_model(w, params=p).last_hidden_state
+
+  def twin():
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # transformers' chatter about the weights it copies
+      m = transformers.Wav2Vec2Model(config)
+      load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
+    return m.eval()
+
+  return params, apply_fn, twin, wav
+
+
+def test_a_weight_normed_conv_is_refused_as_computed_and_the_conv_stem_matches_peft(tmp_path):
+  params, apply_fn, twin, wav = _hf_wav2vec2()
+  run = lambda m: m(torch.tensor(np.asarray(wav))).last_hidden_state.detach().numpy()  # noqa: E731
+  assert np.abs(run(twin()) - np.asarray(apply_fn(params, wav))).max() < 1e-5  # the twin
+  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=("conv",), init_lora_weights=False)
+  computed = (
+    r"'encoder/pos_conv_embed/conv/weight_g'.*computed, not a leaf.*exclude_modules=\('encoder/pos_conv"
+  )
+  with pytest.raises(ValueError, match=computed):
+    jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=(wav,))
+  # the fix the error gives: the conv stem alone, which PEFT computes as jlora does
+  cfg = jlora.LoraConfig(
+    r=R, lora_alpha=ALPHA, target_modules=("conv",), exclude_modules=("pos_conv_embed/conv",),
+    init_lora_weights=False,
+  )  # fmt: skip
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=(wav,))
+  assert sorted(lora["feature_extractor"]["conv_layers"]) == ["0", "1"] and "encoder" not in lora
+  jlora.export_peft(
+    tmp_path / "out", lora, cfg, base=params, apply_fn=apply_fn, example_args=(wav,), task_type=None
+  )
+  got = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, wav))
+  assert np.abs(got - np.asarray(apply_fn(params, wav))).max() > 1e-3
+  np.testing.assert_allclose(run(peft.PeftModel.from_pretrained(twin(), tmp_path / "out")), got, atol=1e-5)
+  # a PEFT file that adapts the weight-normed conv too (PEFT wraps PyTorch's parametrized Conv1d)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # PEFT's warning about the grouped conv's merging
+    pm = peft.get_peft_model(twin(), peft.LoraConfig(r=R, target_modules=["conv"], init_lora_weights=False))
+  pm.save_pretrained(tmp_path / "peft")
+  with pytest.raises(ValueError, match=r"PEFT module 'encoder.pos_conv_embed.conv' adapts.*" + computed):
+    jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=(wav,))

@@ -115,8 +115,12 @@ def read_model(
   linear = None
   if config.target_modules == ALL_LINEAR:
     linear = linear_weights(read_uses(apply_fn, tree, args, kwargs))
-  wanted = [c.path for c in targets.match_targets(tree, config, linear) if config.layout_for(c.names) is None]
-  return (infer_layouts(apply_fn, tree, *args, only=wanted, **kwargs) if wanted else {}), linear
+  wanted = [c for c in targets.match_targets(tree, config, linear) if config.layout_for(c.names) is None]
+  found = infer_layouts(apply_fn, tree, *args, only=[c.path for c in wanted], **kwargs) if wanted else {}
+  for c in wanted:  # a 2-D leaf the model does not use keeps the default layout, (in, out)
+    if c.path not in found and len(c.shape) != 2:
+      raise layouts_.computed_kernel(c.module, c.shape, paths.to_str(c.path))
+  return found, linear
 
 
 def _abstract(x: Any) -> Any:

@@ -276,6 +276,20 @@ def from_uses(uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int
 _GPT2_CONV1D = re.compile(r"(?:^|/)h/\d+/(?:attn/(?:c_attn|c_proj|q_attn)|mlp/(?:c_fc|c_proj))$")
 
 
+def computed_kernel(module: str, shape: Sequence[int], where: str) -> ValueError:
+  """The error for a targeted N-D leaf the model (``apply_fn``) uses in no ``dot_general``, convolution or
+  ``gather``: the model computes its kernel from it (a weight-normed convolution's ``weight_v`` and
+  ``weight_g``), so no kernel of the tree is the one the model applies, or it does not use it."""
+  return ValueError(
+    f"Kernel {where!r} (shape {tuple(shape)}) is targeted, but the model (`apply_fn`) uses it in no "
+    "dot_general, convolution or embedding gather: it computes the kernel it applies from this leaf (a "
+    "weight-normed convolution computes its kernel from `weight_v` and `weight_g`, as Wav2Vec2's "
+    "positional convolution does), or does not use it. LoRA adds its update to a kernel the model applies "
+    "to its input; that kernel is computed, not a leaf of the tree, so it cannot be adapted. Leave it out: "
+    f"`exclude_modules=({module!r},)`, or narrower `target_modules`."
+  )
+
+
 def default_layout(module: str, shape: Sequence[int], where: str) -> Layout:
   """The layout of a kernel the model was not read for: ``"io"`` for 2-D kernels.
 

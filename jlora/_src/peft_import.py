@@ -103,30 +103,43 @@ class _Match:
     return bool(self.layout.stacked_axes) and targets.layer_index(self.cand.module, None) is None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Unknown:
+  """Why a weight has no layout; ``used``: the model uses it in a way that gives it none (a grouped
+  convolution's kernel), so the file's tensors cannot stand for its layout either."""
+
+  why: str
+  used: bool
+
+
 def _import_layouts(
   tree: Any,
   cands: list[targets.Candidate],
   layout_pattern: Any,
-  read: Callable[[], dict[paths.Path, layouts.Layout]],
-) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, str]]:
-  """Each weight's layout: ``layout_pattern``, else the model's use (``read``), else the default
-  (`layouts.default_layout`); and, for the weights with none, why."""
+  read: Callable[[], tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, str]]],
+) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, _Unknown]]:
+  """Each weight's layout: ``layout_pattern``, else the model's use (``read``: the layouts, and why the
+  model's use gives some weights none), else the default (`layouts.default_layout`); and, for the
+  weights with none, why (an error only where the file adapts them)."""
   try:
     overrides = freeze_layout_pattern(layout_pattern or ())
   except (TypeError, ValueError) as e:
     raise ValueError(f"`layout_pattern` is invalid: {e}") from e
-  inferred = read()
+  inferred, refused = read()
   out, unknown = {}, {}
   for cand in cands:
     hit = longest_match(overrides, cand.names)
     layout = (
       layouts.from_pattern(hit[1], cand.shape, paths.to_str(cand.path)) if hit else inferred.get(cand.path)
     )
+    if layout is None and cand.path in refused:
+      unknown[cand.path] = _Unknown(refused[cand.path], used=True)
+      continue
     if layout is None:
       try:
         layout = layouts.default_layout(cand.module, cand.shape, paths.to_str(cand.path))
       except ValueError as e:
-        unknown[cand.path] = str(e)
+        unknown[cand.path] = _Unknown(str(e), used=False)
         continue
     out[cand.path] = layout
   return out, unknown
@@ -134,7 +147,7 @@ def _import_layouts(
 
 def _find_modules(
   cands: list[targets.Candidate],
-  lays: tuple[Mapping[paths.Path, layouts.Layout], Mapping[paths.Path, str]],
+  lays: tuple[Mapping[paths.Path, layouts.Layout], Mapping[paths.Path, _Unknown]],
   name_map: NameMap,
   info: Mapping[str, Any],
   *,
@@ -174,24 +187,26 @@ def _find_modules(
 
 
 def _file_conv_layout(
-  cand: targets.Candidate, name_map: NameMap, info: Mapping[str, Any], keys: Keys, why: str
+  cand: targets.Candidate, name_map: NameMap, info: Mapping[str, Any], keys: Keys, unknown: _Unknown
 ) -> layouts.Layout | None:
   """The layout of a kernel of unknown layout that the file adapts: Flax's conv layout when the file
-  holds PEFT ConvNd adapters for it (a ``lora_A.weight`` of 3+ dims; `peft_conv`), ``None`` when the
-  file does not adapt it.
+  holds PEFT ConvNd adapters for it (a ``lora_A.weight`` of 3+ dims; `peft_conv`) and the model's use
+  does not contradict it, ``None`` when the file does not adapt it.
 
   Raises:
-    ValueError: if the file adapts it with other tensors (``why``: the layout's error).
+    ValueError: if the file adapts it with other tensors, or the model uses it in a way that gives it
+      no layout (``unknown.why``: the layout's error).
   """
   embedding = peft_io.is_embedding(cand.path)
   for guess in peft_io.name_guesses(cand):
     for _, name in peft_io.safe_module_names(cand, guess, name_map):
       if not (keys.has(name) and keys(name, embedding)[0] in info):
         continue
-      if isinstance(name, str) and not embedding and len(info[keys(name)[0]][0]) > 2:
+      conv = isinstance(name, str) and not embedding and len(info[keys(name)[0]][0]) > 2
+      if conv and not unknown.used:
         return peft_conv.flax_layout(len(cand.shape), stacked=guess is not None)
       raise ValueError(
-        f"PEFT module {name_str(name)!r} adapts a kernel whose layout jlora does not know: {why}"
+        f"PEFT module {name_str(name)!r} adapts a kernel whose layout jlora does not know: {unknown.why}"
       )
   return None
 
@@ -710,7 +725,7 @@ def _import(
   weights_path = storage.show(directory / WEIGHTS_NAME)
   cands = targets.candidates(tree)
   name_map = hf_tree_map(name_map, [c.path for c in cands])
-  read = lambda: peft_io.model_layouts(apply_fn, tree, example_args, example_kwargs)  # noqa: E731
+  read = lambda: peft_io.model_layouts_or_refusals(apply_fn, tree, example_args, example_kwargs)  # noqa: E731
   lays, unknown = _import_layouts(tree, cands, layout_pattern, read)
   known = {n for c in cands for _, n in peft_io.safe_module_names(c, lays.get(c.path), name_map)}
   targeted = pcfg.get("target_parameters")

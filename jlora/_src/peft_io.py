@@ -205,6 +205,21 @@ def model_layouts(
   return infer_layouts(apply_fn, tree, *example_args, only=only, **(example_kwargs or {}))
 
 
+def model_layouts_or_refusals(
+  apply_fn: Callable[..., Any] | None,
+  tree: Any,
+  example_args: Sequence[Any] = (),
+  example_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, str]]:
+  """`model_layouts` of every kernel, and for each kernel whose use gives it no layout (an untouched
+  grouped convolution's) the reason, to raise only if a file adapts it (`jlora._src.wrap.read_layouts`)."""
+  if apply_fn is None:
+    return {}, {}
+  from jlora._src.wrap import read_layouts  # noqa: PLC0415  (the interpreter loads only when needed)
+
+  return read_layouts(apply_fn, tree, example_args, example_kwargs or {})
+
+
 def name_guesses(cand: targets.Candidate) -> list[layouts.Layout | None]:
   """Layouts to name a weight of unknown layout by: plain, or fused/scanned on its first axis."""
   n = len(cand.shape)

@@ -109,7 +109,9 @@ _LAYER_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 _LAYER_PREFIX = r"(?:params/)?(?:layer_|layers/|decoder_block_)(\d+)/"
 _TOP_RULES = ((r"(?:params/)?embedder/input_embedding", "model.embed_tokens"), (r"lm_head/w", "lm_head"))
-_HF_LEAVES = frozenset({"kernel", "embedding", "bias", "scale"})
+# The leaf names of Hugging Face Flax modules (`weight_v`/`weight_g`: a weight-normed convolution's, as
+# PyTorch's `weight_norm` names them; the model computes the kernel from them, so they only name it).
+_HF_LEAVES = frozenset({"kernel", "embedding", "bias", "scale", "weight_v", "weight_g"})
 # Modules of Hugging Face models outside the layer stack.
 _HF_TOP = frozenset({"lm_head", "embed_tokens", "wte", "wpe", "score", "classifier", "embed_in", "embed_out"})
 # PyTorch modules that GPT-2 builds as `Conv1D` (weight stored (in, out)): PEFT wants
@@ -320,7 +322,8 @@ def default_name_map(path: paths.Path, index: int | None = None) -> str:
 
 def hf_tree_map(name_map: NameMap, leaves: Iterable[paths.Path]) -> NameMap:
   """The map for a whole tree: ``name_map``; the default map extended, on a Hugging Face Flax tree, to
-  every leaf named ``kernel``/``embedding``/``bias``/``scale`` (without a stacked axis) that no gemma,
+  every leaf named ``kernel``/``embedding``/``bias``/``scale`` (or a weight-normed convolution's
+  ``weight_v``/``weight_g``) without a stacked axis that no gemma,
   tunix or keras-hub rule names, outside the layer stack too (BERT's ``pooler/dense/kernel``, ELECTRA's
   ``embeddings_project``, CLIP's ``visual_projection``, GPT-2's ``transformer/ln_f/bias``): those mirror
   PyTorch's modules as the layers' weights do (`peft_module_name`). The tree is a Hugging Face one when

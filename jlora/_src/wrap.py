@@ -538,6 +538,34 @@ def infer_layouts(
   return _layouts_from_uses(read_uses(apply_fn, tree, args, kwargs, only), tree)
 
 
-def _layouts_from_uses(uses: Mapping[paths.Path, Any], tree: Any) -> dict[paths.Path, layouts.Layout]:
+def read_layouts(
+  apply_fn: Callable[..., Any], tree: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, str]]:
+  """`infer_layouts` of every kernel without raising: the layouts, and for each kernel whose use gives it
+  none (a grouped convolution's, contradicting roles; an N-D leaf the model uses in no product, such as
+  a weight-normed convolution's ``weight_v``: `layouts.computed_kernel`), the error that says why."""
+  found, refused = _layouts_and_refusals(read_uses(apply_fn, tree, args, kwargs), tree)
+  for c in targets.candidates(tree):
+    if c.path not in found and c.path not in refused and len(c.shape) != 2:
+      refused[c.path] = layouts.computed_kernel(c.module, c.shape, paths.to_str(c.path))
+  return found, {path: str(e) for path, e in refused.items()}
+
+
+def _layouts_and_refusals(
+  uses: Mapping[paths.Path, Any], tree: Any
+) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, ValueError]]:
   shapes = {c.path: c.shape for c in targets.candidates(tree)}
-  return {path: layouts.from_uses(u, shapes[path], paths.to_str(path)) for path, u in uses.items()}
+  found, refused = {}, {}
+  for path, u in uses.items():
+    try:
+      found[path] = layouts.from_uses(u, shapes[path], paths.to_str(path))
+    except ValueError as e:
+      refused[path] = e
+  return found, refused
+
+
+def _layouts_from_uses(uses: Mapping[paths.Path, Any], tree: Any) -> dict[paths.Path, layouts.Layout]:
+  found, refused = _layouts_and_refusals(uses, tree)
+  if refused:
+    raise next(iter(refused.values()))
+  return found
