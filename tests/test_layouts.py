@@ -67,7 +67,11 @@ def test_from_uses_splits_fused_outputs_and_reports_conflicts():
   assert layouts.from_uses([dot, parts[0]], (2, 1, 16, 8), "kv").roles == "ooio"
   with pytest.raises(ValueError, match="conflicting axis roles"):
     layouts.from_uses([("dot_general", {0: "i", 1: "o"}), ("dot_general", {0: "o", 1: "i"})], (4, 4), "w")
+  with pytest.raises(
+    ValueError, match=r"'m/w' \(shape \(4, 4\)\) is a grouped conv.*exclude_modules=\('m',\)"
+  ):
+    layouts.from_uses([("conv_general_dilated", {0: "i", 1: layouts.GROUPED})], (4, 4), "m/w")
   with pytest.raises(ValueError, match="no LoRA layout"):
-    layouts.from_uses([("conv_general_dilated", {0: "i", 1: "grouped"})], (4, 4), "w")
+    layouts.from_uses([("dot_general", {0: "i"})], (4, 4), "w")
   tied = [("gather", {0: "i", 1: "o"}), ("dot_general", {0: "o", 1: "i"})]
   assert layouts.from_uses(tied, (32, 8), "embed").roles == "io"  # the lookup's layout wins

@@ -441,6 +441,24 @@ def test_import_with_the_model_reads_only_the_kernels_the_file_adapts(tmp_path):
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
+def test_a_grouped_conv_is_refused_naming_the_exclusion(tmp_path):
+  model, variables, x, twin = _grouped()
+  grouped = (
+    r"'params/grouped/kernel' \(shape \(3, 3, 4, 8\)\) is a grouped conv.*exclude_modules=\('grouped',\)"
+  )
+  cfg = jlora.LoraConfig(r=R, target_modules=("conv1", "grouped"))
+  with pytest.raises(ValueError, match=grouped):
+    jlora.init(variables, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # PEFT's warning that it cannot merge a grouped conv's adapter
+    pm = peft.get_peft_model(twin, peft.LoraConfig(r=R, target_modules=["conv1", "grouped"]))
+  pm.save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match=r"PEFT module 'grouped' adapts a kernel.*" + grouped):
+    jlora.import_peft(
+      tmp_path, variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+    )
+
+
 def _edited(src, dst, edit, **config):
   """A copy of a PEFT adapter directory with its tensors edited (PEFT writes no jlora checksum), and
   ``config`` fields replaced."""
@@ -720,3 +738,20 @@ def test_a_weight_normed_conv_is_refused_as_computed_and_the_conv_stem_matches_p
   pm.save_pretrained(tmp_path / "peft")
   with pytest.raises(ValueError, match=r"PEFT module 'encoder.pos_conv_embed.conv' adapts.*" + computed):
     jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=(wav,))
+
+
+def test_wav2vec2_all_linear_exports_its_feature_projection_without_a_name_map(tmp_path):
+  params, apply_fn, twin, wav = _hf_wav2vec2()
+  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=(wav,))
+  assert "projection" in lora["feature_projection"]  # outside the layer stack
+  jlora.export_peft(tmp_path, lora, cfg, base=params, apply_fn=apply_fn, example_args=(wav,), task_type=None)
+  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  assert tensors[f"{PREFIX}feature_projection.projection.lora_A.weight"].shape == (R, 8)
+  pm = peft.PeftModel.from_pretrained(twin(), tmp_path).eval()
+  got = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, wav))
+  assert np.abs(got - np.asarray(apply_fn(params, wav))).max() > 1e-3
+  # 2e-5: float32 rounding over the layer-normed conv stem (the twins alone differ by ~2e-6)
+  np.testing.assert_allclose(
+    pm(torch.tensor(np.asarray(wav))).last_hidden_state.detach().numpy(), got, atol=2e-5
+  )

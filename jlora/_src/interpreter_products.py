@@ -271,7 +271,7 @@ def _conv(eqn, invals, ctx):
   if isinstance(kv, Probe):
     base = jax_compat.bind(eqn, [x, kv.base])[0]
     roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
-    roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else "grouped"
+    roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else layouts.GROUPED
     ctx.record(kv, roles, "conv_general_dilated")
     if any(d != 1 for d in p["rhs_dilation"] or ()):
       ctx.record(kv, roles, layouts.DILATED_CONV)

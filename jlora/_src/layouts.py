@@ -39,6 +39,7 @@ STACKED, IN, OUT = "s", "i", "o"
 RANK = "r"  # the rank axis, in factor axis lists
 # In `Layout.ops` beside ``conv_general_dilated``: a convolution with a dilated kernel (``rhs_dilation``).
 DILATED_CONV = "conv_general_dilated:rhs_dilation"
+GROUPED = "grouped"  # the role of a grouped convolution's output-feature axis (``feature_group_count > 1``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +227,9 @@ def kernels_for(
 SPLIT = "split@"  # an output axis the model takes apart entry by entry: "split@<index>"
 
 
-def from_uses(uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int], where: str) -> Layout:
+def from_uses(
+  uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int], where: str, module: str | None = None
+) -> Layout:
   """Combines the axis roles that each use of a kernel implies into one layout.
 
   ``uses`` are ``(op, {kernel_axis: role})`` with roles ``s``/``i``/``o`` or
@@ -238,7 +241,9 @@ def from_uses(uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int
   Raises:
     ValueError: if uses disagree on an axis, or the roles leave an axis
       unexplained or no fan-in or fan-out axis (naming ``where`` and the
-      ``layout_pattern`` fix).
+      ``layout_pattern`` fix), or for a grouped convolution's kernel (naming
+      ``module``, the kernel's module path as ``exclude_modules`` matches it;
+      default: ``where`` without its leaf).
   """
   uses = list(uses)
   ops = frozenset(op for op, _ in uses)
@@ -260,6 +265,15 @@ def from_uses(uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int
   for ax, seen in parts.items():
     if roles.get(ax) == OUT and seen == set(range(shape[ax])):
       roles[ax] = STACKED
+  if GROUPED in roles.values():
+    raise ValueError(
+      f"Kernel {where!r} (shape {tuple(shape)}) is a grouped convolution's (`feature_group_count` > 1, such "
+      "as a depthwise `nn.Conv`): jlora adapts convolutions with `feature_group_count=1` only. (PEFT "
+      "adapts a grouped ConvNd with a lora_A over all input channels and a grouped 1x1 lora_B, an update "
+      "that is not a grouped kernel and cannot be merged into one; jlora does not compute it.) Leave it "
+      f"out: `exclude_modules=({module if module is not None else where.rpartition('/')[0]!r},)`, or "
+      "narrower `target_modules`."
+    )
   letters = "".join(roles.get(i, "?") for i in range(len(shape)))
   try:
     return Layout(letters, ops=ops)

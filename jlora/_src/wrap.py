@@ -554,11 +554,11 @@ def read_layouts(
 def _layouts_and_refusals(
   uses: Mapping[paths.Path, Any], tree: Any
 ) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, ValueError]]:
-  shapes = {c.path: c.shape for c in targets.candidates(tree)}
+  cands = {c.path: c for c in targets.candidates(tree)}
   found, refused = {}, {}
   for path, u in uses.items():
     try:
-      found[path] = layouts.from_uses(u, shapes[path], paths.to_str(path))
+      found[path] = layouts.from_uses(u, cands[path].shape, paths.to_str(path), cands[path].module)
     except ValueError as e:
       refused[path] = e
   return found, refused
