@@ -46,7 +46,7 @@ import _gpt  # noqa: E402
 import lora_step  # noqa: E402
 
 import jlora  # noqa: E402
-from jlora._src import dora  # noqa: E402
+from jlora._src.adapters import dora  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("lora", "dora", "dora_recompute", "dora_peft", "dora_merged")

@@ -96,7 +96,7 @@ def _worker(args: argparse.Namespace) -> None:
   import orbax.checkpoint as ocp
 
   import jlora
-  from jlora._src import processes
+  from jlora._src.io import processes
 
   cfg, lora, lora_sh = _tree(args)
   abstract = jax.tree_util.tree_map(

@@ -10,34 +10,34 @@ fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
 
 from importlib import metadata as _metadata
 
-from jlora._src.bank import Bank, BankConfig, stack
-from jlora._src.bank_checkpoint import load_bank, save_bank
-from jlora._src.checkpoint import (
+from jlora._src.adapters.bank import Bank, BankConfig, stack
+from jlora._src.adapters.combine import add_weighted
+from jlora._src.adapters.loraplus import loraplus, loraplus_labels
+from jlora._src.adapters.merge import merge, unmerge
+from jlora._src.adapters.quantize import QuantizedArray, dequantize, quantize
+from jlora._src.adapters.sharding import adapter_specs
+from jlora._src.api.initialize import init
+from jlora._src.api.pissa import LoraWithResidual, init_with_residual, to_plain_lora
+from jlora._src.api.wrap import infer_layouts, wrap
+from jlora._src.core.config import LoraConfig
+from jlora._src.core.layouts import Layout
+from jlora._src.core.targets import module_paths
+from jlora._src.frameworks.nnx import nnx_merge, nnx_split
+from jlora._src.frameworks.optim import combine, freeze_base, split, trainable_mask
+from jlora._src.frameworks.summary import count_params, summary
+from jlora._src.interpret.evaluator import MaterializationWarning
+from jlora._src.io.checkpoint.bank import load_bank, save_bank
+from jlora._src.io.checkpoint.lock import CheckpointBusyError, break_writer_lock
+from jlora._src.io.checkpoint.save import (
   AdapterCheckpointManager,
   RestoredAdapter,
   load_adapter,
   save_adapter,
 )
-from jlora._src.checkpoint_lock import CheckpointBusyError, break_writer_lock
-from jlora._src.combine_adapters import add_weighted
-from jlora._src.config import LoraConfig
-from jlora._src.initialize import init
-from jlora._src.interpreter import MaterializationWarning
-from jlora._src.layouts import Layout
-from jlora._src.loraplus import loraplus, loraplus_labels
-from jlora._src.merge import merge, unmerge
-from jlora._src.merged_export import save_merged
-from jlora._src.nnx_models import nnx_merge, nnx_split
-from jlora._src.optim import combine, freeze_base, split, trainable_mask
-from jlora._src.peft_export import export_peft
-from jlora._src.peft_import import import_peft
-from jlora._src.peft_names import PeftParameter, peft_module_name
-from jlora._src.pissa import LoraWithResidual, init_with_residual, to_plain_lora
-from jlora._src.quantize import QuantizedArray, dequantize, quantize
-from jlora._src.sharding import adapter_specs
-from jlora._src.summary import count_params, summary
-from jlora._src.targets import module_paths
-from jlora._src.wrap import infer_layouts, wrap
+from jlora._src.io.merged import save_merged
+from jlora._src.io.peft.exporter import export_peft
+from jlora._src.io.peft.importer import import_peft
+from jlora._src.io.peft.names import PeftParameter, peft_module_name
 
 try:
   __version__ = _metadata.version("jlora")

@@ -224,8 +224,8 @@ def corrupted_crc(job: Job, s: dict, lora) -> None:
   from etils import epath
 
   import jlora
-  from jlora._src import processes
-  from jlora._src.checkpoint_format import META_CRC, metadata_checksum
+  from jlora._src.io import processes
+  from jlora._src.io.checkpoint.format import META_CRC, metadata_checksum
 
   jlora.save_adapter(job.path("crc"), lora, s["cfg"])
   meta_file = epath.Path(job.path("crc")) / "0" / "jlora_meta" / "metadata"
@@ -242,7 +242,7 @@ def corrupted_crc(job: Job, s: dict, lora) -> None:
 def busy(job: Job, s: dict) -> None:
   """Holds a writer open on ROOT/busy until the test has run a second job against it."""
   import jlora
-  from jlora._src import processes
+  from jlora._src.io import processes
 
   with jlora.AdapterCheckpointManager(job.path("busy"), s["cfg"]):
     processes.agree("opened the busy directory")

@@ -1,0 +1,1 @@
+"""jlora's implementation, in stages that import only downward; see README.md beside this file."""

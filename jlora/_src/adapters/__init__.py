@@ -1,0 +1,1 @@
+"""Stage 3, adapters: adapter trees, their variants (DoRA, QLoRA bases, banks), merging and sharding."""

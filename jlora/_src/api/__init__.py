@@ -1,0 +1,1 @@
+"""Stage 4, api: `jlora.wrap` and `jlora.init`, the two calls a training script is built on."""

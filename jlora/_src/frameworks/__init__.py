@@ -1,0 +1,1 @@
+"""Stage 6, frameworks: Flax NNX models, optax masks and optimizers, summaries."""

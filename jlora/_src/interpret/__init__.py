@@ -1,0 +1,1 @@
+"""Stage 2, interpret: the jaxpr evaluator that computes with adapted kernels factorized."""

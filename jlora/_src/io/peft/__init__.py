@@ -1,0 +1,1 @@
+"""Hugging Face PEFT files: names, shapes and configs, export and import."""

@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.adapters`, one file per module."""

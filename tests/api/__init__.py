@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.api`, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.core`, one file per module."""

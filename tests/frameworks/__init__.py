@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.frameworks`, one file per module."""

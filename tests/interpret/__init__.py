@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.interpret`, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.io`, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.io.checkpoint`, one file per module."""

@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.io.peft`, one file per module."""

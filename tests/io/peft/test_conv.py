@@ -1,0 +1,757 @@
+"""PEFT's ConvNd LoRA (`jlora._src.io.peft.conv`) against PEFT on PyTorch with the same base weights.
+
+A small CNN in Flax (``nn.Conv`` kernels ``(*k, in, out)``, NHWC; a 'SAME' and
+a 'VALID' convolution, global average pooling, a Dense head) and its PyTorch
+twin (``nn.Conv1d``/``nn.Conv2d`` weights ``(out, in, *k)``, NCHW). PEFT's
+``lora_A.weight`` is ``(r, in, *k)``, ``lora_B.weight`` ``(out, r, 1, ...)``,
+DoRA's ``lora_magnitude_vector`` ``(1, out, 1, ...)``. PEFT -> jlora and
+jlora -> PEFT outputs agree to atol 1e-5 (float32, CPU); a round trip
+reproduces the adapter tree exactly. Needs torch and peft; skipped otherwise.
+"""
+
+import json
+import os
+import re
+import warnings
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import jlora
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+from jlora._src.io.peft import conv as peft_conv  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+PREFIX = "base_model.model."
+R, ALPHA, ATOL = 2, 4, 1e-5
+CONVS = ("conv1", "conv2")
+
+
+@pytest.mark.parametrize("spatial", [1, 2, 3])
+def test_factors_give_the_delta_peft_computes(spatial):
+  """`peft_conv.to_peft` against PEFT's own ``get_delta_weight`` of a ConvNd layer; `from_peft` inverts it."""
+  cin, cout, k = 3, 5, (3, 2, 4)[:spatial]
+  rng = np.random.default_rng(spatial)
+  a, b, m = rng.normal(size=k + (cin, R)), rng.normal(size=(R, cout)), rng.normal(size=(cout,))
+  la, lb, lm = peft_conv.to_peft(a, b, m)
+  kernel = k + (cin, cout)
+  assert (la.shape, lb.shape) == peft_conv.peft_shapes(kernel, R) and lm.shape == peft_conv.magnitude_shape(
+    kernel
+  )
+  conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[spatial](cin, cout, k)
+  holder = torch.nn.Module()
+  holder.conv = conv
+  layer = peft.get_peft_model(
+    holder, peft.LoraConfig(r=R, lora_alpha=R, target_modules=["conv"])
+  ).base_model.model.conv
+  with torch.no_grad():
+    layer.lora_A["default"].weight.copy_(torch.tensor(la, dtype=torch.float32))
+    layer.lora_B["default"].weight.copy_(torch.tensor(lb, dtype=torch.float32))
+  theirs = layer.get_delta_weight("default").detach().numpy()  # (out, in, *k), scale 1
+  ours = np.einsum("...ir,ro->...io", a, b)  # the kernel's delta, (*k, in, out)
+  np.testing.assert_allclose(
+    theirs, ours.transpose(spatial + 1, spatial, *range(spatial)), rtol=1e-5, atol=1e-5
+  )
+  back_a, back_b = peft_conv.from_peft(la, lb)
+  np.testing.assert_array_equal(back_a, a)
+  np.testing.assert_array_equal(back_b, b)
+  np.testing.assert_array_equal(lm.reshape(-1), m)
+
+
+def test_layout_check():
+  assert peft_conv.check_layout(jlora.Layout("iiio"), "c") == 2
+  assert peft_conv.check_layout(jlora.Layout("siio"), "c") == 1
+  for roles in ("oiii", "ioii", "io", "iiiiio", "ssiio"):
+    with pytest.raises(ValueError, match=f"'c' has layout {roles}.*Flax's `nn.Conv`"):
+      peft_conv.check_layout(jlora.Layout(roles), "c")
+
+
+class CNN(nn.Module):
+  spatial: int
+
+  @nn.compact
+  def __call__(self, x):  # (B, *spatial, C)
+    k = (3,) * self.spatial
+    x = nn.relu(nn.Conv(8, k, padding="SAME", name="conv1")(x))
+    x = nn.Conv(6, k, padding="VALID", name="conv2")(x)
+    return nn.Dense(5, name="fc")(x.mean(axis=tuple(range(1, 1 + self.spatial))))
+
+
+class TorchCNN(torch.nn.Module):
+  def __init__(self, spatial):
+    super().__init__()
+    conv = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d}[spatial]
+    self.conv1 = conv(3, 8, 3, padding=1)
+    self.conv2 = conv(8, 6, 3)
+    self.fc = torch.nn.Linear(6, 5)
+
+  def forward(self, x):  # (B, *spatial, C), as the Flax model takes it
+    x = torch.relu(self.conv1(x.movedim(-1, 1)))
+    x = self.conv2(x)
+    return self.fc(x.mean(dim=tuple(range(2, x.ndim))))
+
+
+def _flax(spatial):
+  model = CNN(spatial)
+  x = jax.random.normal(jax.random.key(0), (2,) + (7,) * spatial + (3,))
+  keys = iter(jax.random.split(jax.random.key(1), 20))
+  variables = jax.tree_util.tree_map(  # non-trivial biases
+    lambda v: v + 0.1 * jax.random.normal(next(keys), v.shape), model.init(jax.random.key(2), x)
+  )
+  return model, variables, x
+
+
+def _torch_twin(variables, spatial):
+  """The PyTorch model with the Flax weights: HWIO -> OIHW, (in, out) -> (out, in)."""
+  m = TorchCNN(spatial).eval()
+  p = jax.tree_util.tree_map(np.asarray, variables["params"])
+  n = spatial + 2
+  with torch.no_grad():
+    for name in CONVS:
+      getattr(m, name).weight.copy_(torch.tensor(p[name]["kernel"].transpose(n - 1, n - 2, *range(n - 2))))
+      getattr(m, name).bias.copy_(torch.tensor(p[name]["bias"]))
+    m.fc.weight.copy_(torch.tensor(p["fc"]["kernel"].T))
+    m.fc.bias.copy_(torch.tensor(p["fc"]["bias"]))
+  return m
+
+
+def _run(m, x):
+  with torch.no_grad():
+    return m(torch.tensor(np.asarray(x))).numpy()
+
+
+def _peft_model(variables, spatial, dora):
+  """A PEFT model on the twin, its factors and magnitudes moved off their init (B != 0, m != norms)."""
+  torch.manual_seed(0)
+  cfg = peft.LoraConfig(
+    r=R, lora_alpha=ALPHA, target_modules=list(CONVS), use_dora=dora, init_lora_weights=False
+  )
+  pm = peft.get_peft_model(_torch_twin(variables, spatial), cfg)
+  with torch.no_grad():
+    for name, param in pm.named_parameters():
+      if "lora_" in name:
+        param.mul_(1 + 0.3 * torch.cos(torch.arange(param.numel(), dtype=torch.float32)).reshape(param.shape))
+  return pm.eval()
+
+
+def _jlora_adapter(model, variables, x, dora, targets=CONVS + ("fc",)):
+  cfg = jlora.LoraConfig(
+    r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False, use_dora=dora
+  )
+  lora = jlora.init(variables, cfg, key=jax.random.key(3), apply_fn=model.apply, example_args=(x,))
+  lora = jax.tree_util.tree_map_with_path(  # a trained magnitude: off the kernel norms
+    lambda kp, v: (
+      v * (1 + 0.2 * jnp.cos(jnp.arange(v.size)).reshape(v.shape))
+      if str(kp[-1].key) == "lora_magnitude"
+      else v
+    ),
+    lora,
+  )
+  return lora, cfg
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("spatial", [1, 2], ids=["conv1d", "conv2d"])
+def test_peft_adapter_imports_with_the_same_outputs(tmp_path, spatial, dora):
+  model, variables, x = _flax(spatial)
+  pm = _peft_model(variables, spatial, dora)
+  pm.save_pretrained(tmp_path)
+  want = _run(pm, x)
+  lora, cfg = jlora.import_peft(tmp_path, variables, name_map=jlora.peft_module_name)
+  # the tensor shapes say these are convolutions; the model's use says the same
+  lora_used, cfg_used = jlora.import_peft(
+    tmp_path, variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+  )
+  chex.assert_trees_all_equal(lora, lora_used)
+  assert cfg == cfg_used and cfg.use_dora == dora
+  k = spatial + 1
+  conv1 = lora["params"]["conv1"]["kernel"]
+  assert conv1["lora_A"].shape == (3,) * spatial + (3, R) and conv1["lora_B"].shape == (R, 8)
+  torch_a = pm.base_model.model.conv1.lora_A["default"].weight.detach().numpy()  # (r, in, *k)
+  np.testing.assert_array_equal(np.asarray(conv1["lora_A"]), torch_a.transpose(*range(2, k + 1), 1, 0))
+  got = np.asarray(jlora.wrap(model.apply, cfg)(variables, lora, x))
+  diff = np.abs(got - want).max()
+  print(f"conv{spatial}d {'dora' if dora else 'lora'}: PEFT -> jlora max abs diff {diff:.2e}")
+  assert diff < ATOL
+  base_diff = np.abs(np.asarray(model.apply(variables, x)) - _run(_torch_twin(variables, spatial), x)).max()
+  assert base_diff < ATOL and np.abs(got - np.asarray(model.apply(variables, x))).max() > 1e-3
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("spatial", [1, 2], ids=["conv1d", "conv2d"])
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path, spatial, dora):
+  model, variables, x = _flax(spatial)
+  lora, cfg = _jlora_adapter(model, variables, x, dora)
+  jlora.export_peft(
+    tmp_path,
+    lora,
+    cfg,
+    base=variables,
+    name_map=jlora.peft_module_name,
+    apply_fn=model.apply,
+    example_args=(x,),
+    task_type=None,
+  )
+  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  ones = (1,) * spatial
+  assert tensors[f"{PREFIX}conv2.lora_A.weight"].shape == (R, 8) + (3,) * spatial
+  assert tensors[f"{PREFIX}conv2.lora_B.weight"].shape == (6, R) + ones
+  assert tensors[f"{PREFIX}fc.lora_A.weight"].shape == (R, 6)  # the Dense head stays a Linear
+  if dora:
+    assert tensors[f"{PREFIX}conv2.lora_magnitude_vector"].shape == (1, 6) + ones
+    assert tensors[f"{PREFIX}fc.lora_magnitude_vector"].shape == (5,)
+  pm = peft.PeftModel.from_pretrained(_torch_twin(variables, spatial), str(tmp_path)).eval()
+  got = np.asarray(jlora.wrap(model.apply, cfg)(variables, lora, x))
+  diff = np.abs(_run(pm, x) - got).max()
+  print(f"conv{spatial}d {'dora' if dora else 'lora'}: jlora -> PEFT max abs diff {diff:.2e}")
+  assert diff < ATOL
+  assert np.abs(got - np.asarray(model.apply(variables, x))).max() > 1e-3  # the adapter does something
+  back, cfg_back = jlora.import_peft(tmp_path, variables, name_map=jlora.peft_module_name)
+  chex.assert_trees_all_equal(back, lora)
+  assert cfg_back.use_dora == dora and cfg_back.r == R and cfg_back.lora_alpha == ALPHA
+
+
+def test_summary_counts_as_peft(tmp_path):
+  model, variables, x = _flax(2)
+  for dora in (False, True):
+    pm = _peft_model(variables, 2, dora)
+    pm.save_pretrained(tmp_path / str(dora))
+    lora, cfg = jlora.import_peft(tmp_path / str(dora), variables, name_map=jlora.peft_module_name)
+    trainable, total = pm.get_nb_trainable_parameters()
+    pct = 100 * trainable / total
+    want = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+    assert jlora.summary(variables, lora, cfg) == want
+
+
+class _Block(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return nn.relu(nn.Conv(4, (3, 3), padding="SAME", name="conv")(h)), None
+
+
+class ScannedCNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+    return stack(name="layers")(x, None)[0].mean(axis=(1, 2))
+
+
+class TorchScannedCNN(torch.nn.Module):
+  def __init__(self, kernels, biases):
+    super().__init__()
+    self.layers = torch.nn.ModuleList()
+    for k, b in zip(kernels, biases):
+      block = torch.nn.Module()
+      block.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+      with torch.no_grad():
+        block.conv.weight.copy_(torch.tensor(k.transpose(3, 2, 0, 1)))
+        block.conv.bias.copy_(torch.tensor(b))
+      self.layers.append(block)
+
+  def forward(self, x):
+    x = x.movedim(-1, 1)
+    for block in self.layers:
+      x = torch.relu(block.conv(x))
+    return x.mean(dim=(2, 3))
+
+
+def test_scanned_conv_is_one_peft_module_per_layer(tmp_path):
+  model = ScannedCNN()
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+  variables = model.init(jax.random.key(1), x)
+  conv = variables["params"]["layers"]["conv"]
+  assert conv["kernel"].shape == (2, 3, 3, 4, 4)
+  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=("conv",), init_lora_weights=False)
+  lora = jlora.init(variables, cfg, key=jax.random.key(2), apply_fn=model.apply, example_args=(x,))
+  jlora.export_peft(
+    tmp_path, lora, cfg, base=variables, apply_fn=model.apply, example_args=(x,), task_type=None
+  )
+  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  assert {k: v.shape for k, v in tensors.items()} == {
+    f"{PREFIX}layers.{i}.conv.lora_{ab}.weight": shape
+    for i in range(2)
+    for ab, shape in (("A", (R, 4, 3, 3)), ("B", (4, R, 1, 1)))
+  }
+  twin = TorchScannedCNN(np.asarray(conv["kernel"]), np.asarray(conv["bias"])).eval()
+  pm = peft.PeftModel.from_pretrained(twin, str(tmp_path)).eval()
+  got = np.asarray(jlora.wrap(model.apply, cfg)(variables, lora, x))
+  diff = np.abs(_run(pm, x) - got).max()
+  print(f"scanned conv2d: jlora -> PEFT max abs diff {diff:.2e}")
+  assert diff < ATOL
+  back, _ = jlora.import_peft(tmp_path, variables)
+  chex.assert_trees_all_equal(back, lora)
+
+
+def test_an_all_linear_file_on_a_cnn_imports_without_the_model(tmp_path):
+  """PEFT's "all-linear" adapts the Linear (fc), not the convolutions; jlora cannot tell a conv kernel of
+  unknown layout from a DenseGeneral's, so it takes one as linear only where the file adapts it so."""
+  model, variables, x = _flax(2)
+  torch.manual_seed(1)
+  cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+  pm = peft.get_peft_model(_torch_twin(variables, 2), cfg).eval()
+  pm.save_pretrained(tmp_path / "saved")  # PEFT writes the expanded list, ["fc"]
+  _edited(tmp_path / "saved", tmp_path / "d", lambda t: t, target_modules="all-linear")  # as a user writes it
+  lora, jcfg = jlora.import_peft(tmp_path / "d", variables, name_map=jlora.peft_module_name)
+  assert set(lora["params"]) == {"fc"}
+  got = np.asarray(jlora.wrap(model.apply, jcfg)(variables, lora, x))
+  assert np.abs(got - model.apply(variables, x)).max() > 1e-3
+  np.testing.assert_allclose(got, _run(pm, x), atol=ATOL, rtol=0)
+
+
+# -- error paths -------------------------------------------------------------------------------
+
+
+def test_export_without_the_model_refuses_a_kernel_shapes_cannot_tell(tmp_path):
+  model, variables, x = _flax(2)
+  lora, cfg = _jlora_adapter(model, variables, x, dora=False)
+  for base in (variables, None):
+    with pytest.raises(ValueError, match=r"params/conv1/kernel.*cannot tell which.*apply_fn=model.apply"):
+      jlora.export_peft(tmp_path, lora, cfg, base=base, name_map=jlora.peft_module_name)
+  assert not os.listdir(tmp_path)
+  with pytest.raises(ValueError, match="`apply_fn` is given without `base`"):
+    jlora.export_peft(tmp_path, lora, cfg, name_map=jlora.peft_module_name, apply_fn=model.apply)
+
+
+def test_dense_general_is_exported_as_a_linear_with_the_model(tmp_path):
+  class Attn(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # (B, heads, head_dim) -> (B, d)
+      return nn.DenseGeneral(6, axis=(-2, -1), name="o_proj")(x)
+
+  model, x = Attn(), jnp.ones((2, 3, 4))
+  variables = model.init(jax.random.key(0), x)
+  cfg = jlora.LoraConfig(r=R, target_modules=("o_proj",), init_lora_weights=False)
+  lora = jlora.init(variables, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  with pytest.raises(ValueError, match="cannot tell which"):
+    jlora.export_peft(tmp_path, lora, cfg, base=variables, name_map=jlora.peft_module_name)
+  jlora.export_peft(
+    tmp_path,
+    lora,
+    cfg,
+    base=variables,
+    name_map=jlora.peft_module_name,
+    apply_fn=model.apply,
+    example_args=(x,),
+  )
+  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  a = np.asarray(lora["params"]["o_proj"]["kernel"]["lora_A"])  # (3, 4, r)
+  np.testing.assert_array_equal(tensors[f"{PREFIX}o_proj.lora_A.weight"], a.reshape(12, R).T)
+
+
+def test_conv_kernel_in_another_storage_order_is_refused(tmp_path):
+  def apply_fn(params, x):  # a kernel stored (out, in, h, w), as PyTorch stores it
+    dn = ("NHWC", "OIHW", "NHWC")
+    return jax.lax.conv_general_dilated(x, params["conv"]["kernel"], (1, 1), "SAME", dimension_numbers=dn)
+
+  params = {"conv": {"kernel": jax.random.normal(jax.random.key(0), (8, 3, 3, 3))}}
+  x = jnp.ones((1, 5, 5, 3))
+  cfg = jlora.LoraConfig(r=R, target_modules=("conv",), init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=(x,))
+  with pytest.raises(ValueError, match=r"'conv/kernel' has layout oiii.*\(\*kernel_size, in, out\)"):
+    jlora.export_peft(
+      tmp_path, lora, cfg, base=params, name_map=lambda p, i: "conv", apply_fn=apply_fn, example_args=(x,)
+    )
+
+
+def test_export_reads_only_the_adapted_kernels_off_the_model(tmp_path):
+  class WithGrouped(nn.Module):  # a grouped convolution, which jlora cannot adapt, beside an adapted one
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3), feature_group_count=2, name="dw")(nn.Conv(4, (3, 3), name="conv1")(x))
+
+  model, x = WithGrouped(), jnp.ones((1, 5, 5, 2))
+  variables = model.init(jax.random.key(0), x)
+  cfg = jlora.LoraConfig(r=R, target_modules=("conv1",), init_lora_weights=False)
+  lora = jlora.init(variables, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  jlora.export_peft(
+    tmp_path,
+    lora,
+    cfg,
+    base=variables,
+    name_map=jlora.peft_module_name,
+    apply_fn=model.apply,
+    example_args=(x,),
+  )
+  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  assert tensors[f"{PREFIX}conv1.lora_A.weight"].shape == (R, 2, 3, 3)
+
+
+class GroupedCNN(nn.Module):  # a grouped convolution beside a plain one
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", name="conv1")(x))
+    x = nn.Conv(8, (3, 3), padding="SAME", feature_group_count=2, name="grouped")(x)
+    return nn.Dense(5, name="fc")(x.mean(axis=(1, 2)))
+
+
+class TorchGroupedCNN(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+    self.grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=2)  # weight (8, 4, 3, 3)
+    self.fc = torch.nn.Linear(8, 5)
+
+  def forward(self, x):  # (B, H, W, C), as the Flax model takes it
+    x = self.grouped(torch.relu(self.conv1(x.movedim(-1, 1))))
+    return self.fc(x.mean(dim=(2, 3)))
+
+
+def _grouped():
+  """`GroupedCNN`, its variables (non-trivial biases), an input, and its PyTorch twin (same weights)."""
+  model, x = GroupedCNN(), jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  keys = iter(jax.random.split(jax.random.key(1), 20))
+  variables = jax.tree_util.tree_map(
+    lambda v: v + 0.1 * jax.random.normal(next(keys), v.shape), model.init(jax.random.key(2), x)
+  )
+  twin, p = TorchGroupedCNN().eval(), jax.tree_util.tree_map(np.asarray, variables["params"])
+  with torch.no_grad():
+    for name in ("conv1", "grouped"):
+      getattr(twin, name).weight.copy_(torch.tensor(p[name]["kernel"].transpose(3, 2, 0, 1)))
+      getattr(twin, name).bias.copy_(torch.tensor(p[name]["bias"]))
+    twin.fc.weight.copy_(torch.tensor(p["fc"]["kernel"].T))
+    twin.fc.bias.copy_(torch.tensor(p["fc"]["bias"]))
+  assert np.abs(_run(twin, x) - np.asarray(model.apply(variables, x))).max() < ATOL
+  return model, variables, x, twin
+
+
+def test_import_with_the_model_reads_only_the_kernels_the_file_adapts(tmp_path):
+  model, variables, x, twin = _grouped()
+  torch.manual_seed(0)
+  cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["conv1", "fc"], init_lora_weights=False)
+  pm = peft.get_peft_model(twin, cfg).eval()
+  pm.save_pretrained(tmp_path)
+  want = _run(pm, x)
+  lora, jcfg = jlora.import_peft(tmp_path, variables, name_map=jlora.peft_module_name)
+  # the grouped convolution the file leaves alone gives no layout, which is no error
+  lora_used, jcfg_used = jlora.import_peft(
+    tmp_path, variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+  )
+  chex.assert_trees_all_equal(lora, lora_used)
+  assert jcfg == jcfg_used and "grouped" not in lora_used["params"]
+  got = np.asarray(jlora.wrap(model.apply, jcfg_used)(variables, lora_used, x))
+  assert np.abs(got - np.asarray(model.apply(variables, x))).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+
+
+def test_a_grouped_conv_is_refused_naming_the_exclusion(tmp_path):
+  model, variables, x, twin = _grouped()
+  grouped = (
+    r"'params/grouped/kernel' \(shape \(3, 3, 4, 8\)\) is a grouped conv.*exclude_modules=\('grouped',\)"
+  )
+  cfg = jlora.LoraConfig(r=R, target_modules=("conv1", "grouped"))
+  with pytest.raises(ValueError, match=grouped):
+    jlora.init(variables, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # PEFT's warning that it cannot merge a grouped conv's adapter
+    pm = peft.get_peft_model(twin, peft.LoraConfig(r=R, target_modules=["conv1", "grouped"]))
+  pm.save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match=r"PEFT module 'grouped' adapts a kernel.*" + grouped):
+    jlora.import_peft(
+      tmp_path, variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+    )
+
+
+def _edited(src, dst, edit, **config):
+  """A copy of a PEFT adapter directory with its tensors edited (PEFT writes no jlora checksum), and
+  ``config`` fields replaced."""
+  os.makedirs(dst)
+  with open(os.path.join(src, "adapter_config.json")) as f:
+    pcfg = {**json.load(f), **config}
+  with open(os.path.join(dst, "adapter_config.json"), "w") as g:
+    json.dump(pcfg, g)
+  tensors = safetensors.numpy.load_file(os.path.join(src, "adapter_model.safetensors"))
+  safetensors.numpy.save_file(edit(tensors), os.path.join(dst, "adapter_model.safetensors"))
+
+
+def test_import_refuses_wrong_conv_tensors(tmp_path):
+  model, variables, x = _flax(2)
+  _peft_model(variables, 2, dora=True).save_pretrained(tmp_path / "ok")
+  key_a = f"{PREFIX}conv2.lora_A.weight"
+
+  def cases():
+    yield (
+      "k",
+      lambda t: {**t, key_a: t[key_a][:, :, :2, :2]},
+      r"conv2.lora_A.weight.*\(2, 8, 2, 2\).*needs \(2, 8, 3, 3\)",
+    )
+    mag = f"{PREFIX}conv2.lora_magnitude_vector"
+    yield "m", lambda t: {**t, mag: t[mag].reshape(-1)}, r"lora_magnitude_vector.*magnitude is \(1, 6, 1, 1\)"
+    fc = f"{PREFIX}fc.lora_"
+    conv_on_fc = {
+      fc + "A.weight": np.ones((R, 6, 1, 1), np.float32),
+      fc + "B.weight": np.ones((5, R, 1, 1), np.float32),
+    }
+    yield (
+      "fc",
+      lambda t: {**t, **conv_on_fc},
+      r"fc.lora_A.weight.*PEFT ConvNd adapter.*'params/fc/kernel' has layout io",
+    )
+
+  for name, edit, match in cases():
+    # fc's tensors count only where the config selects fc (else PEFT ignores them, and jlora warns)
+    fields = {"target_modules": ["conv1", "conv2", "fc"]} if name == "fc" else {}
+    _edited(tmp_path / "ok", tmp_path / name, edit, **fields)
+    with pytest.raises(ValueError, match=match):
+      jlora.import_peft(tmp_path / name, variables, name_map=jlora.peft_module_name)
+  # the model's use: a 2-D Linear tensor on a convolution kernel
+  _edited(tmp_path / "ok", tmp_path / "flat", lambda t: {**t, key_a: t[key_a].reshape(R, -1)})
+  with pytest.raises(ValueError, match=r"\(2, 72\).*needs \(2, 8, 3, 3\).*ConvNd"):
+    jlora.import_peft(
+      tmp_path / "flat", variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+    )
+
+
+def _hf_resnet():
+  """Hugging Face's Flax ResNet (tiny config, random weights) and its PyTorch twin with the same weights.
+
+  transformers' own Flax -> PyTorch loader misses this model's weights (Flax nests ``layer/layer_0`` where
+  PyTorch has ``layer.0``), so they are copied here: conv ``(kh, kw, in, out)`` -> ``(out, in, kh, kw)``,
+  BatchNorm ``scale``/``mean``/``var`` -> ``weight``/``running_mean``/``running_var``.
+  """
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxResNetModel"):
+    pytest.skip("transformers >= 4.58 has no Flax models")
+  from flax.traverse_util import flatten_dict  # noqa: PLC0415
+
+  rc = transformers.ResNetConfig(
+    embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_channels=3
+  )
+  fm = transformers.FlaxResNetModel(rc, input_shape=(1, 32, 32, 3), seed=0)
+  # BatchNorm statistics and scales away from their defaults, so the twins' agreement means something.
+  fm.params = jax.tree.map(lambda p: p + 0.01 * jnp.cos(jnp.arange(p.size).reshape(p.shape)), fm.params)
+  leaf = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
+
+  def twin():
+    pt = transformers.ResNetModel(rc).eval()
+    sd = pt.state_dict()
+    for (_, *path, name), value in flatten_dict(fm.params).items():
+      v = np.array(value)  # a writable copy for torch
+      sd[_resnet_name(".".join(path)) + "." + leaf[name]] = torch.as_tensor(
+        np.ascontiguousarray(v.transpose(3, 2, 0, 1)) if name == "kernel" else v
+      )
+    pt.load_state_dict(sd)
+    return pt
+
+  return fm, twin
+
+
+def _resnet_name(flax_name: str) -> str:
+  return re.sub(r"layer\.layer_(\d+)", r"layer.\1", flax_name)
+
+
+def _resnet_name_map(path, index):
+  """The PEFT names of the Flax ResNet's weights: the HF Flax map, without Flax's extra ``layer`` level."""
+  return jlora.peft_module_name(path, index).replace("layer.layer.", "layer.")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_hugging_face_resnet_against_peft_both_ways(tmp_path, dora):
+  """A real model's convolutions (HF Flax ResNet vs PyTorch ResNet with PEFT): PEFT's file imports with PEFT's
+  outputs, jlora's trained adapter loads in PEFT with jlora's, and `summary` counts as PEFT (BatchNorm
+  statistics are buffers, not parameters)."""
+  fm, twin = _hf_resnet()
+  x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  fn = lambda p, x: fm(x, params=p).last_hidden_state  # noqa: E731
+  with torch.no_grad():
+    np.testing.assert_allclose(
+      twin()(torch.as_tensor(x)).last_hidden_state.numpy(), fn(fm.params, x), atol=1e-5
+    )
+  pcfg = peft.LoraConfig(
+    r=R, lora_alpha=ALPHA, target_modules=["convolution"], init_lora_weights=False, use_dora=dora
+  )
+  pm = peft.get_peft_model(twin(), pcfg).eval()
+  pm.save_pretrained(tmp_path / "peft")
+  with torch.no_grad():
+    theirs = pm(torch.as_tensor(x)).last_hidden_state.numpy()
+  lora, cfg = jlora.import_peft(
+    tmp_path / "peft", fm.params, name_map=_resnet_name_map, apply_fn=fn, example_args=(x,)
+  )
+  assert len(jax.tree.leaves(lora)) == 6 * (3 if dora else 2)  # every conv of the model, none missed
+  np.testing.assert_allclose(jlora.wrap(fn, cfg)(fm.params, lora, x), theirs, atol=ATOL * 4)  # |y| ~ 10
+  assert jlora.summary(fm.params, lora, cfg).startswith(
+    "trainable params: {:,d} || all params: {:,d} ".format(*pm.get_nb_trainable_parameters())
+  )
+  trained = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), lora)
+  jlora.export_peft(
+    tmp_path / "ours", trained, cfg, base=fm.params, name_map=_resnet_name_map, task_type=None,
+    apply_fn=fn, example_args=(x,),
+  )  # fmt: skip
+  loaded = peft.PeftModel.from_pretrained(twin(), tmp_path / "ours").eval()
+  with torch.no_grad():
+    got = loaded(torch.as_tensor(x)).last_hidden_state.numpy()
+  np.testing.assert_allclose(got, jlora.wrap(fn, cfg)(fm.params, trained, x), atol=ATOL * 4)
+
+
+def test_a_dilated_conv_has_no_peft_format(tmp_path):
+  """PEFT's ConvNd ``lora_A`` ignores the base's dilation: no PEFT file computes a dilated conv's adapter."""
+
+  class Dilated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Conv(4, (3, 3), kernel_dilation=2, name="conv1")(x)
+
+  model, x = Dilated(), jnp.ones((1, 9, 9, 3))
+  params = model.init(jax.random.key(0), x)
+  cfg = jlora.LoraConfig(r=R, target_modules=("conv1",))
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  (layout,) = jlora.infer_layouts(model.apply, params, x).values()
+  assert layout.ops >= {"conv_general_dilated"}
+  with pytest.raises(
+    ValueError, match=r"'params/conv1/kernel' is used with a dilated kernel.*not its dilation"
+  ):
+    jlora.export_peft(
+      tmp_path / "a", lora, cfg, base=params, name_map=lambda p, i: "conv1", apply_fn=model.apply,
+      example_args=(x,),
+    )  # fmt: skip
+  undilated = nn.Conv(4, (3, 3), name="conv1")  # the same kernel shape: its file is a valid ConvNd adapter
+  apply_plain = lambda p, x: undilated.apply({"params": p["params"]["conv1"]}, x)  # noqa: E731
+  jlora.export_peft(
+    tmp_path / "b", lora, cfg, base=params, name_map=lambda p, i: "conv1", apply_fn=apply_plain,
+    example_args=(x,),
+  )  # fmt: skip
+  with pytest.raises(ValueError, match=r"a PEFT ConvNd adapter: .*used with a dilated kernel"):
+    jlora.import_peft(
+      tmp_path / "b", params, name_map=lambda p, i: "conv1", apply_fn=model.apply, example_args=(x,)
+    )
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings(
+  "ignore:The given NumPy array is not writable:UserWarning"
+)  # transformers' loader
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_hugging_face_vit_convolution_and_linears_against_peft(tmp_path, dora):
+  """HF's Flax ViT against its PyTorch twin (transformers' own Flax -> PyTorch loader): one PEFT file with a
+  ConvNd adapter (the patch embedding) beside Linear ones (query, value, the MLP and output ``dense``) both
+  ways, and `summary` counts as PEFT."""
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxViTModel"):
+    pytest.skip("transformers >= 4.58 has no Flax models")
+  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model  # noqa: PLC0415
+
+  vc = transformers.ViTConfig(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+    patch_size=4, num_channels=3,
+  )  # fmt: skip
+  fm = transformers.FlaxViTModel(vc, seed=0)
+  twin = lambda: load_flax_weights_in_pytorch_model(transformers.ViTModel(vc), fm.params).eval()  # noqa: E731
+  x = np.random.default_rng(1).normal(size=(2, 3, 16, 16)).astype(np.float32)
+  fn = lambda p, x: fm(x, params=p).last_hidden_state  # noqa: E731
+  names = jlora.peft_module_name  # the Flax ViT mirrors PyTorch's module tree
+  targets = ["projection", "query", "value", "dense"]
+  pm = peft.get_peft_model(
+    twin(),
+    peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, init_lora_weights=False, use_dora=dora),
+  ).eval()
+  pm.save_pretrained(tmp_path / "peft")
+  assert len(safetensors.numpy.load_file(tmp_path / "peft" / "adapter_model.safetensors")[
+    PREFIX + "embeddings.patch_embeddings.projection.lora_A.weight"
+  ].shape) == 4  # fmt: skip
+  with torch.no_grad():
+    theirs = pm(torch.as_tensor(x)).last_hidden_state.numpy()
+  lora, cfg = jlora.import_peft(tmp_path / "peft", fm.params, name_map=names, apply_fn=fn, example_args=(x,))
+  assert len(jax.tree.leaves(lora)) == 12 * (3 if dora else 2)  # the patch conv and 11 Linears
+  np.testing.assert_allclose(jlora.wrap(fn, cfg)(fm.params, lora, x), theirs, atol=ATOL, rtol=ATOL)
+  assert jlora.summary(fm.params, lora, cfg).startswith(
+    "trainable params: {:,d} || all params: {:,d} ".format(*pm.get_nb_trainable_parameters())
+  )
+  trained = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), lora)
+  export = dict(base=fm.params, name_map=names, task_type=None)
+  with pytest.raises(
+    ValueError, match=r"'embeddings/patch_embeddings/projection/kernel'.*may be a convolution"
+  ):
+    jlora.export_peft(tmp_path / "no_model", trained, cfg, **export)
+  jlora.export_peft(tmp_path / "ours", trained, cfg, apply_fn=fn, example_args=(x,), **export)
+  loaded = peft.PeftModel.from_pretrained(twin(), tmp_path / "ours").eval()
+  with torch.no_grad():
+    got = loaded(torch.as_tensor(x)).last_hidden_state.numpy()
+  np.testing.assert_allclose(got, jlora.wrap(fn, cfg)(fm.params, trained, x), atol=ATOL, rtol=ATOL)
+
+
+def _hf_wav2vec2():
+  """transformers' Flax Wav2Vec2 (tiny config): a conv stem (`feature_extractor/conv_layers/<i>/conv`), and a
+  positional convolution whose kernel the model computes from `weight_v` and `weight_g` (weight norm,
+  grouped); its PyTorch twin with the same weights, and a waveform."""
+  transformers = pytest.importorskip("transformers")
+  if not hasattr(transformers, "FlaxWav2Vec2Model"):
+    pytest.skip("transformers >= 4.58 has no Flax models")
+  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model  # noqa: PLC0415
+
+  config = transformers.Wav2Vec2Config(
+    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, conv_dim=(8, 8),
+    conv_stride=(4, 2), conv_kernel=(8, 4), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+    do_stable_layer_norm=True, feat_extract_norm="layer",
+  )  # fmt: skip
+  flax_model = transformers.FlaxWav2Vec2Model(config, seed=0, dtype=jnp.float32)
+  params = flax_model.params
+  wav = jnp.asarray(np.random.default_rng(0).normal(size=(2, 400)), jnp.float32)
+
+  def apply_fn(p, w):
+    return flax_model(w, params=p).last_hidden_state
+
+  def twin():
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # transformers' chatter about the weights it copies
+      m = transformers.Wav2Vec2Model(config)
+      load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
+    return m.eval()
+
+  return params, apply_fn, twin, wav
+
+
+def test_a_weight_normed_conv_is_refused_as_computed_and_the_conv_stem_matches_peft(tmp_path):
+  params, apply_fn, twin, wav = _hf_wav2vec2()
+  run = lambda m: m(torch.tensor(np.asarray(wav))).last_hidden_state.detach().numpy()  # noqa: E731
+  assert np.abs(run(twin()) - np.asarray(apply_fn(params, wav))).max() < 1e-5  # the twin
+  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=("conv",), init_lora_weights=False)
+  computed = (
+    r"'encoder/pos_conv_embed/conv/weight_g'.*computed, not a leaf.*exclude_modules=\('encoder/pos_conv"
+  )
+  with pytest.raises(ValueError, match=computed):
+    jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=(wav,))
+  # the fix the error gives: the conv stem alone, which PEFT computes as jlora does
+  cfg = jlora.LoraConfig(
+    r=R, lora_alpha=ALPHA, target_modules=("conv",), exclude_modules=("pos_conv_embed/conv",),
+    init_lora_weights=False,
+  )  # fmt: skip
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=(wav,))
+  assert sorted(lora["feature_extractor"]["conv_layers"]) == ["0", "1"] and "encoder" not in lora
+  jlora.export_peft(
+    tmp_path / "out", lora, cfg, base=params, apply_fn=apply_fn, example_args=(wav,), task_type=None
+  )
+  got = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, wav))
+  assert np.abs(got - np.asarray(apply_fn(params, wav))).max() > 1e-3
+  np.testing.assert_allclose(run(peft.PeftModel.from_pretrained(twin(), tmp_path / "out")), got, atol=1e-5)
+  # a PEFT file that adapts the weight-normed conv too (PEFT wraps PyTorch's parametrized Conv1d)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # PEFT's warning about the grouped conv's merging
+    pm = peft.get_peft_model(twin(), peft.LoraConfig(r=R, target_modules=["conv"], init_lora_weights=False))
+  pm.save_pretrained(tmp_path / "peft")
+  with pytest.raises(ValueError, match=r"PEFT module 'encoder.pos_conv_embed.conv' adapts.*" + computed):
+    jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=(wav,))
+
+
+def test_wav2vec2_all_linear_exports_its_feature_projection_without_a_name_map(tmp_path):
+  params, apply_fn, twin, wav = _hf_wav2vec2()
+  cfg = jlora.LoraConfig(r=R, lora_alpha=ALPHA, target_modules="all-linear", init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=(wav,))
+  assert "projection" in lora["feature_projection"]  # outside the layer stack
+  jlora.export_peft(tmp_path, lora, cfg, base=params, apply_fn=apply_fn, example_args=(wav,), task_type=None)
+  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  assert tensors[f"{PREFIX}feature_projection.projection.lora_A.weight"].shape == (R, 8)
+  pm = peft.PeftModel.from_pretrained(twin(), tmp_path).eval()
+  got = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, wav))
+  assert np.abs(got - np.asarray(apply_fn(params, wav))).max() > 1e-3
+  # 2e-5: float32 rounding over the layer-normed conv stem (the twins alone differ by ~2e-6)
+  np.testing.assert_allclose(
+    pm(torch.tensor(np.asarray(wav))).last_hidden_state.detach().numpy(), got, atol=2e-5
+  )
