@@ -8,8 +8,6 @@ fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
 ``lora_A.weight`` is ``(r, in)`` and ``lora_B.weight`` is ``(out, r)``.
 """
 
-from importlib import metadata as _metadata
-
 from jlora._src.adapters.bank import Bank, BankConfig, stack
 from jlora._src.adapters.combine import add_weighted
 from jlora._src.adapters.loraplus import loraplus, loraplus_labels
@@ -39,10 +37,8 @@ from jlora._src.io.peft.exporter import export_peft
 from jlora._src.io.peft.importer import import_peft
 from jlora._src.io.peft.names import PeftParameter, peft_module_name
 
-try:
-  __version__ = _metadata.version("jlora")
-except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout without install
-  __version__ = "0.0.0"
+# The one place the version is written: pyproject.toml reads it from here (`[tool.setuptools.dynamic]`).
+__version__ = "0.1.0"
 
 __all__ = [
   "AdapterCheckpointManager",

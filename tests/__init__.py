@@ -1,4 +1,5 @@
-"""jlora's tests: one folder per stage of `jlora/_src`, and `e2e/` for end-to-end runs (marked slow)."""
+"""jlora's tests: one folder per stage of `jlora/_src`, `e2e/` for end-to-end runs (marked slow), and here the
+repository's own checks (the API reference, the version)."""
 
 import os
 

@@ -208,8 +208,8 @@ def adapter_specs(
       leaves) of ``PartitionSpec``, ``NamedSharding`` or Flax boxes, e.g.
       ``nn.get_partition_spec(abstract_variables)``.
     mesh: the device mesh. With a mesh (or ``NamedSharding`` inputs, which
-      carry theirs) the result holds ``NamedSharding``s; without one it holds
-      ``PartitionSpec``s.
+      carry theirs) the result holds ``NamedSharding`` values; without one it holds
+      ``PartitionSpec`` values.
     rules: Flax logical axis rules (``(("embed", "fsdp"), ...)``) turning
       logical axis names into mesh axes. ``nn.LogicallyPartitioned`` boxes use
       these, else their own rules, else those of an enclosing
@@ -219,8 +219,8 @@ def adapter_specs(
       it; the longest matching pattern wins).
 
   Returns:
-    A tree with the structure of ``lora`` holding ``NamedSharding``s (with a
-    mesh) or ``PartitionSpec``s.
+    A tree with the structure of ``lora`` holding ``NamedSharding`` values (with a
+    mesh) or ``PartitionSpec`` values.
 
   Raises:
     ValueError: naming the path, if an adapted kernel has no placement in
