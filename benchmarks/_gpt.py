@@ -6,7 +6,7 @@
   non-differentiated argument.
 * ``qwix``: Google's qwix LoRA (``qwix.LoraProvider`` on every ``*_proj`` layer of
   the blocks, the same rank and alpha); AdamW on its ``*_lora_a``/``*_lora_b``
-  params only (measured where qwix is installed: ``pip install jlora[bench]``).
+  params only (measured where qwix is installed: ``pip install -e ".[bench]"``).
 * ``hand``: the same model with factorized LoRA written into every linear
   layer of the blocks (``x @ W + s * (x @ A) @ B``, ``A``/``B`` separate
   params): the overhead-free ideal jlora is measured against. AdamW on the

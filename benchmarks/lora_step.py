@@ -1,4 +1,4 @@
-"""Issue 3, item 5: the cost of a jlora train step against the hand-written ideal.
+"""The cost of a jlora train step against the hand-written ideal.
 
 Builds a GPT-style decoder (see ``_gpt.py``) and three AdamW train steps in one
 process: full fine-tuning, ``jlora.wrap`` with an ``"all-linear"`` rank-16

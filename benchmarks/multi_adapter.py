@@ -1,4 +1,4 @@
-"""Issue 13, item 2: serving a mixed batch of many adapters (a `jlora.stack` bank) in one step.
+"""Serving a mixed batch of many adapters (a `jlora.stack` bank) in one step.
 
 The GPT-style decoder of ``_gpt.py`` (adapters on every linear layer of the
 blocks, rank 16) serves one batch of ``--batch`` examples whose adapters are

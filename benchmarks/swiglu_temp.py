@@ -1,4 +1,4 @@
-"""Issue 16, item 4: temp bytes of a LoRA step on a SwiGLU MLP, with and without Dense biases.
+"""Temp bytes of a LoRA step on a SwiGLU MLP, with and without Dense biases.
 
 A standalone stack of SwiGLU MLP blocks (``x + down(silu(gate(x)) * up(x))``) on
 ``(batch, seq, d)`` activations, compiled (not run) for the gradient of full
