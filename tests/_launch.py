@@ -13,6 +13,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def python(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+  """Runs ``python *args`` (this interpreter) in the checkout with ``env``, its output captured as text.
+
+  Raises:
+    subprocess.TimeoutExpired: if it runs longer than ``timeout`` seconds (it is killed first).
+  """
+  return subprocess.run(
+    [sys.executable, *args], check=False, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+  )
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -29,3 +29,13 @@ def test_api_reference_lists_every_public_name_once():
 def test_api_reference_generates_a_page_per_name():
   blocks = re.findall(r"^\.\. autosummary::\n(.*?)^```", API, re.M | re.S)
   assert blocks and all(":toctree: _autosummary" in block for block in blocks)
+
+
+def test_readme_links_point_into_the_repository():
+  root = pathlib.Path(tests.ROOT)
+  readme = (root / "README.md").read_text()
+  links = re.findall(r"\]\(([^)\s]+)\)", readme)
+  assert any(link.startswith("docs/") for link in links), "the README links into the docs"
+  for link in links:
+    assert "://" not in link, f"README.md links outside the repository: {link}"
+    assert (root / link.split("#")[0]).exists(), f"README.md links to {link}, which does not exist"

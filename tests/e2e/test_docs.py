@@ -8,11 +8,10 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
-import sys
 
 import jlora
 import tests
+from tests import _launch
 
 ROOT = pathlib.Path(tests.ROOT)
 
@@ -27,15 +26,7 @@ def test_docs_build_renders_every_name_and_notebook(tmp_path):
   out = tmp_path / "html"
   # The notebooks run as on a user's machine: without the test session's 8 simulated devices.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run(
-    [sys.executable, *args[1:-1], str(out)],
-    check=False,
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=1500,
-  )
+  proc = _launch.python([*args[1:-1], str(out)], env=env, timeout=1500)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   for name in jlora.__all__:
     assert (out / "_autosummary" / f"jlora.{name}.html").is_file(), f"no API page for jlora.{name}"

@@ -5,12 +5,11 @@ import os
 import pathlib
 import re
 import runpy
-import subprocess
-import sys
 
 import pytest
 
 import tests
+from tests import _launch
 
 ROOT = pathlib.Path(tests.ROOT)
 README = (ROOT / "README.md").read_text()
@@ -88,15 +87,7 @@ def test_sharding_block_runs_on_any_device_count(devices):
   flags = f"--xla_force_host_platform_device_count={devices}"
   env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
   check = f"\nassert len(jax.devices()) == {devices}, jax.devices()\n"
-  proc = subprocess.run(
-    [sys.executable, "-c", code + check],
-    check=False,
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = _launch.python(["-c", code + check], env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "{'kernel': {'lora_A': P('fsdp', None), 'lora_B': P(None, 'tp')}}" in proc.stdout
 
