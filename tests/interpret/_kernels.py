@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora._src.interpret.context import Context
+from jlora._src.interpret.rules import branch
 from jlora._src.interpret.values import LoraValue
 
 RNG = np.random.default_rng(0)
@@ -46,3 +47,14 @@ def kernel(w: jax.Array, a_axes, b_axes, *, r: int = 3, scale: float = 0.5, g=No
 
 def context(strategy="factorized", differentiated=False, rate=0.0, key=None, **kw) -> Context:
   return Context(strategy, differentiated, rate, key, set(), **kw)
+
+
+def dot_use(eqn, view: LoraValue, x: jax.Array) -> branch.DotUse:
+  """``eqn`` (a ``dot_general`` of ``x`` and the kernel) seen as a use of the kernel view ``view``."""
+  _, x, dot = branch.kernel_dot(eqn, [x, view])
+  return branch.DotUse(eqn, view, x, dot, branch.branch_of(eqn, view, x, dot))
+
+
+def close(got, want, tol=1e-5):
+  """``got == want`` up to ``tol`` relative to each element and to ``want``'s largest magnitude."""
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))

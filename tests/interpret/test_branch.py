@@ -8,16 +8,16 @@ from jax import lax
 
 from jlora._src.interpret.rules import branch
 from jlora._src.interpret.values import Probe
-from tests.interpret._kernels import IDX, context, eqn_of, gather_of, kernel, normal
+from tests.interpret._kernels import IDX, close, context, eqn_of, gather_of, kernel, normal
 
 X, W = normal(3, 5, 8), normal(8, 6)
 DOT = eqn_of(lambda x, w: x @ w, X, W, primitive="dot_general")
 
 
 def test_kernel_dot_finds_the_kernel_operand_and_its_axes():
-  kv = kernel(W, (0,), (1,))
-  got, x, dot = branch.kernel_dot(DOT, [X, kv])
-  assert got is kv and x is X
+  view = kernel(W, (0,), (1,))
+  got, x, dot = branch.kernel_dot(DOT, [X, view])
+  assert got is view and x is X
   assert (dot.k_is_lhs, tuple(dot.kc), tuple(dot.xc), tuple(dot.kb), tuple(dot.xb)) == (
     False,
     (0,),
@@ -26,32 +26,32 @@ def test_kernel_dot_finds_the_kernel_operand_and_its_axes():
     (),
   )
   assert branch.kernel_dot(DOT, [X, W]) is None  # no kernel view
-  assert branch.kernel_dot(DOT, [kv, kv]) is None  # two
+  assert branch.kernel_dot(DOT, [view, view]) is None  # two
 
 
 def test_lora_branch_is_the_rank_r_product():
-  kv = kernel(W, (0,), (1,))
-  _, x, dot = branch.kernel_dot(DOT, [X, kv])
-  br = branch.branch_of(DOT, kv, x, dot)
+  view = kernel(W, (0,), (1,))
+  _, x, dot = branch.kernel_dot(DOT, [X, view])
+  br = branch.branch_of(DOT, view, x, dot)
   assert br.first_is_a
-  want = 0.5 * jnp.einsum("bsi,ir,or->bso", X, kv.a, kv.b)
-  np.testing.assert_allclose(branch.lora_branch(br, 0.5, X, kv.a, kv.b), want, rtol=1e-5, atol=1e-5)
-  t = jnp.einsum("bsi,ir->bsr", X, kv.a)  # a first product given: used, not recomputed
-  np.testing.assert_allclose(branch.lora_branch(br, 0.5, X, kv.a, kv.b, t=2 * t), 2 * want, rtol=1e-5)
+  want = 0.5 * jnp.einsum("bsi,ir,or->bso", X, view.a, view.b)
+  np.testing.assert_allclose(branch.lora_branch(br, 0.5, X, view.a, view.b), want, rtol=1e-5, atol=1e-5)
+  t = jnp.einsum("bsi,ir->bsr", X, view.a)  # a first product given: used, not recomputed
+  close(branch.lora_branch(br, 0.5, X, view.a, view.b, t=2 * t), 2 * want)
 
 
 def test_branch_of_a_tied_head_starts_with_b_and_refuses_a_product_over_both_factors():
   e = normal(6, 8)  # (vocab, d), used as x @ E.T: the contraction is over B's axis
-  kv = kernel(e, (0,), (1,))
+  view = kernel(e, (0,), (1,))
   head = eqn_of(lambda x, e: lax.dot_general(x, e, (((2,), (1,)), ((), ()))), X, e, primitive="dot_general")
-  br = branch.branch_of(head, kv, *branch.kernel_dot(head, [X, kv])[1:])
+  br = branch.branch_of(head, view, *branch.kernel_dot(head, [X, view])[1:])
   assert not br.first_is_a
-  want = 0.5 * jnp.einsum("bsd,vr,dr->bsv", X, kv.a, kv.b)
-  np.testing.assert_allclose(branch.lora_branch(br, 0.5, X, kv.a, kv.b), want, rtol=1e-5, atol=1e-5)
+  want = 0.5 * jnp.einsum("bsd,vr,dr->bsv", X, view.a, view.b)
+  np.testing.assert_allclose(branch.lora_branch(br, 0.5, X, view.a, view.b), want, rtol=1e-5, atol=1e-5)
   x = normal(3, 8, 6)
   both = eqn_of(lambda x, w: jnp.tensordot(x, w, 2), x, W, primitive="dot_general")  # over in and out
-  kv_w = kernel(W, (0,), (1,))
-  assert branch.branch_of(both, kv_w, *branch.kernel_dot(both, [x, kv_w])[1:]) is None
+  view_w = kernel(W, (0,), (1,))
+  assert branch.branch_of(both, view_w, *branch.kernel_dot(both, [x, view_w])[1:]) is None
 
 
 def test_pending_sum_settles_to_the_sum():
@@ -74,13 +74,13 @@ def test_dropout_keeps_and_rescales_with_the_scope_key():
 
 
 def test_merged_is_cheaper_only_when_allowed_and_fewer_flops():
-  kv = kernel(W, (0,), (1,), r=2)
+  view = kernel(W, (0,), (1,), r=2)
   many, few = normal(64, 8), normal(1, 8)
-  dot = branch.kernel_dot(DOT, [X, kv])[2]
-  assert branch.merged_is_cheaper(kv, many, dot, context("auto"))
-  assert not branch.merged_is_cheaper(kv, few, dot, context("auto"))
-  assert not branch.merged_is_cheaper(kv, many, dot, context("factorized"))
-  assert not branch.merged_is_cheaper(kv, many, dot, context("auto", differentiated=True))
+  dot = branch.kernel_dot(DOT, [X, view])[2]
+  assert branch.merged_is_cheaper(view, many, dot, context("auto"))
+  assert not branch.merged_is_cheaper(view, few, dot, context("auto"))
+  assert not branch.merged_is_cheaper(view, many, dot, context("factorized"))
+  assert not branch.merged_is_cheaper(view, many, dot, context("auto", differentiated=True))
 
 
 def test_b_branch_puts_the_fan_out_at_the_rank_axis():
@@ -94,16 +94,16 @@ def test_lookup_rows_gathers_rows_of_the_base_and_of_a(lookup):
   emb = normal(10, 4)  # (vocab, d): rows by token
   fn = (lambda e, i: e[i]) if lookup == "index" else (lambda e, i: jnp.take(e, i, axis=0))
   eqn, idx = gather_of(fn, emb, IDX)
-  kv = kernel(emb, (0,), (1,))
-  base, rows, axis = branch.lookup_rows(eqn, kv, idx)
+  view = kernel(emb, (0,), (1,))
+  base, rows, axis = branch.lookup_rows(eqn, view, idx)
   np.testing.assert_array_equal(base, emb[IDX])
-  np.testing.assert_array_equal(jnp.moveaxis(rows, axis, -1), kv.a[IDX])
+  np.testing.assert_array_equal(jnp.moveaxis(rows, axis, -1), view.a[IDX])
   assert branch.full_axes(eqn, Probe(emb, ((0,), (1,)), "e")) == [1]
   assert branch.lookup_rows(eqn, kernel(emb, (1,), (0,)), idx) is None  # rows of A: not a lookup of B
 
 
 def test_dot_use_base_binds_the_equation_on_the_given_kernel():
-  kv = kernel(W, (0,), (1,))
-  _, x, dot = branch.kernel_dot(DOT, [X, kv])
-  use = branch.DotUse(DOT, kv, x, dot, branch.branch_of(DOT, kv, x, dot))
+  view = kernel(W, (0,), (1,))
+  _, x, dot = branch.kernel_dot(DOT, [X, view])
+  use = branch.DotUse(DOT, view, x, dot, branch.branch_of(DOT, view, x, dot))
   np.testing.assert_allclose(use.base(2 * W, X), X @ (2 * W), rtol=1e-5)

@@ -10,26 +10,17 @@ import pytest
 from jax import lax
 
 from jlora._src.interpret.rules import branch, dora
-from tests.interpret._kernels import IDX, context, eqn_of, gather_of, kernel, normal
+from tests.interpret._kernels import IDX, close, context, dot_use, eqn_of, gather_of, kernel, normal
 
 X, W = normal(3, 5, 8), normal(8, 6)
 G = jnp.abs(normal(6)) + 0.5  # the scale m / ||V|| per output feature
 DOT = eqn_of(lambda x, w: x @ w, X, W, primitive="dot_general")
 
 
-def _use(kv, x=X, eqn=DOT):
-  _, x, dot = branch.kernel_dot(eqn, [x, kv])
-  return branch.DotUse(eqn, kv, x, dot, branch.branch_of(eqn, kv, x, dot))
-
-
-def _close(got, want, tol=1e-5):
-  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
-
-
 def test_combine_is_peft_forward_with_and_without_dropout():
   g, base, lora, dropped = (normal(4) for _ in range(4))
-  _close(dora.combine(g, base, lora, None), g * (base + lora))
-  _close(dora.combine(g, base, lora, dropped), base + (g - 1) * dropped + g * lora)
+  close(dora.combine(g, base, lora, None), g * (base + lora))
+  close(dora.combine(g, base, lora, dropped), base + (g - 1) * dropped + g * lora)
 
 
 def test_scale_placement_on_an_axis_and_on_labelled_outputs():
@@ -42,49 +33,49 @@ def test_scale_placement_on_an_axis_and_on_labelled_outputs():
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_dot_general_is_the_scaled_merged_product(recompute):
-  kv = kernel(W, (0,), (1,), g=G)
-  (got,) = dora.dot_general(_use(kv), context(dora_recompute=recompute))
-  _close(got, X @ (W + kv.scale * kv.a @ kv.b.T) * G)
+  view = kernel(W, (0,), (1,), g=G)
+  (got,) = dora.dot_general(dot_use(DOT, view, X), context(dora_recompute=recompute))
+  close(got, X @ (W + view.scale * view.a @ view.b.T) * G)
 
   def loss(a, b, g, fn):
-    return jnp.sum(jnp.sin(fn(dataclasses.replace(kv, a=a, b=b, g=g))))
+    return jnp.sum(jnp.sin(fn(dataclasses.replace(view, a=a, b=b, g=g))))
 
-  factored = lambda v: dora.dot_general(_use(v), context(dora_recompute=recompute))[0]  # noqa: E731
+  factored = lambda v: dora.dot_general(dot_use(DOT, v, X), context(dora_recompute=recompute))[0]  # noqa: E731
   written = lambda v: X @ (W + v.scale * v.a @ v.b.T) * v.g  # noqa: E731
   for got_g, want_g in zip(
-    jax.grad(loss, argnums=(0, 1, 2))(kv.a, kv.b, G, factored),
-    jax.grad(loss, argnums=(0, 1, 2))(kv.a, kv.b, G, written),
+    jax.grad(loss, argnums=(0, 1, 2))(view.a, view.b, G, factored),
+    jax.grad(loss, argnums=(0, 1, 2))(view.a, view.b, G, written),
   ):
-    _close(got_g, want_g, 1e-4)
+    close(got_g, want_g, 1e-4)
 
 
 def test_dot_general_takes_a_fused_first_product():
-  kv = kernel(W, (0,), (1,), g=G)
-  first = jnp.einsum("bsi,ir->bsr", X, kv.a)
-  (got,) = dora.dot_general(_use(kv), context(), first=first)
-  _close(got, X @ (W + kv.scale * kv.a @ kv.b.T) * G)
+  view = kernel(W, (0,), (1,), g=G)
+  first = jnp.einsum("bsi,ir->bsr", X, view.a)
+  (got,) = dora.dot_general(dot_use(DOT, view, X), context(), first=first)
+  close(got, X @ (W + view.scale * view.a @ view.b.T) * G)
 
 
 def test_dot_general_under_dropout_rescales_the_dropped_base_as_peft_does():
-  kv = kernel(W, (0,), (1,), g=G)
+  view = kernel(W, (0,), (1,), g=G)
   key = jax.random.key(2)
-  (got,) = dora.dot_general(_use(kv), context(rate=0.5, key=key))
+  (got,) = dora.dot_general(dot_use(DOT, view, X), context(rate=0.5, key=key))
   xd = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, X.shape), X / 0.5, 0.0)
-  want = X @ W + (G - 1) * (xd @ W) + G * (xd @ (kv.scale * kv.a @ kv.b.T))
-  _close(got, want)
+  want = X @ W + (G - 1) * (xd @ W) + G * (xd @ (view.scale * view.a @ view.b.T))
+  close(got, want)
 
 
 def test_tied_head_scales_the_input():
   e = normal(6, 8)  # (vocab, d), used as x @ E.T: the scaled axis d is contracted
   g = jnp.abs(normal(8)) + 0.5
-  kv = kernel(e, (0,), (1,), g=g)
+  view = kernel(e, (0,), (1,), g=g)
   head = eqn_of(lambda x, e: lax.dot_general(x, e, (((2,), (1,)), ((), ()))), X, e, primitive="dot_general")
-  use = _use(kv, eqn=head)
+  use = dot_use(head, view, X)
   (got,) = dora.dot_general(use, context())  # g is not on the output: the tied form
-  want = X @ ((e + kv.scale * kv.a @ kv.b.T) * g).T
-  _close(branch.settle(got), want)
+  want = X @ ((e + view.scale * view.a @ view.b.T) * g).T
+  close(branch.settle(got), want)
   (direct,) = dora.tied_dot(use, context())
-  _close(branch.settle(direct), want)
+  close(branch.settle(direct), want)
 
 
 def test_conv_scales_each_output_channel():
@@ -93,21 +84,21 @@ def test_conv_scales_each_output_channel():
     x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
   )  # noqa: E731
   g = jnp.abs(normal(4)) + 0.5
-  kv = kernel(w, (0, 1, 2), (3,), g=g)
+  view = kernel(w, (0, 1, 2), (3,), g=g)
   eqn = eqn_of(conv, x, w, primitive="conv_general_dilated")
-  (got,) = dora.conv(eqn, kv, x, context())
-  merged = w + kv.scale * jnp.einsum("hwir,or->hwio", kv.a, kv.b)
-  _close(got, conv(x, merged) * g, 1e-4)
+  (got,) = dora.conv(eqn, view, x, context())
+  merged = w + view.scale * jnp.einsum("hwir,or->hwio", view.a, view.b)
+  close(got, conv(x, merged) * g, 1e-4)
 
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_gather_scales_each_feature(recompute):
   emb = normal(10, 4)
   g = jnp.abs(normal(4)) + 0.5
-  kv = kernel(emb, (0,), (1,), g=g)
+  view = kernel(emb, (0,), (1,), g=g)
   eqn, idx = gather_of(lambda e, i: e[i], emb, IDX)
-  (got,) = dora.gather(eqn, kv, idx, context(dora_recompute=recompute))
-  _close(got, ((emb + kv.scale * kv.a @ kv.b.T) * g)[IDX])
+  (got,) = dora.gather(eqn, view, idx, context(dora_recompute=recompute))
+  close(got, ((emb + view.scale * view.a @ view.b.T) * g)[IDX])
   assert dora.gather(eqn, kernel(emb, (1,), (0,), g=jnp.ones(10)), idx, context()) is None  # not rows
 
 
@@ -120,7 +111,7 @@ def test_recompute_differentiates_the_product_again():
 
   w, x = normal(3), normal(3)
   grad = jax.grad(lambda x: jnp.sum(dora.product(True, fn, w, dict(x=x)) ** 2))(x)
-  _close(grad, 2 * w * w * x)
+  close(grad, 2 * w * w * x)
   assert len(calls) == 2  # once forward, once again in the backward pass
   calls.clear()
   jax.grad(lambda x: jnp.sum(dora.product(False, fn, w, dict(x=x)) ** 2))(x)

@@ -52,21 +52,21 @@ def test_prepare_inputs_dequantizes_except_where_the_primitive_keeps_quantized_w
 def test_a_plain_equation_is_bound_and_an_uncovered_use_materialises_once_with_a_warning():
   sin = eqn_of(jnp.sin, W, primitive="sin")
   np.testing.assert_allclose(evaluator.eval_eqn(sin, [W], context())[0], jnp.sin(W))
-  kv = kernel(W, (0,), (1,))
+  view = kernel(W, (0,), (1,))
   ctx = context()
   with pytest.warns(MaterializationWarning, match=r"'k' reaches primitive `sin`"):
-    (out,) = evaluator.eval_eqn(sin, [kv], ctx)
-  np.testing.assert_allclose(out, jnp.sin(kv.dense()), rtol=1e-6)
+    (out,) = evaluator.eval_eqn(sin, [view], ctx)
+  np.testing.assert_allclose(out, jnp.sin(view.dense()), rtol=1e-6)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    evaluator.eval_eqn(sin, [kv], ctx)  # once per kernel
+    evaluator.eval_eqn(sin, [view], ctx)  # once per kernel
 
 
 def test_eval_jaxpr_follows_a_kernel_through_a_view_into_its_product():
   x = normal(3, 8)
   closed = jax.make_jaxpr(lambda x, w: jnp.tanh(x @ w.T.T))(x, W)
-  kv = kernel(W, (0,), (1,))
+  view = kernel(W, (0,), (1,))
   with warnings.catch_warnings():
     warnings.simplefilter("error", MaterializationWarning)
-    (out,) = evaluator.eval_jaxpr(closed.jaxpr, closed.consts, [x, kv], context())
-  np.testing.assert_allclose(out, jnp.tanh(x @ kv.dense()), rtol=1e-5, atol=1e-6)
+    (out,) = evaluator.eval_jaxpr(closed.jaxpr, closed.consts, [x, view], context())
+  np.testing.assert_allclose(out, jnp.tanh(x @ view.dense()), rtol=1e-5, atol=1e-6)

@@ -15,13 +15,13 @@ W = normal(4, 3)
 
 
 def test_materialize_warns_once_per_kernel_and_gives_the_dense_kernel():
-  kv, ctx = kernel(W, (0,), (1,)), context()
+  view, ctx = kernel(W, (0,), (1,)), context()
   with pytest.warns(MaterializationWarning, match=r"'k' reaches a test use.*W \+ scale\*A@B is materialised"):
-    got = materialize(kv, ctx, "a test use")
-  np.testing.assert_allclose(got, W + kv.scale * kv.a @ kv.b.T, rtol=1e-6)
+    got = materialize(view, ctx, "a test use")
+  np.testing.assert_allclose(got, W + view.scale * view.a @ view.b.T, rtol=1e-6)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
-    materialize(kv, ctx, "a test use")
+    materialize(view, ctx, "a test use")
     assert plain_outputs([W, Probe(W, ((0,), (1,)), "p")], ctx, "") == [W, W]
 
 

@@ -11,79 +11,72 @@ from jax import lax
 from jlora._src.core import layouts
 from jlora._src.interpret.rules import branch, products
 from jlora._src.interpret.values import Probe
-from tests.interpret._kernels import IDX, context, eqn_of, gather_of, kernel, normal
+from tests.interpret._kernels import IDX, close, context, dot_use, eqn_of, gather_of, kernel, normal
 
 X, W = normal(3, 5, 8), normal(8, 6)
 DOT = eqn_of(lambda x, w: x @ w, X, W, primitive="dot_general")
 
 
-def _merged(kv):
-  return kv.w + kv.scale * kv.a @ kv.b.T
-
-
-def _use(kv, x=X, eqn=DOT):
-  _, x, dot = branch.kernel_dot(eqn, [x, kv])
-  return branch.DotUse(eqn, kv, x, dot, branch.branch_of(eqn, kv, x, dot))
-
-
-def _close(got, want, tol=1e-5):
-  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * float(jnp.max(jnp.abs(want))))
+def _merged(view):
+  return view.w + view.scale * view.a @ view.b.T
 
 
 def test_factorized_dot_is_the_base_product_plus_the_branch():
-  kv = kernel(W, (0,), (1,))
-  out = products.factorized_dot(_use(kv), context())
+  view = kernel(W, (0,), (1,))
+  out = products.factorized_dot(dot_use(DOT, view, X), context())
   assert isinstance(out, branch.PendingSum)
-  _close(out.base, X @ W)
-  _close(branch.settle(out), X @ _merged(kv))
+  close(out.base, X @ W)
+  close(branch.settle(out), X @ _merged(view))
 
 
 def test_factorized_dot_takes_a_fused_first_product():
-  kv = kernel(W, (0,), (1,))
-  first = jnp.einsum("bsi,ir->bsr", X, kv.a)  # what sibling fusion hands over
-  _close(branch.settle(products.factorized_dot(_use(kv), context(), first=first)), X @ _merged(kv))
-  zero = products.factorized_dot(_use(kv), context(), first=jnp.zeros_like(first))
-  _close(branch.settle(zero), X @ W)  # the product given is the one used
+  view = kernel(W, (0,), (1,))
+  first = jnp.einsum("bsi,ir->bsr", X, view.a)  # what sibling fusion hands over
+  close(
+    branch.settle(products.factorized_dot(dot_use(DOT, view, X), context(), first=first)), X @ _merged(view)
+  )
+  zero = products.factorized_dot(dot_use(DOT, view, X), context(), first=jnp.zeros_like(first))
+  close(branch.settle(zero), X @ W)  # the product given is the one used
 
 
 def test_factorized_dot_drops_out_the_branch_input_only():
-  kv = kernel(W, (0,), (1,))
+  view = kernel(W, (0,), (1,))
   key = jax.random.key(4)
-  out = products.factorized_dot(_use(kv), context(rate=0.5, key=key))
+  out = products.factorized_dot(dot_use(DOT, view, X), context(rate=0.5, key=key))
   keep = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, X.shape)
   xd = jnp.where(keep, X / 0.5, 0.0)
-  _close(out.base, X @ W)
-  _close(out.lora, xd @ (kv.scale * kv.a @ kv.b.T))
+  close(out.base, X @ W)
+  close(out.lora, xd @ (view.scale * view.a @ view.b.T))
 
 
 def test_merged_dot_forward_is_the_merged_kernel_and_its_gradients_are_factorized():
-  kv = kernel(W, (0,), (1,))
-  _close(products.merged_dot(_use(kv)), X @ _merged(kv))
+  view = kernel(W, (0,), (1,))
+  close(products.merged_dot(dot_use(DOT, view, X)), X @ _merged(view))
 
   def loss(a, b, w):
-    return jnp.sum(jnp.sin(products.merged_dot(_use(dataclasses.replace(kv, a=a, b=b, w=w)))))
+    return jnp.sum(jnp.sin(products.merged_dot(dot_use(DOT, dataclasses.replace(view, a=a, b=b, w=w), X))))
 
   def want(a, b):
-    return jnp.sum(jnp.sin(X @ (W + kv.scale * a @ b.T)))
+    return jnp.sum(jnp.sin(X @ (W + view.scale * a @ b.T)))
 
-  ga, gb, gw = jax.grad(loss, argnums=(0, 1, 2))(kv.a, kv.b, W)
-  wa, wb = jax.grad(want, argnums=(0, 1))(kv.a, kv.b)
-  _close(ga, wa, 1e-4)
-  _close(gb, wb, 1e-4)
+  ga, gb, gw = jax.grad(loss, argnums=(0, 1, 2))(view.a, view.b, W)
+  wa, wb = jax.grad(want, argnums=(0, 1))(view.a, view.b)
+  close(ga, wa, 1e-4)
+  close(gb, wb, 1e-4)
   np.testing.assert_array_equal(gw, jnp.zeros_like(W))  # the frozen base gets no cotangent
 
 
 def test_dot_general_chooses_merged_only_under_auto_without_gradients():
-  kv = kernel(W, (0,), (1,), r=2)
+  view = kernel(W, (0,), (1,), r=2)
   many = normal(64, 8)
   eqn = eqn_of(lambda x, w: x @ w, many, W, primitive="dot_general")
-  (merged,) = products.dot_general(eqn, [many, kv], context("auto"))
+  (merged,) = products.dot_general(eqn, [many, view], context("auto"))
   assert not isinstance(merged, branch.PendingSum)
-  (factored,) = products.dot_general(eqn, [many, kv], context("auto", differentiated=True))
+  (factored,) = products.dot_general(eqn, [many, view], context("auto", differentiated=True))
   assert isinstance(factored, branch.PendingSum)
-  _close(merged, many @ _merged(kv))
-  _close(branch.settle(factored), many @ _merged(kv))
-  (fused,) = products.dot_general(eqn, [many, kv], context("auto"), jnp.zeros((64, 2)))
+  close(merged, many @ _merged(view))
+  close(branch.settle(factored), many @ _merged(view))
+  (fused,) = products.dot_general(eqn, [many, view], context("auto"), jnp.zeros((64, 2)))
   assert isinstance(fused, branch.PendingSum)  # a fused first product is never merged
 
 
@@ -104,9 +97,9 @@ def test_conv_is_the_convolution_with_the_merged_kernel():
   conv = lambda x, w: lax.conv_general_dilated(
     x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
   )  # noqa: E731
-  kv = kernel(w, (0, 1, 2), (3,))
-  (got,) = products.conv(eqn_of(conv, x, w, primitive="conv_general_dilated"), [x, kv], context())
-  _close(got, conv(x, kv.dense()), 1e-4)
+  view = kernel(w, (0, 1, 2), (3,))
+  (got,) = products.conv(eqn_of(conv, x, w, primitive="conv_general_dilated"), [x, view], context())
+  close(got, conv(x, view.dense()), 1e-4)
   grouped = lambda x, w: lax.conv_general_dilated(  # noqa: E731
     x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=3
   )
@@ -117,7 +110,7 @@ def test_conv_is_the_convolution_with_the_merged_kernel():
 
 def test_gather_is_the_lookup_of_the_merged_table():
   emb = normal(10, 4)
-  kv = kernel(emb, (0,), (1,))
+  view = kernel(emb, (0,), (1,))
   eqn, idx = gather_of(lambda e, i: e[i], emb, IDX)
-  (got,) = products.gather(eqn, [kv, idx], context())
-  _close(got, kv.dense()[IDX])
+  (got,) = products.gather(eqn, [view, idx], context())
+  close(got, view.dense()[IDX])
