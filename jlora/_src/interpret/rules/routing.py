@@ -20,6 +20,11 @@ merged kernel):
   factor only output axes (every Dense and DenseGeneral); other products (a
   stacked axis kept in the output, an embedding lookup) use the gather.
 
+In the rule table (`jlora._src.interpret.table`) `routed` puts these rules
+around the single-adapter ones: an equation with a bank's kernel goes to
+`dot_general` or `gather` here, or is refused with `unroutable` (`refuse`: a
+convolution, expert kernels); any other to the single-adapter rule.
+
 Id ``-1`` gives the base model alone (a zero branch). An id out of
 ``[-1, N)`` that only shows up at run time (under ``jit``) makes that
 example's outputs NaN: never a silently clipped adapter (concrete ids are
