@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import jlora
+from jlora._src.interpret import evaluator, fusion
 from tests import zoo
+from tests.interpret._kernels import context, kernel
 
 K = jax.random.split(jax.random.key(3), 8)
 D = 8
@@ -145,3 +147,25 @@ def test_zoo_fused_matches_unfused(name):
   for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(gs[True]), jax.tree_util.tree_leaves(gs[False])):
     s = float(jnp.max(jnp.abs(b))) + 1e-12
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * s, err_msg=jax.tree_util.keystr(p))
+
+
+def test_siblings_put_each_first_product_for_its_equation_and_fused_hands_it_over():
+  """The pass computes ``x @ concat(A_q, A_k)`` at the first sibling, split per equation; `fused`
+  gives each equation's rule its own part, once."""
+  x = jax.random.normal(K[6], (5, D))
+  closed = jax.make_jaxpr(lambda x, wq, wk: (x @ wq, x @ wk))(x, PARAMS["q"]["w"], PARAMS["k"]["w"])
+  q, k = kernel(PARAMS["q"]["w"], (0,), (1,), r=2), kernel(PARAMS["k"]["w"], (0,), (1,), r=3)
+  ctx = context()
+  env = dict(zip(closed.jaxpr.invars, [x, q, k]))
+  siblings = fusion.Siblings(closed.jaxpr, env, ctx, evaluator.eval_eqn)
+  siblings.fuse_at(0)
+  dot_q, dot_k = closed.jaxpr.eqns
+  np.testing.assert_allclose(ctx.first_products[dot_q], x @ q.a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ctx.first_products[dot_k], x @ k.a, rtol=1e-5, atol=1e-5)
+  seen = []
+  rule = fusion.fused(lambda eqn, invals, ctx, first: seen.append(first) or ["out"])
+  assert rule(dot_q, [x, q], ctx) == ["out"] and seen[-1] is not None
+  assert rule(dot_q, [x, q], ctx) == ["out"] and seen[-1] is None  # taken once
+  off = context(fuse_siblings=False)
+  fusion.Siblings(closed.jaxpr, env, off, evaluator.eval_eqn).fuse_at(0)
+  assert not off.first_products

@@ -1,8 +1,10 @@
-"""The per-call state the interpreter's rules share (see `jlora._src.interpret.evaluator`)."""
+"""The per-call state the interpreter's rules share, and the rules' type (see
+`jlora._src.interpret.table`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +33,10 @@ class Context:
       ``None`` for a single adapter.
     dora_recompute: whether DoRA products are computed again in the backward
       pass instead of kept (`jlora._src.interpret.rules.dora.product`).
+    first_products: sibling fusion's first products ``x @ A``, by the
+      ``dot_general`` equation each belongs to: put by
+      `jlora._src.interpret.fusion.Siblings`, taken by the rule
+      `jlora._src.interpret.fusion.fused` (shared by nested scopes).
   """
 
   strategy: str
@@ -44,6 +50,7 @@ class Context:
   fuse_siblings: bool = True
   routing: Any = None
   dora_recompute: bool = False
+  first_products: dict[Any, jax.Array] = dataclasses.field(default_factory=dict)
 
   def may_merge(self) -> bool:
     """Whether ``strategy="auto"`` may merge a kernel for one use (where that costs fewer FLOPs):
@@ -66,3 +73,8 @@ class Context:
     if self.roles is None:  # pragma: no cover - probes only run with roles
       raise ValueError("A `Probe` reached the interpreter without `roles` to record into.")
     self.roles.setdefault(probe.site, []).append((op, V.axis_roles(probe.origin, view_roles)))
+
+
+Rule = Callable[[Any, list[Any], Context], "list[Any] | None"]
+"""An interpreter rule: ``rule(eqn, invals, ctx)`` gives the equation's outputs, or ``None`` to have
+the interpreter materialise the kernel views among ``invals`` for this use."""

@@ -15,6 +15,11 @@ LoRA dropout (each branch draws its own mask, so the inputs differ), on probes
 (layout reading), and for a use ``strategy="auto"`` merges. A sibling whose
 kernel view is formed between the first sibling and itself (a ``reshape`` or
 cast of the kernel) has that view computed early: view primitives are pure.
+
+Two parts: `Siblings`, the pass of one `eval_jaxpr` scope that computes the
+fused first products where the first sibling is reached (into the context's
+``first_products``), and `fused`, which wraps the ``dot_general`` rule in the
+rule table (`jlora._src.interpret.table`) to hand each sibling its product.
 """
 
 from __future__ import annotations
@@ -28,13 +33,19 @@ import jax.numpy as jnp
 from jax.extend import core as jex
 
 from jlora._src.core import jax_compat
-from jlora._src.interpret.context import Context
-from jlora._src.interpret.rules import products as interpreter_products
-from jlora._src.interpret.rules import views as interpreter_views
-from jlora._src.interpret.rules.products import Branch, first_product, settle
+from jlora._src.interpret.context import Context, Rule
+from jlora._src.interpret.rules import views
+from jlora._src.interpret.rules.branch import (
+  Branch,
+  branch_of,
+  first_product,
+  kernel_dot,
+  merged_is_cheaper,
+  settle,
+)
 from jlora._src.interpret.values import LoraValue, is_special
 
-__all__ = ["Siblings"]
+__all__ = ["Siblings", "fused"]
 
 P = jex.primitives
 
@@ -72,8 +83,18 @@ def _signature(br: Branch, first: jax.Array, operand: int) -> tuple[Any, ...]:
   return (canon, first.shape[:-1], first.dtype, br.opts, operand)
 
 
+def fused(rule: Rule) -> Rule:
+  """The ``dot_general`` rule ``rule`` (which takes a fourth argument, ``first``), given the
+  equation's first product where `Siblings` computed it with its siblings'."""
+
+  def fused_rule(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+    return rule(eqn, invals, ctx, ctx.first_products.pop(eqn, None))
+
+  return fused_rule
+
+
 class Siblings:
-  """The fusion state of one `eval_jaxpr` call.
+  """The fusion pass of one `eval_jaxpr` call.
 
   Args:
     jaxpr: the jaxpr being evaluated.
@@ -94,22 +115,16 @@ class Siblings:
     self._jaxpr, self._env, self._ctx, self._eval_eqn = jaxpr, env, ctx, eval_eqn
     self._producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars} if self._groups else {}
     self._early: set[int] = set()
-    self._first: dict[int, jax.Array] = {}
 
   def done(self, i: int) -> bool:
     """Whether equation ``i`` was evaluated early (a sibling's kernel view)."""
     return i in self._early
 
-  def eval(self, i: int, eqn: Any, invals: list[Any]) -> list[Any] | None:
-    """Equation ``i``'s outputs where it is a fused sibling (fusing its group at the first one);
-    ``None`` to evaluate it as usual."""
+  def fuse_at(self, i: int) -> None:
+    """Where equation ``i`` is the first of a group of siblings, their fused first products, into
+    the context's ``first_products`` (each sibling's rule takes its own, `fused`)."""
     for group in self._groups.pop(i, ()):
       self._fuse(group)
-    t = self._first.pop(i, None)
-    if t is None:
-      return None
-    kv, x, dot = interpreter_products.kernel_dot(eqn, [settle(v) for v in invals])
-    return interpreter_products.lora_dot(eqn, kv, x, dot, self._ctx, first=t)
 
   def _fuse(self, group: list[_Member]) -> None:
     shared = self._jaxpr.eqns[group[0].index].invars[group[0].operand]
@@ -132,17 +147,17 @@ class Siblings:
     kernel_var = eqn.invars[1 - m.operand]
     if isinstance(kernel_var, jex.Literal) or not self._ready(kernel_var, _MAX_VIEW_CHAIN):
       return None
-    kv = self._env[kernel_var]
-    if not isinstance(kv, LoraValue):
+    kernel = self._env[kernel_var]
+    if not isinstance(kernel, LoraValue) or kernel.routed is not None:  # a bank's: routed per example
       return None
-    invals = [x, kv] if m.operand == 0 else [kv, x]
-    _, _, dot = interpreter_products.kernel_dot(eqn, invals)
-    if interpreter_products.merged_is_cheaper(kv, x, dot, self._ctx):
+    invals = [x, kernel] if m.operand == 0 else [kernel, x]
+    _, _, dot = kernel_dot(eqn, invals)
+    if merged_is_cheaper(kernel, x, dot, self._ctx):
       return None
-    br = interpreter_products.branch_of(eqn, kv, x, dot)
+    br = branch_of(eqn, kernel, x, dot)
     if br is None:
       return None
-    return br, kv.a if br.first_is_a else kv.b
+    return br, kernel.a if br.first_is_a else kernel.b
 
   def _ready(self, v: Any, budget: int) -> bool:
     """Whether ``v`` has a value, computing its producing view equations early if need be."""
@@ -152,7 +167,7 @@ class Siblings:
     if i is None or budget == 0:
       return False
     eqn = self._jaxpr.eqns[i]
-    if eqn.primitive not in interpreter_views.RULES:
+    if eqn.primitive not in views.PRIMITIVES:
       return False
     if not all(isinstance(u, jex.Literal) or self._ready(u, budget - 1) for u in eqn.invars):
       return False
@@ -175,4 +190,4 @@ class Siblings:
     # a slice's is a zero pad per sibling and their sum.
     parts = jax.lax.split(t, [f.shape[-1] for f in factors], axis=axis)
     for (i, _, _), part in zip(members, parts):
-      self._first[i] = part
+      self._ctx.first_products[self._jaxpr.eqns[i]] = part

@@ -22,44 +22,19 @@ the gathered axis.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-from jax import lax
-from jax.sharding import AbstractMesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from jlora._src.core import jax_compat
-from jlora._src.interpret.context import Context
-from jlora._src.interpret.rules.moe import traced_primitive
+from jlora._src.interpret.context import Context, Rule
+from jlora._src.interpret.materialize import plain_outputs
+from jlora._src.interpret.primitives import ALL_GATHER_P, PVARY_P, SHARD_MAP_P
 from jlora._src.interpret.values import LoraValue, Probe, is_special
 
-_MESH = AbstractMesh((1,), ("i",))
-_F32 = jax.ShapeDtypeStruct((2,), jnp.float32)
-
-
-def _in_shard_map(fn: Callable[[Any], Any], in_spec: PartitionSpec, out_spec: PartitionSpec) -> Callable:
-  return jax.shard_map(fn, mesh=_MESH, in_specs=in_spec, out_specs=out_spec)
-
-
-SHARD_MAP_P = traced_primitive(
-  "shard_map", _in_shard_map(lambda x: x, PartitionSpec(), PartitionSpec()), _F32
-)
-PVARY_P = traced_primitive(
-  "pvary",
-  _in_shard_map(lambda x: lax.pcast(x, ("i",), to="varying"), PartitionSpec(), PartitionSpec("i")),
-  _F32,
-)
-ALL_GATHER_P = traced_primitive(
-  "all_gather",
-  _in_shard_map(
-    lambda x: lax.all_gather(lax.pcast(x, ("i",), to="varying"), "i", tiled=True),
-    PartitionSpec(),
-    PartitionSpec("i"),
-  ),
-  _F32,
-)
+__all__ = ["ALL_GATHER_P", "PVARY_P", "SHARD_MAP_P", "all_gather", "factor_specs", "pvary", "shard_map_rule"]
 
 
 def factor_specs(x: LoraValue, spec: PartitionSpec) -> tuple[PartitionSpec, PartitionSpec]:
@@ -101,10 +76,8 @@ def _operand(x: Any, spec: PartitionSpec) -> _Operand:
   return _Operand((x,), (spec,), lambda v: v)
 
 
-def shard_map_rule(
-  eval_jaxpr: Callable[..., list[Any]], plain_outputs: Callable[..., list[Any]]
-) -> Callable[[Any, list[Any], Context], list[Any] | None]:
-  """The ``shard_map`` rule, given the interpreter's ``eval_jaxpr`` and ``plain_outputs``."""
+def shard_map_rule(eval_jaxpr: Callable[..., list[Any]]) -> Rule:
+  """The ``shard_map`` rule, given the interpreter's ``eval_jaxpr`` (for the body)."""
 
   def rule(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
     if not all(isinstance(x, (LoraValue, Probe)) or not is_special(x) for x in invals):
@@ -140,14 +113,16 @@ def shard_map_rule(
   return rule
 
 
-def _pvary(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+def pvary(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+  """``pvary`` of a kernel view: the base kernel made device-varying (the factors are on first use)."""
   if len(invals) != 1 or not isinstance(invals[0], (LoraValue, Probe)):
     return None
   x = invals[0]
   return [dataclasses.replace(x, w=jax_compat.bind(eqn, [x.base])[0])]
 
 
-def _all_gather(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+def all_gather(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+  """A tiled ``all_gather`` of a kernel view: the base and each factor carrying the gathered axis."""
   if len(invals) != 1 or not isinstance(invals[0], (LoraValue, Probe)) or not eqn.params["tiled"]:
     return None
   x = invals[0]
@@ -157,7 +132,3 @@ def _all_gather(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
   axis = eqn.params["all_gather_dimension"]
   out = x.map_axis(axis, lambda f, d: jax_compat.bind(eqn, [f], all_gather_dimension=d)[0])
   return [dataclasses.replace(out, w=w)]
-
-
-RULES: dict[Any, Callable[..., list[Any] | None]] = {PVARY_P: _pvary, ALL_GATHER_P: _all_gather}
-__all__: Sequence[str] = ("RULES", "SHARD_MAP_P", "factor_specs", "shard_map_rule")

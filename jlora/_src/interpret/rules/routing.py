@@ -20,6 +20,11 @@ merged kernel):
   factor only output axes (every Dense and DenseGeneral); other products (a
   stacked axis kept in the output, an embedding lookup) use the gather.
 
+In the rule table (`jlora._src.interpret.table`) `routed` puts these rules
+around the single-adapter ones: an equation with a bank's kernel goes to
+`dot_general` or `gather` here, or is refused with `unroutable` (`refuse`: a
+convolution, expert kernels); any other to the single-adapter rule.
+
 Id ``-1`` gives the base model alone (a zero branch). An id out of
 ``[-1, N)`` that only shows up at run time (under ``jit``) makes that
 example's outputs NaN: never a silently clipped adapter (concrete ids are
@@ -29,23 +34,18 @@ checked in `routing` and raise).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jex
 
-from jlora._src.interpret.context import Context
+from jlora._src.interpret.context import Context, Rule
 from jlora._src.interpret.contractions import contract
-from jlora._src.interpret.rules import moe
-from jlora._src.interpret.rules import products as interpreter_products
-from jlora._src.interpret.rules.products import Branch, PendingSum
+from jlora._src.interpret.rules.branch import Branch, PendingSum, bind_dot, branch_of, kernel_dot, lookup_rows
 from jlora._src.interpret.values import LoraValue
 
-P = jex.primitives
 DESIGNS = ("gather", "ragged")
 
 
@@ -136,22 +136,22 @@ def is_routed(x: Any) -> bool:
   return isinstance(x, LoraValue) and x.routed is not None
 
 
-def unroutable(kv: LoraValue, why: str) -> ValueError:
+def unroutable(kernel: LoraValue, why: str) -> ValueError:
   """The error for a bank's kernel reaching a use that cannot be routed per example."""
   return ValueError(
-    f"jlora: the bank's kernel {kv.site!r} reaches {why}, which cannot be routed per example (jlora "
+    f"jlora: the bank's kernel {kernel.site!r} reaches {why}, which cannot be routed per example (jlora "
     "never forms a per-example kernel). Routing covers dot_general (Dense, DenseGeneral, einsum) and "
     "embedding lookups, through views, jit, remat and scan; leave this kernel out of the adapters' "
     "target_modules."
   )
 
 
-def _check_examples(kv: LoraValue, shape: tuple[int, ...], free: bool, route: Routing, use: str) -> None:
+def _check_examples(kernel: LoraValue, shape: tuple[int, ...], free: bool, route: Routing, use: str) -> None:
   """The rule: the leading axis of a bank kernel's other operand is the example axis."""
   if free and shape and shape[0] == route.batch:
     return
   raise ValueError(
-    f"jlora: the bank's kernel {kv.site!r} is used in a {use} whose input has shape {shape}, but routing "
+    f"jlora: the bank's kernel {kernel.site!r} is used in a {use} whose input has shape {shape}, but routing "
     f"needs the input's leading axis to be the example axis (size len(adapter_ids) = {route.batch}), not "
     "contracted or shared with the kernel. A model that flattens the batch and sequence axes, or sorts "
     "tokens (mixture-of-experts dispatch), cannot be routed per example: keep the batch axis leading at "
@@ -234,67 +234,81 @@ def _ragged_branch(
   return y * _along(scale.astype(y.dtype), y.ndim, plan.out_lab.index(plan.x_lab[0]))
 
 
-def _dot_general(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
-  found = interpreter_products.kernel_dot(eqn, invals)
-  if found is None or not is_routed(found[0]):
-    return interpreter_products.RULES[P.dot_general_p](eqn, invals, ctx)
-  kv, x, dot = found
+def routed(bank_rule: Rule, single: Rule) -> Rule:
+  """The rule that gives an equation with a bank's kernel among its operands (`is_routed`) to
+  ``bank_rule``, and any other to ``single`` (the single-adapter rule)."""
+
+  def rule(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+    if any(is_routed(x) for x in invals):
+      return bank_rule(eqn, invals, ctx)
+    return single(eqn, invals, ctx)
+
+  return rule
+
+
+def refuse(use: str) -> Rule:
+  """A bank rule for a ``use`` that cannot be routed per example: it raises `unroutable`."""
+
+  def rule(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+    raise unroutable(next(x for x in invals if is_routed(x)), use)
+
+  return rule
+
+
+def dot_general(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+  """A ``dot_general`` with a bank's kernel: each example's branch with its own adapter, by
+  ``"gather"`` or ``"ragged"`` (see the module doc); ``None`` where both operands are kernel views.
+
+  Raises:
+    ValueError: where the product contracts axes of both factors, or the input's leading axis is
+      not the example axis.
+  """
+  found = kernel_dot(eqn, invals)
+  if found is None:
+    return None
+  kernel, x, dot = found
   route: Routing = ctx.routing
-  plan = interpreter_products.branch_of(eqn, kv, x, dot)
+  plan = branch_of(eqn, kernel, x, dot)
   if plan is None:
-    raise unroutable(kv, "a `dot_general` that contracts axes of both of its factors")
+    raise unroutable(kernel, "a `dot_general` that contracts axes of both of its factors")
   e = plan.x_lab[0]
   _check_examples(
-    kv, tuple(x.shape), e in plan.out_lab and e not in plan.first_lab + plan.second_lab, route, "product"
+    kernel, tuple(x.shape), e in plan.out_lab and e not in plan.first_lab + plan.second_lab, route, "product"
   )
   opts = dict(plan.opts)
-  base = interpreter_products.bind_dot(eqn, dot, kv.base, x)[0]
+  base = bind_dot(eqn, dot, kernel.base, x)[0]
   xd = dropout(x, ctx, route)
-  f, sec = (kv.a, kv.b) if plan.first_is_a else (kv.b, kv.a)
-  scale = route.per_example(kv.routed, jnp.float32)
+  f, sec = (kernel.a, kernel.b) if plan.first_is_a else (kernel.b, kernel.a)
+  scale = route.per_example(kernel.routed, jnp.float32)
   fn = _ragged_branch if route.design == "ragged" and _ragged_fits(plan) else _gather_branch
   return [PendingSum(base, fn(xd, f, sec, plan, scale=scale, route=route, opts=opts).astype(base.dtype))]
 
 
-def _gather(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
-  kv, idx = invals
-  if not is_routed(kv):
-    return interpreter_products.RULES[P.gather_p](eqn, invals, ctx)
-  rows = interpreter_products.lookup_rows(eqn, kv, idx)
+def gather(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+  """An embedding lookup of a bank's kernel: each example's rows of its own adapter's ``A``, then
+  ``@ B``.
+
+  Raises:
+    ValueError: where the lookup does not take whole rows, or its leading axis is not the example
+      axis.
+  """
+  kernel, idx = invals
+  if not is_routed(kernel):
+    return None
+  rows = lookup_rows(eqn, kernel, idx)
   if rows is None:
-    raise unroutable(kv, "a `gather` that is not an embedding lookup of whole rows")
+    raise unroutable(kernel, "a `gather` that is not an embedding lookup of whole rows")
   base, g, axis = rows
   route: Routing = ctx.routing
-  _check_examples(kv, tuple(base.shape), axis != 0, route, "lookup")
+  _check_examples(kernel, tuple(base.shape), axis != 0, route, "lookup")
   n = route.num_adapters
   # Each example's own adapter's rows of A: (batch, ..., r), the rank last.
   g = jnp.moveaxis(g, axis, -1)
   g = g.reshape(*g.shape[:-1], n, g.shape[-1] // n)
   pick = jnp.minimum(route.slots(), n - 1)  # -1 and bad ids: zero or NaN scale below
   g = jnp.take_along_axis(g, pick.reshape((-1,) + (1,) * (g.ndim - 1)), axis=-2)[..., 0, :]
-  g = g * _along(route.per_example(kv.routed, g.dtype), g.ndim, 0)
-  b = _per_adapter(kv.b, route).astype(g.dtype)  # (batch, fan-out, r)
+  g = g * _along(route.per_example(kernel.routed, g.dtype), g.ndim, 0)
+  b = _per_adapter(kernel.b, route).astype(g.dtype)  # (batch, fan-out, r)
   lab = "".join(chr(ord("a") + i) for i in range(g.ndim - 1))
   lora = contract(g, lab + "z", b, "aYz", lab + "Y")
   return [base + jnp.moveaxis(lora, -1, axis).astype(base.dtype)]
-
-
-def _refuse(primitive: Any, use: str) -> Callable[..., list[Any] | None]:
-  """A rule that raises for a bank's kernel and otherwise defers to the single-adapter rule."""
-  single = {**interpreter_products.RULES, **moe.RULES}[primitive]
-
-  def rule(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
-    for x in invals:
-      if is_routed(x):
-        raise unroutable(x, use)
-    return single(eqn, invals, ctx)
-
-  return rule
-
-
-RULES = {
-  P.dot_general_p: _dot_general,
-  P.gather_p: _gather,
-  P.conv_general_dilated_p: _refuse(P.conv_general_dilated_p, "a convolution"),
-  moe.RAGGED_DOT_P: _refuse(moe.RAGGED_DOT_P, "a `ragged_dot` (expert kernels)"),
-}

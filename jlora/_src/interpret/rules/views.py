@@ -5,7 +5,8 @@ constraint, slice, dynamic slice, reverse, squeeze, unstack) is bound on the bas
 kernel ``w``; the `LoraValue` then rearranges its factors to match, or the
 `Probe` records which kernel axes each view axis came from. A rule returns
 ``None`` where the view cannot be followed; the interpreter then materialises
-the kernel for that use.
+the kernel for that use. The rule table (`jlora._src.interpret.table`) keys
+these rules by `PRIMITIVES`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,18 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex
 
 from jlora._src.core import jax_compat, layouts
-from jlora._src.interpret.context import Context
-from jlora._src.interpret.rules.moe import traced_primitive
+from jlora._src.interpret.context import Context, Rule
+from jlora._src.interpret.primitives import UNSTACK_P
 from jlora._src.interpret.values import LoraValue, Probe, Special, is_special
 
 P = jex.primitives
 
 
-def _view(fn: Callable[..., Special | None]) -> Callable[..., list[Any] | None]:
+def _view(fn: Callable[..., Special | None]) -> Rule:
   """A rule from ``fn(x, w, params, ctx, *dynamic)``: ``w`` is the view bound on ``x.w``."""
 
   def rule(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
@@ -121,15 +120,7 @@ def _squeeze(x, w, params, ctx):
   return x.reshape(tuple(w.shape), w)
 
 
-# `lax.unstack` is newer than jax 0.10.0 (the declared floor), which iterates by slice and squeeze.
-UNSTACK_P = (
-  traced_primitive("unstack", lax.unstack, jax.ShapeDtypeStruct((2, 2), jnp.float32))
-  if hasattr(lax, "unstack")
-  else None
-)
-
-
-def _unstack(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
+def unstack(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
   """``lax.unstack``, which iterating over an array binds from jax 0.11 (``k, v = kv``; jax 0.10
   sliced and squeezed): entry ``i`` is the view at index ``i`` of ``axis``, without that axis."""
   (x,) = invals
@@ -158,20 +149,16 @@ def _unstack(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
   ]
 
 
-RULES: dict[Any, Callable[..., list[Any] | None]] = {
-  P.transpose_p: _view(_transpose),
-  P.reshape_p: _view(_reshape),
-  P.squeeze_p: _view(_squeeze),
-  P.broadcast_in_dim_p: _view(_broadcast),
-  P.convert_element_type_p: _view(_convert),
-  P.copy_p: _view(_same_view),
-  P.sharding_constraint_p: _view(_same_view),
-  P.slice_p: _view(_slice),
-  P.dynamic_slice_p: _view(_dynamic_slice),
-  P.rev_p: _view(_rev),
-}
-if UNSTACK_P is not None:
-  RULES[UNSTACK_P] = _unstack
+transpose = _view(_transpose)
+reshape = _view(_reshape)
+squeeze = _view(_squeeze)
+broadcast_in_dim = _view(_broadcast)
+convert_element_type = _view(_convert)
+copy = _view(_same_view)
+sharding_constraint = _view(_same_view)
+static_slice = _view(_slice)
+dynamic_slice = _view(_dynamic_slice)
+rev = _view(_rev)
 
 # The views an output probe follows (the other primitives see the plain product).
 OUTPUT_VIEWS = frozenset(
@@ -186,3 +173,6 @@ OUTPUT_VIEWS = frozenset(
   }
   | ({UNSTACK_P} if UNSTACK_P is not None else set())
 )
+
+# Every primitive with a view rule here: pure, so sibling fusion may compute a kernel's view early.
+PRIMITIVES = OUTPUT_VIEWS | {P.broadcast_in_dim_p, P.dynamic_slice_p, P.rev_p}
