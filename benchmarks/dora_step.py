@@ -52,12 +52,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("lora", "dora", "dora_recompute", "dora_peft", "dora_merged")
 
 
-def _dense_norm(kv: Any) -> jax.Array:
+def _dense_norm(value: Any) -> jax.Array:
   """PEFT's norm: ``||W + scale * A @ B||`` from the materialised update."""
-  v = kv.base.astype(jnp.float32) + kv.delta()
-  fan_in = tuple(i for i in range(v.ndim) if i not in kv.b_axes)
+  v = value.base.astype(jnp.float32) + value.delta()
+  fan_in = tuple(i for i in range(v.ndim) if i not in value.b_axes)
   norm = jnp.sqrt(jnp.sum(v * v, axis=fan_in))
-  return jax.lax.stop_gradient(jnp.transpose(norm, [sorted(kv.b_axes).index(ax) for ax in kv.b_axes]))
+  return jax.lax.stop_gradient(jnp.transpose(norm, [sorted(value.b_axes).index(ax) for ax in value.b_axes]))
 
 
 @contextlib.contextmanager

@@ -8,15 +8,16 @@ fan-in axes replaced by one (Dense: A ``(in, r)``, B ``(r, out)``). PEFT's
 ``lora_A.weight`` is ``(r, in)`` and ``lora_B.weight`` is ``(out, r)``.
 """
 
+from jlora._src.adapters.add_weighted import add_weighted
 from jlora._src.adapters.bank import Bank, BankConfig, stack
-from jlora._src.adapters.combine import add_weighted
 from jlora._src.adapters.loraplus import loraplus, loraplus_labels
 from jlora._src.adapters.merge import merge, unmerge
 from jlora._src.adapters.quantize import QuantizedArray, dequantize, quantize
 from jlora._src.adapters.sharding import adapter_specs
 from jlora._src.api.initialize import init
+from jlora._src.api.layout_inference import infer_layouts
 from jlora._src.api.pissa import LoraWithResidual, init_with_residual, to_plain_lora
-from jlora._src.api.wrap import infer_layouts, wrap
+from jlora._src.api.wrap import wrap
 from jlora._src.core.config import LoraConfig
 from jlora._src.core.layouts import Layout
 from jlora._src.core.targets import module_paths
@@ -26,7 +27,7 @@ from jlora._src.frameworks.summary import count_params, summary
 from jlora._src.interpret.evaluator import MaterializationWarning
 from jlora._src.io.checkpoint.bank import load_bank, save_bank
 from jlora._src.io.checkpoint.lock import CheckpointBusyError, break_writer_lock
-from jlora._src.io.checkpoint.save import (
+from jlora._src.io.checkpoint.manager import (
   AdapterCheckpointManager,
   RestoredAdapter,
   load_adapter,

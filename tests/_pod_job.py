@@ -225,7 +225,7 @@ def corrupted_crc(job: Job, s: dict, lora) -> None:
 
   import jlora
   from jlora._src.io import processes
-  from jlora._src.io.checkpoint.format import META_CRC, metadata_checksum
+  from jlora._src.io.checkpoint.metadata import META_CRC, metadata_checksum
 
   jlora.save_adapter(job.path("crc"), lora, s["cfg"])
   meta_file = epath.Path(job.path("crc")) / "0" / "jlora_meta" / "metadata"

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jlora
+from jlora._src.adapters.spec import AdapterSpec
+from jlora._src.core.layouts import Layout
 
 VOCAB, D, HEADS, FF, LAYERS, SEQ, BATCH = 32, 16, 2, 24, 2, 6, 2
 
@@ -547,3 +549,21 @@ def loss_fn(case: Case, outputs: jax.Array) -> jax.Array:
     logp = jax.nn.log_softmax(outputs, -1)
     return -jnp.mean(jnp.take_along_axis(logp, case.targets[..., None], -1))
   return jnp.mean((outputs - case.targets) ** 2)
+
+
+def two_layer_tree(dtype: Any = jnp.float32) -> dict:
+  """Two layers of unstacked q/v projections, ``(64, 32)`` and ``(64, 48)`` kernels of ones."""
+  return {
+    f"layers_{i}": {
+      "q_proj": {"kernel": jnp.ones((64, 32), dtype)},
+      "v_proj": {"kernel": jnp.ones((64, 48), dtype)},
+    }
+    for i in range(2)
+  }
+
+
+def stacked_adapter_spec() -> AdapterSpec:
+  """An adapter on a kernel ``(in 4, stacked 3, out 5)``, on layers 0 and 2 at rank 2, scale 0.5."""
+  return AdapterSpec(
+    path=("w",), module="", kernel_shape=(4, 3, 5), layout=Layout("iso"), rank=2, scale=0.5, layers=(0, 2)
+  )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora._src.adapters import adapters as adapters_lib
+from jlora._src.adapters import spec as spec_lib
 
 PARAMS = {
   "params": {
@@ -67,7 +67,7 @@ def test_stack_stacked_kernels_and_the_bank_config_plan():
   up = bank.lora["params"]["stacked"]["up"]["kernel"]
   assert up["lora_A"].shape == (2, 3, 8, 3) and up["lora_B"].shape == (2, 3, 3, 5)
   cfg = bank.config.lora_config
-  specs = adapters_lib.plan(PARAMS, cfg)
+  specs = spec_lib.plan(PARAMS, cfg)
   assert {s.path: s.rank for s in specs} == {
     ("params", "layers_0", "q_proj", "kernel"): 3,
     ("params", "stacked", "up", "kernel"): 3,

@@ -11,7 +11,7 @@ from etils import epath
 import jlora
 from jlora._src.io import storage
 from jlora._src.io.checkpoint.lock import LOCK_NAME
-from jlora._src.io.checkpoint.save import DELETED_DIR
+from jlora._src.io.checkpoint.manager import DELETED_DIR
 
 
 def _writer(text):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapters import adapters, dora, quantize
+from jlora._src.adapters import dora, quantize
+from jlora._src.adapters.bind import bind, lora_value
+from jlora._src.adapters.spec import Bound, delta
 from jlora._src.core import paths
 from jlora._src.core.config import LoraConfig, check_config
 from jlora._src.core.qarray import is_quantized
@@ -24,7 +25,7 @@ def _concrete(arr: Any) -> np.ndarray:
   return np.asarray(arr, dtype=np.float32)
 
 
-def _check_finite(item: adapters.Bound, base: Any, merged: Any) -> None:
+def _check_finite(item: Bound, base: Any, merged: Any) -> None:
   """PEFT's ``safe_merge``: the factors, then the merged kernel in its own dtype, must be finite."""
   factors = ((paths.LORA_A, item.a), (paths.LORA_B, item.b))
   for name, arr in factors + (((paths.LORA_MAGNITUDE, item.m),) if item.m is not None else ()):
@@ -43,7 +44,7 @@ def _check_finite(item: adapters.Bound, base: Any, merged: Any) -> None:
       else "the base kernel itself holds NaN or Inf"
     )
     if base_ok and item.m is not None:
-      norm = _concrete(dora.column_norm(adapters.view(item.spec, item.kernel, item.a, item.b)))
+      norm = _concrete(dora.column_norm(lora_value(item)))
       if (norm == 0).any():
         why = (
           f"DoRA divides by the norm of W + scale * A @ B per output feature, and output feature "
@@ -61,21 +62,16 @@ def _dense(kernel: Any) -> jax.Array:
   return kernel.dequantize(jnp.float32) if is_quantized(kernel) else kernel.astype(jnp.float32)
 
 
-def _dora_merged(item: adapters.Bound) -> jax.Array:
-  """DoRA's merged kernel, ``m * (W + scale * A @ B) / ||W + scale * A @ B||`` (PEFT's merge)."""
-  kernel = adapters.view(item.spec, item.kernel, item.a, item.b)
-  return dataclasses.replace(kernel, g=dora.scale(kernel, item.m, item.spec.layers)).dense()
-
-
-def _apply(tree: Any, lora: Any, config: LoraConfig, sign: float, *, safe: bool, requantize: bool) -> Any:
-  bound, saved = adapters.bind(tree, lora, check_config(config))
+def _fold(tree: Any, lora: Any, config: LoraConfig, sign: float, *, safe: bool, requantize: bool) -> Any:
+  """``tree`` with each adapted kernel plus (``sign`` 1, `merge`) or minus (-1, `unmerge`) its update."""
+  bound, saved = bind(tree, lora, check_config(config))
   merged = {}
   for item in bound:
     base = _dense(item.kernel)
     if item.m is not None:
-      new = _dora_merged(item)
+      new = lora_value(item).dense()  # DoRA: m * (W + scale * A @ B) / ||W + scale * A @ B||
     else:
-      new = (base + sign * adapters.delta(item.spec, item.a, item.b)).astype(item.kernel.dtype)
+      new = (base + sign * delta(item.spec, item.a, item.b)).astype(item.kernel.dtype)
     if safe:
       _check_finite(item, base, new)
     if is_quantized(item.kernel) and requantize:
@@ -141,7 +137,7 @@ def merge(
     >>> bool((jlora.merge(params, lora, cfg)["q_proj"]["kernel"] == 1).all())  # B starts at zero
     True
   """
-  return _apply(tree, lora, config, 1.0, safe=safe_merge, requantize=requantize)
+  return _fold(tree, lora, config, 1.0, safe=safe_merge, requantize=requantize)
 
 
 def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
@@ -186,4 +182,4 @@ def unmerge(tree: Any, lora: Any, config: LoraConfig) -> Any:
       f"`unmerge` got a quantized tree ({quantized[0]!r} is quantized): a quantized base is never merged "
       "into (`merge` returns full precision), so there is nothing to unmerge; keep the quantized base."
     )
-  return _apply(tree, lora, config, -1.0, safe=False, requantize=False)
+  return _fold(tree, lora, config, -1.0, safe=False, requantize=False)

@@ -35,7 +35,8 @@ from flax.core import meta
 from flax.linen import spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from jlora._src.adapters import adapters
+from jlora._src.adapters.bind import bind
+from jlora._src.adapters.spec import AdapterSpec, b_rank_axis
 from jlora._src.core import layouts, paths
 from jlora._src.core.config import LoraConfig, longest_match
 from jlora._src.core.qarray import is_quantized
@@ -103,7 +104,7 @@ def _check_spec(spec: PartitionSpec, ndim: int, mesh: Mesh | None, what: str) ->
 
 
 def _derive(
-  spec: adapters.AdapterSpec, kernel_spec: PartitionSpec, mesh: Mesh | None
+  spec: AdapterSpec, kernel_spec: PartitionSpec, mesh: Mesh | None
 ) -> tuple[PartitionSpec, PartitionSpec]:
   n = len(spec.kernel_shape)
   _check_spec(kernel_spec, n, mesh, f"The spec {kernel_spec} of kernel {spec.where!r} {spec.kernel_shape}")
@@ -239,7 +240,7 @@ def adapter_specs(
     {'q_proj': {'kernel': {'lora_A': P('fsdp', None), 'lora_B': P(None, 'tp')}}}
   """
   base = _base_specs(tree if specs is None else specs, rules)
-  bound, saved = adapters.bind(tree, lora, config)
+  bound, saved = bind(tree, lora, config)
   modules = [item.spec.module for item in bound]
   checked = _check_overrides(overrides, modules) if overrides else {}
 
@@ -261,7 +262,7 @@ def adapter_specs(
     node = {paths.LORA_A: place(a, m), paths.LORA_B: place(b, m)}
     if item.m is not None:  # DoRA's magnitude: placed as lora_B without its rank axis
       entries = list(b) + [None] * (len(item.spec.b_shape) - len(b))
-      del entries[adapters.b_rank_axis(item.spec)]
+      del entries[b_rank_axis(item.spec)]
       node[paths.LORA_MAGNITUDE] = place(PartitionSpec(*entries), m)
     paths.nested_set(out, item.spec.path, node)
   for path, leaf in saved.items():

@@ -8,8 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jlora._src.adapters import adapters, dora, sharding
-from jlora._src.api.wrap import infer_layouts, linear_weights, read_uses
+from jlora._src.adapters import dora, sharding
+from jlora._src.adapters.create import init_adapters
+from jlora._src.adapters.spec import plan
+from jlora._src.api.layout_inference import infer_layouts, linear_weights, read_uses
 from jlora._src.core import layouts as layouts_
 from jlora._src.core import paths, targets
 from jlora._src.core.config import ALL_LINEAR, LoraConfig, check_config, residual_init
@@ -100,7 +102,7 @@ def init(
   if apply_fn is not None:
     layouts, linear = read_model(apply_fn, tree, config, example_args, example_kwargs or {})
   if shardings is None:
-    return adapters.init_adapters(tree, config, key=key, layouts=layouts, linear=linear)
+    return init_adapters(tree, config, key=key, layouts=layouts, linear=linear)
   return _init_sharded(tree, config, key, layouts=layouts, linear=linear, shardings=shardings)
 
 
@@ -146,7 +148,7 @@ def _init_sharded(
   every_module = set(targets.all_module_paths(tree))  # `bias="lora_only"`: a superset is enough here
   copied = targets.saved_module_paths(tree, config) + targets.bias_paths(tree, config, every_module)
   if config.use_dora:  # DoRA's magnitude starts at the adapted kernels' norms
-    copied += [spec.path for spec in adapters.plan(tree, config, layouts, linear)]
+    copied += [spec.path for spec in plan(tree, config, layouts, linear)]
   saved = {paths.to_str(p): leaves[p] for p in copied}
   abstract = jax.tree_util.tree_map(_abstract, tree, is_leaf=is_quantized)
 
@@ -154,7 +156,7 @@ def _init_sharded(
     t = jax.tree_util.tree_map_with_path(
       lambda kp, leaf: saved_values.get(paths.to_str(paths.normalize(kp)), leaf), abstract
     )
-    return adapters.init_adapters(t, config, key=k, layouts=layouts, linear=linear)
+    return init_adapters(t, config, key=k, layouts=layouts, linear=linear)
 
   shapes = jax.eval_shape(fn, jax.tree_util.tree_map(_abstract, saved), key)
   if isinstance(shardings, jax.sharding.Mesh):

@@ -18,7 +18,7 @@ Shapes: a jlora kernel in canonical order, ``(*stacked, *fan_in, *fan_out)``,
 reshaped to ``(*stacked, in, out)``, is PyTorch's ``W`` transposed, one matrix
 per stacked entry (each layer of a scanned kernel gets its own decomposition);
 A ``(*stacked, *fan_in, r)`` and B ``(*stacked, r, *fan_out)`` in canonical order
-(`adapters.canonical`) are PEFT's ``lora_A.weight.T`` and ``lora_B.weight.T``.
+(`spec.canonical`) are PEFT's ``lora_A.weight.T`` and ``lora_B.weight.T``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapters import adapters, quantize
+from jlora._src.adapters import quantize
+from jlora._src.adapters.bind import bound_adapters
+from jlora._src.adapters.create import add_saved_copies
+from jlora._src.adapters.spec import AdapterSpec, from_canonical, plan
 from jlora._src.api.initialize import init, read_model
+from jlora._src.core import layouts as layouts_lib
 from jlora._src.core import paths, targets
 from jlora._src.core.config import LoraConfig, check_config, pissa_niter, residual_init
 from jlora._src.core.qarray import is_quantized
@@ -86,7 +90,7 @@ def _factor(w: jax.Array, rank: int, scale: float, init: Any, key: jax.Array) ->
   return root[:, None] * uh[:rank], v[:, :rank] * root[None, :]
 
 
-def _check_spec(spec: adapters.AdapterSpec, config: LoraConfig) -> None:
+def _check_spec(spec: AdapterSpec, config: LoraConfig) -> None:
   init = config.init_lora_weights
   if spec.path[-1] in targets.EMBEDDING_LEAVES or {"gather", "conv_general_dilated"} & spec.layout.ops:
     embedding = spec.path[-1] in targets.EMBEDDING_LEAVES or "gather" in spec.layout.ops
@@ -104,7 +108,7 @@ def _check_spec(spec: adapters.AdapterSpec, config: LoraConfig) -> None:
     )
 
 
-def principal_pair(spec: adapters.AdapterSpec, kernel: Any, config: LoraConfig, key: jax.Array, dtype: Any):
+def principal_pair(spec: AdapterSpec, kernel: Any, config: LoraConfig, key: jax.Array, dtype: Any):
   """``(lora_A, lora_B, residual kernel)`` of one adapter, the factors in the kernel's axis order.
 
   The kernel (dequantized if quantized) is decomposed in float32 (float64 for a
@@ -139,7 +143,7 @@ def principal_pair(spec: adapters.AdapterSpec, kernel: Any, config: LoraConfig, 
     res = res.astype(kernel.dtype)
   a = a_c.reshape(stacked + spec.in_shape + (spec.rank,)).astype(dtype)
   b = b_c.reshape(stacked + (spec.rank,) + spec.out_shape).astype(dtype)
-  a, b = adapters.from_canonical(spec, a, b)
+  a, b = from_canonical(spec, a, b)
   return a, b, res
 
 
@@ -207,7 +211,7 @@ def init_with_residual(
   layouts, linear = None, None
   if apply_fn is not None:
     layouts, linear = read_model(apply_fn, tree, config, example_args, example_kwargs or {})
-  specs = adapters.plan(tree, config, layouts, linear)
+  specs = plan(tree, config, layouts, linear)
   leaves = dict(paths.leaves_with_paths(tree))
   out: dict = {}
   residual: dict[paths.Path, Any] = {}
@@ -216,7 +220,7 @@ def init_with_residual(
     dtype = config.dtype or kernel.dtype
     a, b, residual[spec.path] = principal_pair(spec, kernel, config, k, dtype)
     paths.nested_set(out, spec.path, {paths.LORA_A: a, paths.LORA_B: b})
-  adapters.add_saved_copies(out, tree, config, specs)
+  add_saved_copies(out, tree, config, specs)
   new_base = jax.tree_util.tree_map_with_path(
     lambda kp, leaf: residual.get(paths.normalize(kp), leaf), tree, is_leaf=is_quantized
   )
@@ -259,8 +263,8 @@ def to_plain_lora(
       "Converting to plain LoRA is not supported with `use_rslora=True` together with `rank_pattern` or "
       "`alpha_pattern` (as in PEFT): the doubled rank would change their scales."
     )
-  trained, _ = adapters.bound_adapters(lora, config, base)
-  initial = {item.spec.path: item for item in adapters.bound_adapters(initial_lora, config, base)[0]}
+  trained, _ = bound_adapters(lora, config, base)
+  initial = {item.spec.path: item for item in bound_adapters(initial_lora, config, base)[0]}
   if set(initial) != {item.spec.path for item in trained}:
     raise ValueError(
       "`initial_lora` and `lora` hold adapters at different paths: pass the adapter tree "
@@ -269,8 +273,8 @@ def to_plain_lora(
   out: dict = {}
   for item in trained:
     first = initial[item.spec.path]
-    ax_a = item.spec.layout.factor_axes("a").index(adapters.layouts.RANK)
-    ax_b = item.spec.layout.factor_axes("b").index(adapters.layouts.RANK)
+    ax_a = item.spec.layout.factor_axes("a").index(layouts_lib.RANK)
+    ax_b = item.spec.layout.factor_axes("b").index(layouts_lib.RANK)
     a = jnp.concatenate([jnp.asarray(item.a), jnp.asarray(first.a, item.a.dtype)], axis=ax_a)
     b = jnp.concatenate([jnp.asarray(item.b), -jnp.asarray(first.b, item.b.dtype)], axis=ax_b)
     paths.nested_set(out, item.spec.path, {paths.LORA_A: a, paths.LORA_B: b})

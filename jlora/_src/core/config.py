@@ -94,7 +94,7 @@ def _freeze_mapping(field: str, value: Any, check) -> tuple[tuple[str, Any], ...
   if value is None:
     return ()
   if not isinstance(value, Mapping):
-    if isinstance(value, tuple) and all(isinstance(kv, tuple) and len(kv) == 2 for kv in value):
+    if isinstance(value, tuple) and all(isinstance(pair, tuple) and len(pair) == 2 for pair in value):
       value = dict(value)
     else:
       raise TypeError(
@@ -200,103 +200,18 @@ class LoraConfig:
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
     if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
       raise ValueError(f"`r` must be a positive integer; got {self.r!r}.")
-    if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-      raise TypeError(f"`lora_alpha` must be a number; got {self.lora_alpha!r}.")
-    if not _is_alpha(self.lora_alpha):
-      raise ValueError(
-        f"`lora_alpha` must be a finite number > 0 and at most {_ALPHA_MAX:.4g} (the scale is applied in "
-        f"float32, where a larger one is inf and a fresh adapter's update inf * 0 = NaN); got "
-        f"{self.lora_alpha!r}."
-      )
-    set_("lora_alpha", float(self.lora_alpha))
-    if (
-      isinstance(self.lora_dropout, bool)
-      or not isinstance(self.lora_dropout, (int, float))
-      or not 0.0 <= self.lora_dropout < 1.0
-    ):
-      raise ValueError(f"`lora_dropout` must be a number in [0, 1); got {self.lora_dropout!r}.")
-    set_("lora_dropout", float(self.lora_dropout))
-
-    if self.target_modules is None:
-      raise ValueError(
-        "`target_modules` is required: a list of module names such as "
-        "('q_proj', 'v_proj'), a regex string, or 'all-linear'."
-      )
-    for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
-      value = _as_str_tuple(name, getattr(self, name))
-      if isinstance(value, tuple) and not value:
-        value = None if name != "target_modules" else value
-      if name == "target_modules" and value == ():
-        raise ValueError("`target_modules` must name at least one module; got an empty list.")
-      if isinstance(value, str):
-        if not value:
-          raise ValueError(f"`{name}` must not be an empty string.")
-        if name in ("layers_pattern", "modules_to_save"):
-          value = (value,)
-        elif value != ALL_LINEAR or name != "target_modules":
-          _check_regex(name, value)
+    set_("lora_alpha", _checked_alpha(self.lora_alpha))
+    set_("lora_dropout", _checked_dropout(self.lora_dropout))
+    for name, value in _module_fields(self).items():
       set_(name, value)
-    if self.exclude_modules == ALL_LINEAR:
-      raise ValueError("`exclude_modules` cannot be 'all-linear'.")
-    if isinstance(self.target_modules, tuple) and self.modules_to_save is not None:
-      both = [m for m in self.target_modules if m in self.modules_to_save]
-      if both:
-        raise ValueError(
-          f"`target_modules` and `modules_to_save` both name {both}: a module is either adapted with "
-          "LoRA (`target_modules`) or trained in full (`modules_to_save`), not both; remove it from one."
-        )
-
-    ltt = self.layers_to_transform
-    if ltt is not None:
-      if (
-        isinstance(ltt, bool) or not isinstance(ltt, (int, Sequence, set, frozenset)) or isinstance(ltt, str)
-      ):
-        raise TypeError(
-          "`layers_to_transform` must be an int or a list of ints (layer indices, e.g. 3 or [0, 1]); "
-          f"got {type(ltt).__name__}: {ltt!r}."
-        )
-      ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt)
-      if not ltt or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ltt):
-        raise ValueError(
-          f"`layers_to_transform` must be non-negative layer indices; got {self.layers_to_transform!r}."
-        )
-      if len(set(ltt)) != len(ltt):
-        raise ValueError(f"`layers_to_transform` has repeated indices: {ltt!r}.")
-      set_("layers_to_transform", tuple(sorted(ltt)))
+    if self.layers_to_transform is not None:
+      set_("layers_to_transform", _checked_layers(self.layers_to_transform))
     elif self.layers_pattern is not None:
       raise ValueError("`layers_pattern` is only used with `layers_to_transform`; set both or neither.")
-
-    def check_rank(key, val):
-      if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-        raise ValueError(f"`rank_pattern[{key!r}]` must be a positive integer; got {val!r}.")
-      return val
-
-    def check_alpha(key, val):
-      if isinstance(val, bool) or not isinstance(val, (int, float)) or not _is_alpha(val):
-        raise ValueError(
-          f"`alpha_pattern[{key!r}]` must be a finite number > 0 and at most {_ALPHA_MAX:.4g} (the float32 "
-          f"range, as `lora_alpha`); got {val!r}."
-        )
-      return float(val)
-
-    set_("rank_pattern", _freeze_mapping("rank_pattern", self.rank_pattern, check_rank))
-    set_("alpha_pattern", _freeze_mapping("alpha_pattern", self.alpha_pattern, check_alpha))
+    set_("rank_pattern", _freeze_mapping("rank_pattern", self.rank_pattern, _pattern_rank))
+    set_("alpha_pattern", _freeze_mapping("alpha_pattern", self.alpha_pattern, _pattern_alpha))
     set_("layout_pattern", freeze_layout_pattern(self.layout_pattern))
-
-    if not isinstance(self.use_rslora, bool):
-      raise TypeError(f"`use_rslora` must be a bool; got {self.use_rslora!r}.")
-    init = self.init_lora_weights
-    if not (init is True or init is False or init == "gaussian" or residual_init(init)):
-      raise ValueError(
-        "`init_lora_weights` must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' (n a "
-        f"non-negative integer), 'olora'; got {init!r}."
-      )
-    if not isinstance(self.use_dora, bool):
-      raise TypeError(f"`use_dora` must be a bool; got {self.use_dora!r}.")
-    if self.bias not in BIAS_MODES:
-      raise ValueError(f"`bias` must be one of {BIAS_MODES}; got {self.bias!r}.")
-    if self.dtype is not None and self.dtype not in _DTYPES:
-      raise ValueError(f"`dtype` must be None or one of {_DTYPES}; got {self.dtype!r}.")
+    _check_options(self)
 
   # -- per-module values -----------------------------------------------------
 
@@ -360,6 +275,112 @@ class LoraConfig:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _checked_alpha(alpha: Any) -> float:
+  """`lora_alpha` as a float, or the error saying why it cannot be one."""
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+    raise TypeError(f"`lora_alpha` must be a number; got {alpha!r}.")
+  if not _is_alpha(alpha):
+    raise ValueError(
+      f"`lora_alpha` must be a finite number > 0 and at most {_ALPHA_MAX:.4g} (the scale is applied in "
+      f"float32, where a larger one is inf and a fresh adapter's update inf * 0 = NaN); got "
+      f"{alpha!r}."
+    )
+  return float(alpha)
+
+
+def _checked_dropout(rate: Any) -> float:
+  """`lora_dropout` as a float in [0, 1)."""
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+    raise ValueError(f"`lora_dropout` must be a number in [0, 1); got {rate!r}.")
+  return float(rate)
+
+
+def _module_fields(config: LoraConfig) -> dict[str, Any]:
+  """`target_modules`, `exclude_modules`, `layers_pattern` and `modules_to_save`, normalized (tuples of
+  names, a regex string, ``"all-linear"`` or ``None``) and checked."""
+  if config.target_modules is None:
+    raise ValueError(
+      "`target_modules` is required: a list of module names such as "
+      "('q_proj', 'v_proj'), a regex string, or 'all-linear'."
+    )
+  out = {}
+  for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+    value = _as_str_tuple(name, getattr(config, name))
+    if isinstance(value, tuple) and not value:
+      value = None if name != "target_modules" else value
+    if name == "target_modules" and value == ():
+      raise ValueError("`target_modules` must name at least one module; got an empty list.")
+    if isinstance(value, str):
+      if not value:
+        raise ValueError(f"`{name}` must not be an empty string.")
+      if name in ("layers_pattern", "modules_to_save"):
+        value = (value,)
+      elif value != ALL_LINEAR or name != "target_modules":
+        _check_regex(name, value)
+    out[name] = value
+  if out["exclude_modules"] == ALL_LINEAR:
+    raise ValueError("`exclude_modules` cannot be 'all-linear'.")
+  if isinstance(out["target_modules"], tuple) and out["modules_to_save"] is not None:
+    both = [m for m in out["target_modules"] if m in out["modules_to_save"]]
+    if both:
+      raise ValueError(
+        f"`target_modules` and `modules_to_save` both name {both}: a module is either adapted with "
+        "LoRA (`target_modules`) or trained in full (`modules_to_save`), not both; remove it from one."
+      )
+  return out
+
+
+def _checked_layers(ltt: Any) -> tuple[int, ...]:
+  """`layers_to_transform` as a sorted tuple of distinct non-negative layer indices."""
+  if isinstance(ltt, bool) or not isinstance(ltt, (int, Sequence, set, frozenset)) or isinstance(ltt, str):
+    raise TypeError(
+      "`layers_to_transform` must be an int or a list of ints (layer indices, e.g. 3 or [0, 1]); "
+      f"got {type(ltt).__name__}: {ltt!r}."
+    )
+  given = ltt
+  ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt)
+  if not ltt or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ltt):
+    raise ValueError(f"`layers_to_transform` must be non-negative layer indices; got {given!r}.")
+  if len(set(ltt)) != len(ltt):
+    raise ValueError(f"`layers_to_transform` has repeated indices: {ltt!r}.")
+  return tuple(sorted(ltt))
+
+
+def _pattern_rank(key: str, val: Any) -> int:
+  """A `rank_pattern` value, checked."""
+  if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+    raise ValueError(f"`rank_pattern[{key!r}]` must be a positive integer; got {val!r}.")
+  return val
+
+
+def _pattern_alpha(key: str, val: Any) -> float:
+  """An `alpha_pattern` value, checked, as a float."""
+  if isinstance(val, bool) or not isinstance(val, (int, float)) or not _is_alpha(val):
+    raise ValueError(
+      f"`alpha_pattern[{key!r}]` must be a finite number > 0 and at most {_ALPHA_MAX:.4g} (the float32 "
+      f"range, as `lora_alpha`); got {val!r}."
+    )
+  return float(val)
+
+
+def _check_options(config: LoraConfig) -> None:
+  """Checks the remaining fields: `use_rslora`, `init_lora_weights`, `use_dora`, `bias`, `dtype`."""
+  if not isinstance(config.use_rslora, bool):
+    raise TypeError(f"`use_rslora` must be a bool; got {config.use_rslora!r}.")
+  init = config.init_lora_weights
+  if not (init is True or init is False or init == "gaussian" or residual_init(init)):
+    raise ValueError(
+      "`init_lora_weights` must be one of True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' (n a "
+      f"non-negative integer), 'olora'; got {init!r}."
+    )
+  if not isinstance(config.use_dora, bool):
+    raise TypeError(f"`use_dora` must be a bool; got {config.use_dora!r}.")
+  if config.bias not in BIAS_MODES:
+    raise ValueError(f"`bias` must be one of {BIAS_MODES}; got {config.bias!r}.")
+  if config.dtype is not None and config.dtype not in _DTYPES:
+    raise ValueError(f"`dtype` must be None or one of {_DTYPES}; got {config.dtype!r}.")
 
 
 def check_config(config: Any, where: str = "config") -> LoraConfig:

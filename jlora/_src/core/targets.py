@@ -186,6 +186,36 @@ def is_head(cand: Candidate) -> bool:
   return cand.module.rsplit("/", maxsplit=1)[-1] in _HEAD_NAMES or cand.leaf_name in _HEAD_LEAVES
 
 
+def _check_entries(tree: Any, config: LoraConfig, cands: list[Candidate], modules: list[str]) -> None:
+  """Raises for a `target_modules` entry (a list's names, or the one regex) that matches an integer
+  (quantized) kernel, no module, or only modules with no adaptable kernel."""
+  spec = config.target_modules
+  entries = (spec,) if isinstance(spec, str) else spec
+  params = [c.param for c in cands]
+  skip = tuple(m for m in (config.exclude_modules, config.modules_to_save) if m is not None)
+  integer = [c for c in _integer_kernels(tree) if not any(name_matches(m, c.names) for m in skip)]
+  floats = {c.module for c in cands}
+  for entry in entries:
+    sub = entry if isinstance(spec, str) else (entry,)
+    # An integer kernel named by its parameter path, or the only kernel of a module named.
+    ints = [
+      c
+      for c in integer
+      if name_matches(sub, c.param) or (name_matches(sub, c.module) and c.module not in floats)
+    ]
+    if ints:
+      what = f"`target_modules` entry {entry!r} matches"
+      raise integer_kernel_error(paths.to_str(ints[0].path), ints[0].dtype, what)
+    if not any(name_matches(sub, m) for m in modules + params):
+      raise _unmatched_error("target_modules", entry, modules + params)
+    if not any(name_matches(sub, c.names) for c in cands):
+      raise ValueError(
+        f"`target_modules` entry {entry!r} matches modules with no adaptable kernel "
+        f"(only 1-D leaves such as biases or norm scales, which are never adapted): "
+        f"{[m for m in modules if name_matches(sub, m)][:8]}."
+      )
+
+
 def match_targets(
   tree: Any, config: LoraConfig, linear: Collection[paths.Path] | None = None
 ) -> list[Candidate]:
@@ -214,30 +244,7 @@ def match_targets(
       if (c.path in linear if linear is not None else c.leaf_name == "kernel") and not is_head(c)
     ]
   else:
-    entries = (spec,) if isinstance(spec, str) else spec
-    params = [c.param for c in cands]
-    skip = tuple(m for m in (config.exclude_modules, config.modules_to_save) if m is not None)
-    integer = [c for c in _integer_kernels(tree) if not any(name_matches(m, c.names) for m in skip)]
-    floats = {c.module for c in cands}
-    for entry in entries:
-      sub = entry if isinstance(spec, str) else (entry,)
-      # An integer kernel named by its parameter path, or the only kernel of a module named.
-      ints = [
-        c
-        for c in integer
-        if name_matches(sub, c.param) or (name_matches(sub, c.module) and c.module not in floats)
-      ]
-      if ints:
-        what = f"`target_modules` entry {entry!r} matches"
-        raise integer_kernel_error(paths.to_str(ints[0].path), ints[0].dtype, what)
-      if not any(name_matches(sub, m) for m in modules + params):
-        raise _unmatched_error("target_modules", entry, modules + params)
-      if not any(name_matches(sub, c.names) for c in cands):
-        raise ValueError(
-          f"`target_modules` entry {entry!r} matches modules with no adaptable kernel "
-          f"(only 1-D leaves such as biases or norm scales, which are never adapted): "
-          f"{[m for m in modules if name_matches(sub, m)][:8]}."
-        )
+    _check_entries(tree, config, cands, modules)
     chosen = [c for c in cands if name_matches(spec, c.names)]
   if config.exclude_modules is not None:
     chosen = [c for c in chosen if not name_matches(config.exclude_modules, c.names)]

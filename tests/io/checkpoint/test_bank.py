@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import jlora
-from jlora._src.io.checkpoint.format import CorruptCheckpointError, metadata_checksum
+from jlora._src.io.checkpoint.metadata import CorruptCheckpointError, metadata_checksum
 
 PARAMS = {
   "params": {

@@ -1,4 +1,4 @@
-"""Tests for the single-writer lock of a checkpoint directory (`checkpoint_lock`)."""
+"""Tests for the single-writer lock of a checkpoint directory (`checkpoint.lock`)."""
 
 import os
 import signal

@@ -23,6 +23,7 @@ import safetensors.numpy
 
 import jlora
 from jlora._src.io.peft import experts as peft_experts
+from jlora._src.io.peft.names import Keys
 from tests import zoo
 
 PREFIX = "base_model.model."
@@ -160,8 +161,6 @@ def test_import_refuses_a_file_missing_parameters_its_config_targets(moe, tmp_pa
 
 
 def test_peft_parameter_keys_nest_by_registration_order():
-  from jlora._src.io.peft.names import Keys  # noqa: PLC0415
-
   up, down = (jlora.PeftParameter(f"m.layers.0.experts.{n}", order=o) for n, o in ORDER.items())
   keys = Keys([down, up])
   assert keys(up) == tuple(f"{PREFIX}m.layers.0.experts.base_layer.lora_{x}.weight" for x in "AB")

@@ -8,7 +8,7 @@ A bank directory is an `AdapterCheckpointManager` directory holding one step
 * ``jlora_meta``: JSON ``{format: "jlora.bank", format_version, names,
   adapters, meta_crc32}``, where ``adapters`` holds each adapter's
   `save_adapter` metadata (config, leaf records with CRC32s, base
-  fingerprint, its own checksum; `jlora._src.io.checkpoint.format`) and
+  fingerprint, its own checksum; `jlora._src.io.checkpoint.metadata`) and
   ``meta_crc32`` covers the whole object.
 
 Loading reads, checks and re-stacks the adapters (`jlora.stack`), which gives
@@ -25,11 +25,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jlora._src.adapters import adapters
 from jlora._src.adapters.bank import Bank, stack
+from jlora._src.adapters.bind import bind
 from jlora._src.core import paths
 from jlora._src.io import processes
-from jlora._src.io.checkpoint.format import (
+from jlora._src.io.checkpoint.arrays import abstract_lora, check_stored_arrays, verify_crc
+from jlora._src.io.checkpoint.manager import AdapterCheckpointManager, read_step
+from jlora._src.io.checkpoint.metadata import (
   META_CRC,
   CorruptCheckpointError,
   Metadata,
@@ -38,9 +40,7 @@ from jlora._src.io.checkpoint.format import (
   metadata_checksum,
   parse_metadata,
 )
-from jlora._src.io.checkpoint.read import ADAPTER_ITEM, META_ITEM, ReadPlan, StepReader, read_meta_json
-from jlora._src.io.checkpoint.restore import abstract_lora, check_stored_arrays, verify_crc
-from jlora._src.io.checkpoint.save import AdapterCheckpointManager
+from jlora._src.io.checkpoint.read import ADAPTER_ITEM, META_ITEM, ReadPlan
 
 FORMAT = "jlora.bank"
 FORMAT_VERSION = 1
@@ -128,42 +128,43 @@ def _parse(meta: Any, where: str) -> _BankMeta:
   return _BankMeta(tuple(names), parsed)
 
 
-class _BankReader(StepReader):
-  """`StepReader` for a bank step: the same step choice and damage/rewrite handling, a bank's items."""
+class BankStep:
+  """The `StepFormat` of a bank's step (`save_bank`): one adapter tree per bank entry, no optimizer state."""
 
-  meta: _BankMeta | None = None
+  def parse_meta(self, raw: Any, where: str) -> _BankMeta:
+    """See `StepFormat.parse_meta`."""
+    return _parse(raw, where)
 
-  def _read_meta(self, step: int, where: str) -> Metadata:
-    self.meta = _parse(read_meta_json(self._directory, step, where), where)
-    return self.meta.adapters[0]
-
-  def _plan(self, step: int, base: Any, shardings: Any, opt_state: Any) -> ReadPlan:
-    plan = super()._plan(step, None, shardings, None)
+  def restore_items(self, meta: _BankMeta, base: Any, shardings: Any, opt_state: Any, where: str) -> dict:
+    """See `StepFormat.restore_items` (``opt_state``: always ``None``, as `load_bank` passes)."""
     if base is not None:
-      for name, m in zip(self.meta.names, self.meta.adapters):
-        check_base(m, base, f"adapter {name!r} of {plan.where}")
-    tree = {str(k): abstract_lora(m.leaves, shardings) for k, m in enumerate(self.meta.adapters)}
-    return ReadPlan(meta=plan.meta, where=plan.where, items={ADAPTER_ITEM: ocp.args.StandardRestore(tree)})
+      for name, m in zip(meta.names, meta.adapters):
+        check_base(m, base, f"adapter {name!r} of {where}")
+    tree = {str(k): abstract_lora(m.leaves, shardings) for k, m in enumerate(meta.adapters)}
+    return {ADAPTER_ITEM: ocp.args.StandardRestore(tree)}
 
-  def _check_stored(self, stored: Any, meta: Metadata, where: str) -> None:
+  def check_stored(self, stored: Any, meta: _BankMeta, where: str) -> None:
+    """See `StepFormat.check_stored`."""
     stored = getattr(stored, "tree", stored)
-    if not isinstance(stored, Mapping) or set(stored) != {str(k) for k in range(len(self.meta.adapters))}:
+    if not isinstance(stored, Mapping) or set(stored) != {str(k) for k in range(len(meta.adapters))}:
       raise CorruptCheckpointError(f"{where} does not hold one adapter tree per bank entry; it is corrupted.")
-    for k, m in enumerate(self.meta.adapters):
-      check_stored_arrays(stored[str(k)], m.leaves, f"{where} (adapter {self.meta.names[k]!r})")
+    for k, m in enumerate(meta.adapters):
+      check_stored_arrays(stored[str(k)], m.leaves, f"{where} (adapter {meta.names[k]!r})")
 
-  def _verify(self, restored: Any, plan: ReadPlan) -> tuple[dict, Any]:
+  def verify(self, restored: Any, plan: ReadPlan) -> tuple[dict, None]:
+    """See `StepFormat.verify`."""
     restored = restored[ADAPTER_ITEM]
-    for k, m in enumerate(self.meta.adapters):
+    for k, m in enumerate(plan.meta.adapters):
       by_path = dict(paths.leaves_with_paths(restored[str(k)]))
       names = [tuple(r["path"]) for r in m.leaves]
       verify_crc(m.leaves, [by_path[p] for p in names], [paths.to_str(p) for p in names], plan.where)
     return restored, None
 
-  def _check_fit(self, plan: ReadPlan, lora: Any, base: Any) -> None:
+  def check_fit(self, meta: _BankMeta, lora: Any, base: Any) -> None:
+    """See `StepFormat.check_fit`."""
     if base is not None:
-      for k, m in enumerate(self.meta.adapters):
-        adapters.bind(base, lora[str(k)], m.config)
+      for k, m in enumerate(meta.adapters):
+        bind(base, lora[str(k)], m.config)
 
 
 def load_bank(directory: str | os.PathLike, *, base: Any = None, shardings: Any = None) -> Bank:
@@ -193,8 +194,7 @@ def load_bank(directory: str | os.PathLike, *, base: Any = None, shardings: Any 
         f"{type(shardings).__name__}."
       )
   with AdapterCheckpointManager(directory, read_only=True) as mngr:
-    reader = _BankReader(mngr._manager, mngr._directory, is_writer=False)  # noqa: SLF001 - the manager's orbax
-    restored = reader.restore(None, base=base, shardings=shardings, opt_state=None)
-  meta = reader.meta
+    restored = read_step(mngr, BankStep(), None, base=base, shardings=shardings, opt_state=None)
+  meta = restored.meta
   pairs = [(restored.lora[str(k)], m.config) for k, m in enumerate(meta.adapters)]
   return stack(pairs, names=meta.names)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from jlora._src.api.wrap import infer_layouts, read_layouts
+from jlora._src.api.layout_inference import infer_layouts, read_layouts
 from jlora._src.core import layouts, paths, targets
 from jlora._src.core.config import ALL_LINEAR
 from jlora._src.io.peft.names import NameMap, PeftParameter
@@ -213,7 +213,7 @@ def model_layouts_or_refusals(
 ) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, str]]:
   """`model_layouts` of every kernel, and for each kernel whose use gives it no layout (an untouched
   grouped convolution's) the reason, to raise only if a file adapts it
-  (`jlora._src.api.wrap.read_layouts`)."""
+  (`jlora._src.api.layout_inference.read_layouts`)."""
   if apply_fn is None:
     return {}, {}
 

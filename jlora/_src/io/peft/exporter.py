@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from jlora._src.adapters import adapters
-from jlora._src.adapters.adapters import Layouts
+from jlora._src.adapters import dora
+from jlora._src.adapters.bind import bound_adapters
+from jlora._src.adapters.spec import AdapterSpec, Bound, Layouts, canonical
 from jlora._src.api.pissa import to_plain_lora
 from jlora._src.core import paths, targets
 from jlora._src.core.config import LoraConfig
@@ -50,9 +51,9 @@ class _Factors:
   m: np.ndarray | None = None
 
 
-def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any], conv: bool) -> Iterator[_Factors]:
+def _peft_factors(item: Bound, names: Mapping[int | None, Any], conv: bool) -> Iterator[_Factors]:
   spec = item.spec
-  a, b = (processes.to_numpy(x) for x in adapters.canonical(spec, item.a, item.b))
+  a, b = (processes.to_numpy(x) for x in canonical(spec, item.a, item.b))
   ids = spec.layers if spec.layers is not None else range(a.shape[0])
   if isinstance(next(iter(names.values())), PeftParameter):
     if item.m is not None:
@@ -71,7 +72,7 @@ def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any], conv: b
       f"Adapter at {spec.where!r} has {len(spec.layout.stacked_axes)} stacked axes (layout "
       f"{spec.layout}); a PEFT module can carry one at most (exported as one module per entry)."
     )
-  m = None if item.m is None else processes.to_numpy(adapters.canonical_magnitude(spec, item.m))
+  m = None if item.m is None else processes.to_numpy(dora.canonical_magnitude(spec, item.m))
   n_in, n_out, r = math.prod(spec.in_shape), math.prod(spec.out_shape), spec.rank
 
   def flat(a_l: np.ndarray, b_l: np.ndarray, m_l: np.ndarray | None) -> tuple:
@@ -86,7 +87,7 @@ def _peft_factors(item: adapters.Bound, names: Mapping[int | None, Any], conv: b
     yield _Factors(i, *flat(a_l, b_l, None if m is None else m[j]))
 
 
-def _is_conv(spec: adapters.AdapterSpec, names: Mapping[int | None, Any], used: Layouts | None) -> bool:
+def _is_conv(spec: AdapterSpec, names: Mapping[int | None, Any], used: Layouts | None) -> bool:
   """Whether a kernel is written as PEFT's ConvNd adapter: the model uses it in a convolution. Without
   the model, a kernel that could be a convolution's or a multi-axis Linear's is an error."""
   if used is not None and spec.path in used:
@@ -116,7 +117,7 @@ def _is_conv(spec: adapters.AdapterSpec, names: Mapping[int | None, Any], used: 
   )
 
 
-def _known_names(base: Any, bound: list[adapters.Bound], name_map: NameMap) -> tuple[set[str], set[str]]:
+def _known_names(base: Any, bound: list[Bound], name_map: NameMap) -> tuple[set[str], set[str]]:
   """The PEFT names the name map knows in ``base``: every module of PyTorch's module tree (the modules
   of the adaptable weights and of the 1-D leaves (norms), and their parents: ``encoder.stages.0`` is a
   module, which PEFT's suffix ``"0"`` matches), and the expert parameters."""
@@ -156,7 +157,7 @@ class _Tensors:
 
 
 def _adapter_tensors(
-  bound: list[adapters.Bound], config: LoraConfig, name_map: NameMap, out: _Tensors, used: Layouts | None
+  bound: list[Bound], config: LoraConfig, name_map: NameMap, out: _Tensors, used: Layouts | None
 ) -> tuple[dict[str, int], dict[str, float], list[str]]:
   """Each adapter's ``lora_A``/``lora_B`` (one module per stacked entry, or one expert parameter per
   layer); the rank and alpha by module or parameter name; the expert parameters' names. ``used``: the
@@ -391,7 +392,7 @@ def _peft_files(
   if apply_fn is not None:  # the adapted kernels only: a kernel jlora cannot adapt may be in the model
     adapted = [p for p, node in paths.adapter_items(lora) if paths.is_adapter(node)]
     used = common.model_layouts(apply_fn, base, example_args, example_kwargs, only=adapted)
-  bound, saved = adapters.bound_adapters(lora, config, base, used)
+  bound, saved = bound_adapters(lora, config, base, used)
   kernels = [c.path for c in targets.candidates(base)] if base is not None else [i.spec.path for i in bound]
   name_map = hf_tree_map(name_map, kernels)
   tensors = _Tensors()

@@ -17,8 +17,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import jlora
-from jlora._src.io.checkpoint.format import metadata_checksum
 from jlora._src.io.checkpoint.lock import CheckpointBusyError
+from jlora._src.io.checkpoint.metadata import metadata_checksum
 from tests import TESTS
 
 

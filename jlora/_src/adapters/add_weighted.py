@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapters import adapters
 from jlora._src.adapters.bank import adapter_pairs
+from jlora._src.adapters.bind import bound_adapters
+from jlora._src.adapters.spec import AdapterSpec, Bound, canonical, from_canonical
 from jlora._src.core import paths
 from jlora._src.core.config import ALL_LINEAR, LoraConfig, check_config
 
@@ -133,9 +134,7 @@ def _new_rank(method: str, ranks: list[int], r: int | None) -> int:
   return r or max(ranks)
 
 
-def _union_targets(
-  configs: Sequence[LoraConfig], adapted: Sequence[adapters.AdapterSpec]
-) -> tuple[str, ...] | str:
+def _union_targets(configs: Sequence[LoraConfig], adapted: Sequence[AdapterSpec]) -> tuple[str, ...] | str:
   """PEFT's targets of the result: the union of lists, or the regexes joined by ``|``; ``"all-linear"``
   beside other targets (PEFT expands it to the model's linear modules first): the ``adapted`` kernels'
   modules (a kernel's own path where its module has several kernels)."""
@@ -157,9 +156,7 @@ def _union_targets(
   return tuple(dict.fromkeys(name for t in found for name in t))
 
 
-def _combined_config(
-  configs: Sequence[LoraConfig], rank: int, adapted: Sequence[adapters.AdapterSpec]
-) -> LoraConfig:
+def _combined_config(configs: Sequence[LoraConfig], rank: int, adapted: Sequence[AdapterSpec]) -> LoraConfig:
   """PEFT's config of the result: the first adapter's, with ``r = lora_alpha = rank`` (scale 1),
   the targets' union (`_union_targets`) and no rank or alpha patterns."""
   for name in ("exclude_modules", "layers_to_transform", "layers_pattern"):
@@ -191,7 +188,7 @@ def _combined_config(
   )
 
 
-def _read(lora: Any, config: LoraConfig, base: Any, where: str) -> dict[paths.Path, adapters.Bound]:
+def _read(lora: Any, config: LoraConfig, base: Any, where: str) -> dict[paths.Path, Bound]:
   """An adapter's kernels, read against ``base`` or from the factor shapes."""
   if config.modules_to_save is not None or config.bias != "none":
     raise ValueError(
@@ -199,7 +196,7 @@ def _read(lora: Any, config: LoraConfig, base: Any, where: str) -> dict[paths.Pa
       f"`bias`={config.bias!r}), which are not LoRA factors to combine (PEFT starts the result's copies "
       "over from the base); combine adapters without them."
     )
-  bound, _ = adapters.bound_adapters(lora, config, base)
+  bound, _ = bound_adapters(lora, config, base)
   return {item.spec.path: item for item in bound}
 
 
@@ -249,14 +246,14 @@ def _merge(t: jax.Array, weights: jax.Array, merge: _Merge, key: jax.Array | Non
 class _Kernel:
   """The adapters at one kernel as float32 matrices, one per adapter present (S: stacked entries)."""
 
-  spec: adapters.AdapterSpec  # the first adapter's (the kernel, layout and layer selection)
+  spec: AdapterSpec  # the first adapter's (the kernel, layout and layer selection)
   a: list[jax.Array]  # (S, fan_in, r_k)
   b: list[jax.Array]  # (S, r_k, fan_out)
   scales: list[float]
   dtype: Any
 
 
-def _kernel(path: paths.Path, items: list[tuple[int, adapters.Bound]]) -> _Kernel:
+def _kernel(path: paths.Path, items: list[tuple[int, Bound]]) -> _Kernel:
   """The adapters at ``path`` as float32 matrices, checked to fit one kernel."""
   first = items[0][1].spec
   for k, item in items[1:]:
@@ -271,7 +268,7 @@ def _kernel(path: paths.Path, items: list[tuple[int, adapters.Bound]]) -> _Kerne
   n_in, n_out = math.prod(first.in_shape), math.prod(first.out_shape)
   a, b = [], []
   for _, item in items:
-    ca, cb = adapters.canonical(item.spec, item.a, item.b)
+    ca, cb = canonical(item.spec, item.a, item.b)
     a.append(ca.astype(jnp.float32).reshape((-1, n_in, item.spec.rank)))
     b.append(cb.astype(jnp.float32).reshape((-1, item.spec.rank, n_out)))
   dtype = jnp.result_type(*(x.dtype for _, item in items for x in (item.a, item.b)))
@@ -338,7 +335,7 @@ def _to_tree_order(kern: _Kernel, a: jax.Array, b: jax.Array) -> dict[str, jax.A
   stacked = spec.stacked_shape
   a = a.reshape(stacked + spec.in_shape + (spec.rank,))
   b = b.reshape(stacked + (spec.rank,) + spec.out_shape)
-  a, b = adapters.from_canonical(spec, a, b)
+  a, b = from_canonical(spec, a, b)
   return {paths.LORA_A: a.astype(kern.dtype), paths.LORA_B: b.astype(kern.dtype)}
 
 

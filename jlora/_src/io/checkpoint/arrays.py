@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora._src.core import paths
-from jlora._src.io.checkpoint.format import CorruptCheckpointError, crc32
+from jlora._src.io.checkpoint.metadata import CorruptCheckpointError, crc32
 
 
 def default_sharding() -> jax.sharding.Sharding:
@@ -126,7 +126,7 @@ def check_stored_arrays(stored: Any, records: Iterable[Mapping[str, Any]], where
     >>> check_stored_arrays({"q": {"0": np.zeros(2, np.float32)}}, recs, "here")
     >>> check_stored_arrays({"q": {"0": np.zeros(3, np.float32)}}, recs, "here")
     Traceback (most recent call last):
-    jlora._src.io.checkpoint.format.CorruptCheckpointError: Checkpoint here is inconsistent at ... 'q/0': ...
+    jlora._src.io.checkpoint.metadata.CorruptCheckpointError: Checkpoint here is inconsistent at ...
   """
   on_disk = _walk(getattr(stored, "tree", stored))
   wanted = {tuple(str(k) for k in rec["path"]): rec for rec in records}

@@ -6,7 +6,7 @@ sub-directory per step, each holding three orbax items written together
 * ``adapter``: the adapter tree's arrays (``StandardSave``);
 * ``jlora_meta``: JSON with the `LoraConfig`, the adapter's leaf records
   (paths, shapes, dtypes, CRC32s), the base fingerprint and a checksum of
-  the metadata itself (see `jlora._src.io.checkpoint.format`);
+  the metadata itself (see `jlora._src.io.checkpoint.metadata`);
 * ``opt_state`` (optional): the optimizer state, to resume training.
 
 Orbax writes a step into a temporary directory and renames it into place
@@ -37,14 +37,17 @@ import orbax.checkpoint as ocp
 
 from jlora._src.core.config import LoraConfig
 from jlora._src.io import processes, storage
-from jlora._src.io.checkpoint.format import FORMAT as ADAPTER_FORMAT
-from jlora._src.io.checkpoint.format import build_metadata
 from jlora._src.io.checkpoint.lock import WriterLock
+from jlora._src.io.checkpoint.metadata import FORMAT as ADAPTER_FORMAT
+from jlora._src.io.checkpoint.metadata import build_metadata
 from jlora._src.io.checkpoint.read import (
   ADAPTER_ITEM,
   META_ITEM,
   OPT_ITEM,
+  AdapterStep,
   RestoredAdapter,
+  RestoredStep,
+  StepFormat,
   StepReader,
   handler_registry,
   read_meta_json,
@@ -360,8 +363,17 @@ class AdapterCheckpointManager:
         was read (with ``step=None`` the newest step is tried again first).
     """
     base = base if base is not None else self._base
-    reader = StepReader(self._manager, self._directory, is_writer=self._lock.held)
-    return reader.restore(step, base=base, shardings=shardings, opt_state=opt_state)
+    read = read_step(self, AdapterStep(), step, base=base, shardings=shardings, opt_state=opt_state)
+    return RestoredAdapter(lora=read.lora, config=read.meta.config, opt_state=read.opt_state, step=read.step)
+
+
+def read_step(
+  mngr: AdapterCheckpointManager, step_format: StepFormat, step: int | None, **args: Any
+) -> RestoredStep:
+  """Reads ``step`` of ``mngr``'s directory in ``step_format`` (`AdapterStep`, `bank.BankStep`); ``args``:
+  `StepReader.restore`'s ``base``, ``shardings`` and ``opt_state``."""
+  reader = StepReader(mngr._manager, mngr._directory, is_writer=mngr._lock.held, step_format=step_format)
+  return reader.restore(step, **args)
 
 
 # -- one-call save / load --------------------------------------------------------------

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora._src.adapters import adapters
+from jlora._src.adapters.bind import bind
 from jlora._src.core import paths
 from jlora._src.core.config import LoraConfig, residual_init
 from jlora._src.core.qarray import is_quantized
@@ -168,7 +168,7 @@ def leaf_records(lora: Any, checksums: bool = True) -> list[dict[str, Any]]:
 def fingerprint(base: Any, lora: Any, config: LoraConfig) -> list[dict[str, Any]]:
   """Path, kind, shape and dtype of each base leaf the adapter touches (and, for a quantized
   weight, its format), sorted by path."""
-  bound, saved = adapters.bind(base, lora, config)
+  bound, saved = bind(base, lora, config)
   leaves = dict(paths.leaves_with_paths(base))
 
   def record(path: paths.Path, kind: str, leaf: Any) -> dict[str, Any]:
