@@ -1,0 +1,1 @@
+"""Tests of `jlora._src.interpret.rules`, one file per rule module."""
