@@ -15,7 +15,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_notebooks_exist_and_are_stripped():
-  assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "tpu_finetune.ipynb"}
+  assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "tpu_finetune.ipynb", "qlora_gemma3.ipynb"}
   for path in NOTEBOOKS:
     for cell in json.loads(path.read_text())["cells"]:
       if cell["cell_type"] == "code":
