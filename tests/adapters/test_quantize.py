@@ -93,6 +93,7 @@ def test_a_quantized_tree_is_a_pytree_jit_and_eval_shape_see():
 def test_default_targets_skip_embeddings_and_the_head():
   params = {
     "embed": {"embedding": jnp.ones((10, 8))},
+    "token_embedding": {"embeddings": jnp.ones((10, 8))},  # keras-hub's (Gemma's tied head too)
     "q_proj": {"kernel": jnp.ones((8, 8))},
     "lm_head": {"kernel": jnp.ones((8, 10))},
   }

@@ -37,7 +37,8 @@ from jlora._src.core.config import ALL_LINEAR, LoraConfig
 _NEVER_ADAPTED = frozenset({"bias", "scale", "mean", "var", "count"})
 _HEAD_NAMES = frozenset({"lm_head", "head", "classifier", "score"})
 _HEAD_LEAVES = frozenset({"reverse_embeddings"})  # keras-hub's untied output head
-EMBEDDING_LEAVES = frozenset({"embedding", "input_embedding"})  # Flax nn.Embed; gemma and tunix
+# Flax nn.Embed; gemma and tunix; keras (keras-hub) Embedding / ReversibleEmbedding
+EMBEDDING_LEAVES = frozenset({"embedding", "input_embedding", "embeddings"})
 DEFAULT_LAYER_NAMES = ("layers", "layer", "h", "blocks", "block", "decoder_layers")
 
 
