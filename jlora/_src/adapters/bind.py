@@ -286,6 +286,7 @@ def lora_value(item: Bound, routed: tuple[float, ...] | None = None) -> values.L
     scale=spec.scale,
     site=spec.where,
     routed=routed,
+    groups=lay.groups,
   )
   if item.m is None:
     return value
