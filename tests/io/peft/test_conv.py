@@ -185,13 +185,10 @@ def test_peft_adapter_imports_with_the_same_outputs(tmp_path, spatial, dora):
   assert base_diff < ATOL and np.abs(got - np.asarray(model.apply(variables, x))).max() > 1e-3
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("spatial", [1, 2], ids=["conv1d", "conv2d"])
-def test_export_loads_in_peft_with_the_same_outputs(tmp_path, spatial, dora):
-  model, variables, x = _flax(spatial)
-  lora, cfg = _jlora_adapter(model, variables, x, dora)
+def _export(directory, lora, cfg, *, model, variables, x):
+  """``lora`` exported in PEFT's format with PyTorch's module names, read off the model; its tensors."""
   jlora.export_peft(
-    tmp_path,
+    directory,
     lora,
     cfg,
     base=variables,
@@ -200,7 +197,15 @@ def test_export_loads_in_peft_with_the_same_outputs(tmp_path, spatial, dora):
     example_args=(x,),
     task_type=None,
   )
-  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  return safetensors.numpy.load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("spatial", [1, 2], ids=["conv1d", "conv2d"])
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path, spatial, dora):
+  model, variables, x = _flax(spatial)
+  lora, cfg = _jlora_adapter(model, variables, x, dora)
+  tensors = _export(tmp_path, lora, cfg, model=model, variables=variables, x=x)
   ones = (1,) * spatial
   assert tensors[f"{PREFIX}conv2.lora_A.weight"].shape == (R, 8) + (3,) * spatial
   assert tensors[f"{PREFIX}conv2.lora_B.weight"].shape == (6, R) + ones
@@ -468,17 +473,7 @@ def test_a_grouped_conv_matches_peft_both_ways(tmp_path):
   # jlora -> PEFT: a fresh jlora adapter, trained-like (nonzero B), loads in PEFT with the same outputs
   cfg = jlora.LoraConfig(r=4, lora_alpha=ALPHA, target_modules=("conv1", "grouped"), init_lora_weights=False)
   mine = jlora.init(variables, cfg, key=jax.random.key(3), apply_fn=model.apply, example_args=(x,))
-  jlora.export_peft(
-    tmp_path / "jlora",
-    mine,
-    cfg,
-    base=variables,
-    name_map=jlora.peft_module_name,
-    apply_fn=model.apply,
-    example_args=(x,),
-    task_type=None,
-  )
-  tensors = safetensors.numpy.load_file(os.path.join(tmp_path / "jlora", "adapter_model.safetensors"))
+  tensors = _export(tmp_path / "jlora", mine, cfg, model=model, variables=variables, x=x)
   assert tensors[f"{PREFIX}grouped.lora_A.weight"].shape == (4, 8, 3, 3)
   assert tensors[f"{PREFIX}grouped.lora_B.weight"].shape == (8, 2, 1, 1)
   with warnings.catch_warnings():
