@@ -52,6 +52,11 @@ class Layout:
       kernel, ``"oi"`` for a transposed one, ``"sio"`` for a scanned one).
     ops: the primitives that use the kernel, when the layout was read off a
       model (`jlora.infer_layouts`); not part of equality.
+    groups: a grouped convolution's ``feature_group_count`` G (1 otherwise):
+      its adapter is PEFT's, ``lora_A`` over G times the kernel's input
+      features and ``lora_B`` of rank / G per group (`factor_shapes`).
+    group_axis: the fan-in axis of a grouped convolution's input features
+      (``None`` when ``groups`` is 1).
 
   Example:
     >>> import jlora
@@ -132,6 +137,10 @@ class Layout:
   def kernel_perm(self) -> tuple[int, ...]:
     """Permutation taking the kernel to ``(*stacked, *fan_in, *fan_out)``."""
     return (*self.stacked_axes, *self.in_axes, *self.out_axes)
+
+  def __repr__(self) -> str:
+    grouped = f", groups={self.groups}, group_axis={self.group_axis}" if self.groups > 1 else ""
+    return f"Layout(roles={self.roles!r}, ops={self.ops!r}{grouped})"
 
   def __str__(self) -> str:
     return (

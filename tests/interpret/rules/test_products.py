@@ -3,12 +3,14 @@ against the product with the merged kernel written out in ``jnp``."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
+import jlora
 from jlora._src.core import layouts
 from jlora._src.interpret.rules import branch, products
 from jlora._src.interpret.values import LoraValue, Probe
@@ -134,3 +136,31 @@ def test_gather_is_the_lookup_of_the_merged_table():
   eqn, idx = gather_of(lambda e, i: e[i], emb, IDX)
   (got,) = products.gather(eqn, [view, idx], context())
   close(got, view.dense()[IDX])
+
+
+def test_scanned_grouped_conv_is_each_layer_s_grouped_branch():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+      return nn.Conv(8, (3, 3), padding="SAME", feature_group_count=2, name="conv")(c), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+      return blocks(name="blocks")(x, None)[0]
+
+  model, x = Scanned(), normal(1, 5, 5, 8)
+  variables = model.init(jax.random.key(0), x)
+  cfg = jlora.LoraConfig(r=2, target_modules=("conv",), init_lora_weights=False)
+  lora = jlora.init(variables, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  p, f = variables["params"]["blocks"]["conv"], lora["params"]["blocks"]["conv"]["kernel"]
+  assert f["lora_A"].shape == (2, 3, 3, 8, 2) and f["lora_B"].shape == (2, 1, 8)
+  conv = lambda x, w, g: lax.conv_general_dilated(  # noqa: E731
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g
+  )
+  want = x
+  for i in range(2):
+    lora_i = conv(conv(want, f["lora_A"][i], 1), f["lora_B"][i].reshape(1, 1, 1, 8), 2)
+    want = conv(want, p["kernel"][i], 2) + p["bias"][i] + cfg.lora_alpha / 2 * lora_i
+  close(jlora.wrap(model.apply, cfg)(variables, lora, x), want, 1e-5)
