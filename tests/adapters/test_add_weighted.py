@@ -403,3 +403,21 @@ def test_all_linear_combines_with_a_list_by_the_adapted_modules():
         want = want + w * c.lora_alpha / c.r * ab
     np.testing.assert_allclose(merged[m]["kernel"], want, atol=TOL, rtol=TOL, err_msg=m)
   assert "o" not in pairs[0][0] and np.abs(merged["o"]["kernel"] - base["o"]["kernel"]).max() > 1e-2
+
+
+def test_a_grouped_conv_adapter_is_refused():
+  params = {"g": {"kernel": jnp.ones((3, 3, 2, 4))}}  # HWIO of a convolution with feature_group_count=2
+
+  def fn(p, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(
+      x, p["g"]["kernel"], (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+    )
+
+  x = jnp.ones((1, 5, 5, 4))
+  cfg = jlora.LoraConfig(r=2, target_modules=("g",))
+  lora = jlora.init(params, cfg, key=jax.random.key(0), apply_fn=fn, example_args=(x,))
+  assert lora["g"]["kernel"]["lora_A"].shape == (3, 3, 4, 2)  # over all 4 input channels
+  for method in ("linear", "cat", "svd"):
+    with pytest.raises(ValueError, match=r"'g/kernel' adapts a grouped convolution.*does not combine it"):
+      jlora.add_weighted([(lora, cfg), (lora, cfg)], [0.5, 0.5], method=method, base=params)

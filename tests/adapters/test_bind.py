@@ -104,3 +104,24 @@ def test_lora_value_is_the_kernel_plus_its_update_with_dora_scaled_and_refuses_d
     np.testing.assert_allclose(dense[:, layer], v / np.linalg.norm(v, axis=0), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match=r"at 'w' is a DoRA adapter .* routes plain LoRA adapters only"):
     lora_value(Bound(spec, kernel, a[None], b[None], m), routed=(0.5,))
+
+
+def test_a_grouped_conv_adapter_joins_no_bank():
+  def fn(p, x):
+    dn = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(
+      x, p["g"]["kernel"], (1, 1), "SAME", dimension_numbers=dn, feature_group_count=2
+    )
+
+  x = jnp.ones((2, 5, 5, 4))
+  read = dict(apply_fn=fn, example_args=(x,))
+  for out, r, match in (
+    (4, 4, r"'g/kernel' adapts a grouped convolution.*a bank"),
+    (8, 2, r"grouped conv.*bank"),
+  ):
+    params = {"g": {"kernel": jnp.ones((3, 3, 2, out))}}
+    cfg = jlora.LoraConfig(r=r, target_modules=("g",), init_lora_weights=False)
+    pairs = [(jlora.init(params, cfg, key=jax.random.key(i), **read), cfg) for i in range(2)]
+    with pytest.raises(ValueError, match=match):
+      bank = jlora.stack(pairs)  # lora_B (r / 2, out) has no rank axis unless out == r
+      jlora.wrap(fn, bank.config)(params, bank.lora, x, adapter_ids=jnp.array([0, 1]))

@@ -59,6 +59,23 @@ def test_layout_validation_and_counts():
   assert jlora.Layout("io") == Layout("io", ops=frozenset({"dot_general"}))
 
 
+def test_grouped_conv_factors_read_back_from_their_shapes():
+  # Conv2d(8, 8, 3, groups=2): kernel (3, 3, 4, 8); A over all 8 input channels, B (r / 2, out), as PEFT's
+  grouped = layouts.Layout("iiio", groups=2, group_axis=2)
+  assert layouts.factor_shapes(grouped, (3, 3, 4, 8), 4) == ((3, 3, 8, 4), (2, 8))
+  assert str(grouped) == "iiio (groups=2 on axis 2)" and grouped != layouts.Layout("iiio")
+  assert layouts.readings((3, 3, 4, 8), (3, 3, 8, 4), (2, 8), False) == [layouts.Reading(grouped, 4, None)]
+  assert [r.layout for r in layouts.readings((3, 3, 4, 8), (3, 3, 4, 4), (4, 8), False)] == [
+    layouts.Layout("iiio")
+  ]
+  with pytest.raises(ValueError, match="Rank 3 is not a multiple of the 2 groups"):
+    layouts.factor_shapes(grouped, (3, 3, 4, 8), 3)
+  with pytest.raises(ValueError, match="names its input-feature axis, a fan-in axis"):
+    layouts.Layout("iiio", groups=2, group_axis=3)
+  with pytest.raises(ValueError, match="names its input-feature axis"):
+    layouts.Layout("iiio", groups=1, group_axis=2)
+
+
 def test_from_uses_splits_fused_outputs_and_reports_conflicts():
   dot = ("dot_general", {0: "o", 1: "o", 2: "i", 3: "o"})
   parts = [("index", {0: f"{layouts.SPLIT}{k}"}) for k in range(2)]
@@ -67,10 +84,8 @@ def test_from_uses_splits_fused_outputs_and_reports_conflicts():
   assert layouts.from_uses([dot, parts[0]], (2, 1, 16, 8), "kv").roles == "ooio"
   with pytest.raises(ValueError, match="conflicting axis roles"):
     layouts.from_uses([("dot_general", {0: "i", 1: "o"}), ("dot_general", {0: "o", 1: "i"})], (4, 4), "w")
-  with pytest.raises(
-    ValueError, match=r"'m/w' \(shape \(4, 4\)\) is a grouped conv.*exclude_modules=\('m',\)"
-  ):
-    layouts.from_uses([("conv_general_dilated", {0: "i", 1: layouts.GROUPED})], (4, 4), "m/w")
+  conv = ("conv_general_dilated", {0: "i", 1: f"{layouts.GROUPED}2", 2: "o"})
+  assert layouts.from_uses([conv], (3, 4, 8), "m/w") == layouts.Layout("iio", groups=2, group_axis=1)
   with pytest.raises(ValueError, match="no LoRA layout"):
     layouts.from_uses([("dot_general", {0: "i"})], (4, 4), "w")
   tied = [("gather", {0: "i", 1: "o"}), ("dot_general", {0: "o", 1: "i"})]

@@ -254,8 +254,16 @@ class _Kernel:
 
 
 def _kernel(path: paths.Path, items: list[tuple[int, Bound]]) -> _Kernel:
-  """The adapters at ``path`` as float32 matrices, checked to fit one kernel."""
+  """The adapters at ``path`` as float32 matrices, checked to fit one kernel (not a grouped
+  convolution's, whose factors are no matrices of the kernel's fan-in and fan-out)."""
   first = items[0][1].spec
+  if first.layout.groups > 1:
+    raise ValueError(
+      f"The adapter at {paths.to_str(path)!r} adapts a grouped convolution (`feature_group_count`="
+      f"{first.layout.groups}; PEFT's lora_A over all input features, a grouped 1x1 lora_B), whose update "
+      "no single pair of factors of the kernel's fan-in and fan-out can carry: `add_weighted` does not "
+      "combine it. Leave the module out of the adapters to combine (`exclude_modules`)."
+    )
   for k, item in items[1:]:
     s = item.spec
     if (s.layout, s.kernel_shape, s.layers) != (first.layout, first.kernel_shape, first.layers):

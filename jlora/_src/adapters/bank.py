@@ -300,7 +300,9 @@ def stack(adapters: Sequence[tuple[Any, LoraConfig]], names: Sequence[str] | Non
       if any(r not in trees[k][path][f].shape for f in _FACTORS):
         raise ValueError(
           f"{where}: adapter {names[k]!r} has factors {[tuple(trees[k][path][f].shape) for f in _FACTORS]}, "
-          f"with no axis of its config's rank {r}: the tree and the config do not belong together."
+          f"with no axis of its config's rank {r}: the tree and the config do not belong together (or the "
+          "adapter is a grouped convolution's, whose lora_B has rank / groups features: a bank does not "
+          "route those; leave the module out with `exclude_modules`)."
         )
     rank_axes = []
     for f in _FACTORS:

@@ -263,10 +263,17 @@ def lora_value(item: Bound, routed: tuple[float, ...] | None = None) -> values.L
   N adapters on a leading axis, laid side by side on the rank axis.
 
   Raises:
-    ValueError: for a DoRA adapter in a bank.
+    ValueError: for a DoRA or grouped convolution's adapter in a bank.
   """
   spec = item.spec
   lay = spec.layout
+  if routed is not None and lay.groups > 1:
+    raise ValueError(
+      f"The adapter at {spec.where!r} adapts a grouped convolution (`feature_group_count`={lay.groups}), "
+      "whose grouped lora_B holds rank / groups features per group: a bank (`jlora.stack`) lays adapters "
+      "side by side on the rank axis, which would mix their groups. Leave the module out of the banked "
+      "adapters (`exclude_modules`), or apply those adapters alone."
+    )
 
   def canonical_factors(a: Any, b: Any) -> tuple[Any, Any]:
     a, b = expand_layers(spec, *canonical(spec, a, b))
@@ -286,6 +293,7 @@ def lora_value(item: Bound, routed: tuple[float, ...] | None = None) -> values.L
     scale=spec.scale,
     site=spec.where,
     routed=routed,
+    groups=lay.groups,
   )
   if item.m is None:
     return value

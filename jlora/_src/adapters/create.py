@@ -20,7 +20,7 @@ from jlora._src.core.config import LoraConfig, residual_init
 
 def _init_pair(spec: AdapterSpec, config: LoraConfig, key: jax.Array, dtype: Any) -> dict[str, jax.Array]:
   ka, kb = jax.random.split(key)
-  fan_in = math.prod(spec.in_shape)
+  fan_in = math.prod(spec.in_shape) * spec.layout.groups  # lora_A sees all of a grouped conv's inputs
   f32 = jnp.float32
   uniform_a = lambda: jax.random.uniform(ka, spec.a_shape, f32, -1.0, 1.0) / math.sqrt(fan_in)  # noqa: E731
   init = config.init_lora_weights

@@ -30,6 +30,7 @@ import numpy as np
 from jlora._src.core import layouts, paths, targets
 from jlora._src.core.config import LoraConfig
 from jlora._src.core.layouts import Layout
+from jlora._src.interpret.values import grouped_update
 
 Layouts = Mapping[paths.Path, Layout]
 
@@ -134,6 +135,7 @@ def plan(
     layout = _layout_for(cand, config, layouts)
     adapted, layers = selected_layers(cand, layout, config)
     if adapted:
+      check_grouped(cand, layout, config)
       specs.append(
         AdapterSpec(
           path=cand.path,
@@ -152,6 +154,34 @@ def plan(
       f"{config.layers_pattern or 'default'}) or from a stacked layer axis."
     )
   return specs
+
+
+def check_grouped(cand: targets.Candidate, layout: Layout, config: LoraConfig) -> None:
+  """Refuses what PEFT refuses on a grouped convolution (``layout.groups`` > 1): a rank that is not a
+  multiple of the groups, and DoRA (whose magnitude is the norm of the merged kernel, which a grouped
+  convolution's update cannot be merged into).
+
+  Raises:
+    ValueError: naming the kernel, its groups and the fix.
+  """
+  if layout.groups == 1:
+    return
+  where, rank = paths.to_str(cand.path), config.rank_for(cand.names)
+  if rank % layout.groups:
+    raise ValueError(
+      f"Kernel {where!r} is a grouped convolution's (`feature_group_count`={layout.groups}), whose adapter "
+      f"is, as PEFT's, lora_A to r features and a grouped 1x1 lora_B of r / {layout.groups} features per "
+      f"group: rank {rank} is not a multiple of {layout.groups}. Choose such a rank for it (`r` or "
+      f"`rank_pattern`), or leave it out (`exclude_modules=({cand.module!r},)`)."
+    )
+  if config.use_dora:
+    raise ValueError(
+      f"Kernel {where!r} is a grouped convolution's (`feature_group_count`={layout.groups}): DoRA's "
+      "magnitude is the norm of the merged kernel, and a grouped convolution's LoRA update (PEFT's: "
+      "lora_A over all input features, a grouped 1x1 lora_B) cannot be merged into its kernel. Leave it "
+      "out of the DoRA "
+      f"adapter (`exclude_modules=({cand.module!r},)`), or use plain LoRA (`use_dora=False`)."
+    )
 
 
 def check_bias_layers(
@@ -206,7 +236,13 @@ def delta(spec: AdapterSpec, a: jax.Array, b: jax.Array, dtype: Any = jnp.float3
   """``scale * A @ B`` in the kernel's shape, accumulated in float32, cast to ``dtype``.
 
   Unselected stacked layers (`layers_to_transform`) get zeros.
+
+  Raises:
+    ValueError: for a grouped convolution's adapter, whose update is no kernel (PEFT refuses to merge
+      it too).
   """
+  if spec.layout.groups > 1:
+    raise grouped_update(spec.where, spec.layout.groups)
   a, b = expand_layers(spec, *canonical(spec, a, b))
   stacked = tuple(spec.kernel_shape[i] for i in spec.layout.stacked_axes)
   a2 = a.astype(jnp.float32).reshape(stacked + (math.prod(spec.in_shape), spec.rank))

@@ -115,7 +115,7 @@ def read_layouts(
   apply_fn: Callable[..., Any], tree: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> tuple[dict[paths.Path, layouts.Layout], dict[paths.Path, str]]:
   """`infer_layouts` of every kernel without raising: the layouts, and for each kernel whose use gives it
-  none (a grouped convolution's, contradicting roles; an N-D leaf the model uses in no product, such as
+  none (contradicting roles; an N-D leaf the model uses in no product, such as
   a weight-normed convolution's ``weight_v``: `layouts.computed_kernel`), the error that says why."""
   found, refused = layouts_and_refusals(read_uses(apply_fn, tree, args, kwargs), tree)
   for c in targets.candidates(tree):
@@ -133,7 +133,7 @@ def layouts_and_refusals(
   found, refused = {}, {}
   for path, u in uses.items():
     try:
-      found[path] = layouts.from_uses(u, cands[path].shape, paths.to_str(path), cands[path].module)
+      found[path] = layouts.from_uses(u, cands[path].shape, paths.to_str(path))
     except ValueError as e:
       refused[path] = e
   return found, refused

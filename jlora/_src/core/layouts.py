@@ -39,7 +39,8 @@ STACKED, IN, OUT = "s", "i", "o"
 RANK = "r"  # the rank axis, in factor axis lists
 # In `Layout.ops` beside ``conv_general_dilated``: a convolution with a dilated kernel (``rhs_dilation``).
 DILATED_CONV = "conv_general_dilated:rhs_dilation"
-GROUPED = "grouped"  # the role of a grouped convolution's output-feature axis (``feature_group_count > 1``)
+# The role prefix of a grouped convolution's input-feature axis (``feature_group_count > 1``): "grouped@<G>".
+GROUPED = "grouped@"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,11 @@ class Layout:
       kernel, ``"oi"`` for a transposed one, ``"sio"`` for a scanned one).
     ops: the primitives that use the kernel, when the layout was read off a
       model (`jlora.infer_layouts`); not part of equality.
+    groups: a grouped convolution's ``feature_group_count`` G (1 otherwise):
+      its adapter is PEFT's, ``lora_A`` over G times the kernel's input
+      features and ``lora_B`` of rank / G per group (`factor_shapes`).
+    group_axis: the fan-in axis of a grouped convolution's input features
+      (``None`` when ``groups`` is 1).
 
   Example:
     >>> import jlora
@@ -63,6 +69,8 @@ class Layout:
 
   roles: str
   ops: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
+  groups: int = 1
+  group_axis: int | None = None
 
   def __post_init__(self) -> None:
     if not isinstance(self.roles, str) or set(self.roles) - {STACKED, IN, OUT}:
@@ -71,6 +79,12 @@ class Layout:
       )
     if IN not in self.roles or OUT not in self.roles:
       raise ValueError(f"Layout {self.roles!r} needs at least one fan-in ('i') and one fan-out ('o') axis.")
+    grouped = self.group_axis is not None and 0 <= self.group_axis < len(self.roles)
+    if self.groups < 1 or (self.groups > 1) != (grouped and self.roles[self.group_axis] == IN):
+      raise ValueError(
+        f"Layout {self.roles!r} has groups={self.groups}, group_axis={self.group_axis}: a grouped "
+        "convolution's layout (groups > 1) names its input-feature axis, a fan-in axis; others have neither."
+      )
 
   @classmethod
   def of_counts(cls, ndim: int, stacked: int, fan_in: int) -> Layout:
@@ -124,8 +138,14 @@ class Layout:
     """Permutation taking the kernel to ``(*stacked, *fan_in, *fan_out)``."""
     return (*self.stacked_axes, *self.in_axes, *self.out_axes)
 
+  def __repr__(self) -> str:
+    grouped = f", groups={self.groups}, group_axis={self.group_axis}" if self.groups > 1 else ""
+    return f"Layout(roles={self.roles!r}, ops={self.ops!r}{grouped})"
+
   def __str__(self) -> str:
-    return self.roles
+    return (
+      self.roles if self.groups == 1 else f"{self.roles} (groups={self.groups} on axis {self.group_axis})"
+    )
 
 
 def from_pattern(value: str | tuple[int, int] | None, shape: Sequence[int], where: str) -> Layout | None:
@@ -152,12 +172,28 @@ def from_pattern(value: str | tuple[int, int] | None, shape: Sequence[int], wher
 def factor_shapes(
   layout: Layout, kernel_shape: Sequence[int], rank: int, layers: int | None = None
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """``(a_shape, b_shape)`` for a kernel; ``layers`` shortens the first stacked axis."""
+  """``(a_shape, b_shape)`` for a kernel; ``layers`` shortens the first stacked axis.
+
+  A grouped convolution's layout (``groups`` G > 1, as PEFT adapts it) has ``lora_A`` over all ``G *
+  kernel_shape[group_axis]`` input features and ``lora_B`` with ``rank / G`` rank features (its
+  grouped 1x1 map).
+
+  Raises:
+    ValueError: if a grouped layout's ``rank`` is not a multiple of its groups.
+  """
+  if rank % layout.groups:
+    raise ValueError(
+      f"Rank {rank} is not a multiple of the {layout.groups} groups of a grouped convolution (layout "
+      f"{layout}): its lora_B is a grouped 1x1 map of rank / groups features per group, as PEFT's."
+    )
   sizes = list(kernel_shape)
   if layers is not None:
     sizes[layout.stacked_axes[0]] = layers
-  shape = lambda side: tuple(rank if t == RANK else sizes[t] for t in layout.factor_axes(side))  # noqa: E731
-  return shape("a"), shape("b")
+  a_sizes = list(sizes)
+  if layout.group_axis is not None:
+    a_sizes[layout.group_axis] *= layout.groups
+  shape = lambda side, n, r: tuple(r if t == RANK else n[t] for t in layout.factor_axes(side))  # noqa: E731
+  return shape("a", a_sizes, rank), shape("b", sizes, rank // layout.groups)
 
 
 def all_layouts(ndim: int, stacked: int, fan_in: int) -> list[Layout]:
@@ -201,6 +237,27 @@ def readings(
       layers = first if 0 < first < kernel_shape[layout.stacked_axes[0]] else None
     if rank >= 1 and factor_shapes(layout, kernel_shape, rank, layers) == (tuple(a_shape), tuple(b_shape)):
       out.append(Reading(layout, rank, layers))
+  return out or _grouped_readings(kernel_shape, a_shape, b_shape)
+
+
+def _grouped_readings(
+  kernel_shape: Sequence[int], a_shape: Sequence[int], b_shape: Sequence[int]
+) -> list[Reading]:
+  """The grouped-convolution layouts (`factor_shapes`) that fit factors no plain layout fits: ``lora_A``
+  wider than the kernel by a factor G on one fan-in axis, ``lora_B`` of rank / G."""
+  n = len(kernel_shape)
+  out = []
+  fan_out, fan_in = n + 1 - len(a_shape), n + 1 - len(b_shape)
+  for layout in all_layouts(n, n - fan_in - fan_out, fan_in):
+    axes = layout.factor_axes("a")
+    rank = a_shape[axes.index(RANK)]
+    for ax in layout.in_axes:
+      groups, rest = divmod(a_shape[axes.index(ax)], kernel_shape[ax])
+      if groups < 2 or rest or rank % groups:
+        continue
+      grouped = Layout(layout.roles, groups=groups, group_axis=ax)
+      if factor_shapes(grouped, kernel_shape, rank) == (tuple(a_shape), tuple(b_shape)):
+        out.append(Reading(grouped, rank, None))
   return out
 
 
@@ -227,23 +284,21 @@ def kernels_for(
 SPLIT = "split@"  # an output axis the model takes apart entry by entry: "split@<index>"
 
 
-def from_uses(
-  uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int], where: str, module: str | None = None
-) -> Layout:
+def from_uses(uses: Iterable[tuple[str, Mapping[int, str]]], shape: Sequence[int], where: str) -> Layout:
   """Combines the axis roles that each use of a kernel implies into one layout.
 
-  ``uses`` are ``(op, {kernel_axis: role})`` with roles ``s``/``i``/``o`` or
+  ``uses`` are ``(op, {kernel_axis: role})`` with roles ``s``/``i``/``o``,
   ``split@<k>`` (the model took entry ``k`` of the output axis that this
-  kernel axis produces). A fan-out axis whose every entry is taken apart
+  kernel axis produces) or ``grouped@<G>`` (a fan-in axis: the input features
+  of a convolution with ``feature_group_count=G``, which gives the layout
+  ``groups=G`` on that axis). A fan-out axis whose every entry is taken apart
   after the product (gemma's fused ``kv_einsum``, ``gating_einsum``) is
   stacked: each part is an adapter of its own, as PEFT's separate modules.
 
   Raises:
     ValueError: if uses disagree on an axis, or the roles leave an axis
       unexplained or no fan-in or fan-out axis (naming ``where`` and the
-      ``layout_pattern`` fix), or for a grouped convolution's kernel (naming
-      ``module``, the kernel's module path as ``exclude_modules`` matches it;
-      default: ``where`` without its leaf).
+      ``layout_pattern`` fix).
   """
   uses = list(uses)
   ops = frozenset(op for op, _ in uses)
@@ -265,18 +320,12 @@ def from_uses(
   for ax, seen in parts.items():
     if roles.get(ax) == OUT and seen == set(range(shape[ax])):
       roles[ax] = STACKED
-  if GROUPED in roles.values():
-    raise ValueError(
-      f"Kernel {where!r} (shape {tuple(shape)}) is a grouped convolution's (`feature_group_count` > 1, such "
-      "as a depthwise `nn.Conv`): jlora adapts convolutions with `feature_group_count=1` only. (PEFT "
-      "adapts a grouped ConvNd with a lora_A over all input channels and a grouped 1x1 lora_B, an update "
-      "that is not a grouped kernel and cannot be merged into one; jlora does not compute it.) Leave it "
-      f"out: `exclude_modules=({module if module is not None else where.rpartition('/')[0]!r},)`, or "
-      "narrower `target_modules`."
-    )
+  grouped = {ax: int(role[len(GROUPED) :]) for ax, role in roles.items() if role.startswith(GROUPED)}
+  roles.update({ax: IN for ax in grouped})
+  group_axis, groups = next(iter(grouped.items()), (None, 1))
   letters = "".join(roles.get(i, "?") for i in range(len(shape)))
   try:
-    return Layout(letters, ops=ops)
+    return Layout(letters, ops=ops, groups=groups, group_axis=group_axis)
   except ValueError:
     raise ValueError(
       f"Kernel {where!r} (shape {tuple(shape)}) is used with axis roles {letters!r} "

@@ -45,7 +45,8 @@ def materialize(x: Any, ctx: Context, why: str) -> Any:
   """A plain array for ``x``; warns once per kernel when ``x`` is a `LoraValue`.
 
   Raises:
-    ValueError: for a bank's kernel (`jlora.stack`), which is never materialised per example.
+    ValueError: for a bank's kernel (`jlora.stack`), which is never materialised per example, and a
+      grouped convolution's (`LoraValue.check_is_kernel`).
   """
   if isinstance(x, (Probe, QuantView)):
     return V.dense_weight(x.w)
@@ -53,6 +54,7 @@ def materialize(x: Any, ctx: Context, why: str) -> Any:
     return x
   if x.routed is not None:
     raise routing.unroutable(x, why)
+  x.check_is_kernel()
   if x.site not in ctx.warned:
     ctx.warned.add(x.site)
     warnings.warn(

@@ -70,6 +70,17 @@ def letters(n: int) -> list[str]:
   return list(alphabet[:n])
 
 
+def grouped_update(site: str, groups: int) -> ValueError:
+  """The error for forming the update of a grouped convolution's adapter as a kernel (merging it)."""
+  return ValueError(
+    f"The adapter at {site!r} adapts a grouped convolution (`feature_group_count`={groups}) as PEFT "
+    "does: lora_A over all input features, then a grouped 1x1 lora_B. That update is not a grouped "
+    "kernel, so it cannot be merged into the kernel nor applied other than as the grouped convolution "
+    "itself (PEFT refuses to merge it too). Apply the adapter unmerged (`jlora.wrap`) on the unmodified "
+    "grouped convolution, or leave the module out (`exclude_modules`)."
+  )
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraValue:
@@ -82,6 +93,12 @@ class LoraValue:
   one per adapter. The rank axis of ``a`` and ``b`` then holds the adapters'
   factors side by side (``N * r``, adapter-major) and each example uses its own
   adapter's (`jlora._src.interpret.rules.routing`); ``scale`` is 1.
+
+  ``groups`` > 1 marks a grouped convolution's kernel (``feature_group_count``
+  G, as PEFT adapts it): ``a`` is over all G times the kernel's input
+  features and ``b`` over ``rank / G``, a grouped 1x1 map. Its update is not a
+  kernel of the view's shape; only the convolution rule applies it
+  (`jlora._src.interpret.rules.products.conv`).
 
   With DoRA, ``g`` is the per-output-feature scale ``m / ||W + scale * A @ B||``
   laid out as ``b`` without its rank axis (over ``b_axes``), and the kernel the
@@ -97,6 +114,7 @@ class LoraValue:
   site: str = dataclasses.field(metadata=dict(static=True))
   routed: tuple[float, ...] | None = dataclasses.field(default=None, metadata=dict(static=True))
   g: jax.Array | None = None  # DoRA: m / ||W + scale * A @ B||, over b_axes
+  groups: int = dataclasses.field(default=1, metadata=dict(static=True))
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -122,8 +140,18 @@ class LoraValue:
     (float64 under x64)."""
     return jnp.result_type(jnp.float32, jnp.dtype(self.w.dtype), self.a.dtype, self.b.dtype)
 
+  def check_is_kernel(self) -> None:
+    """Raises unless the update is a kernel of the view's shape (`delta`, `dense`).
+
+    Raises:
+      ValueError: for a grouped convolution's adapter, whose update is no kernel.
+    """
+    if self.groups > 1:
+      raise grouped_update(self.site, self.groups)
+
   def delta(self) -> jax.Array:
-    """``scale * einsum(a, b)`` laid out as the view, in `accumulate_dtype`."""
+    """``scale * einsum(a, b)`` laid out as the view, in `accumulate_dtype` (`check_is_kernel`)."""
+    self.check_is_kernel()
     lab = letters(len(self.shape) + 1)
     r = lab[-1]
     spec = (
@@ -160,7 +188,7 @@ class LoraValue:
 
   def reshape(self, new_shape: Sequence[int], w: jax.Array) -> LoraValue | None:
     groups = reshape_groups(self.shape, new_shape)
-    if groups is None:
+    if groups is None or self.groups > 1:
       return None
     relabel: dict[int, int] = {}
     runs: list[tuple[list[int], list[int]]] = []
@@ -203,7 +231,18 @@ class LoraValue:
     return self._with(w=w, a=a, b=b, g=g, a_axes=tuple(a_axes), b_axes=tuple(b_axes))
 
   def map_axis(self, axis: int, fn) -> LoraValue:
-    """Applies ``fn(factor, dim)`` to each factor that carries view ``axis``."""
+    """Applies ``fn(factor, dim)`` to each factor that carries view ``axis``.
+
+    Raises:
+      ValueError: on a feature axis of a grouped convolution's kernel (its factors do not slice as
+        the kernel does).
+    """
+    if self.groups > 1 and (axis in self.a_axes) != (axis in self.b_axes):
+      raise ValueError(
+        f"The grouped convolution kernel at {self.site!r} is sliced on its feature axis {axis} before "
+        "use; its adapter (PEFT's: lora_A over all input features, a grouped 1x1 lora_B) does not slice "
+        "as the kernel does. Leave the module out (`exclude_modules`)."
+      )
     a, b, g = self.a, self.b, self.g
     if axis in self.a_axes:
       a = fn(a, self.a_axes.index(axis))

@@ -3,14 +3,17 @@ against the product with the merged kernel written out in ``jnp``."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 
+import jlora
 from jlora._src.core import layouts
 from jlora._src.interpret.rules import branch, products
-from jlora._src.interpret.values import Probe
+from jlora._src.interpret.values import LoraValue, Probe
 from tests.interpret._kernels import IDX, close, context, dot_use, eqn_of, gather_of, kernel, normal
 
 X, W = normal(3, 5, 8), normal(8, 6)
@@ -105,7 +108,26 @@ def test_conv_is_the_convolution_with_the_merged_kernel():
   )
   w_g = normal(3, 3, 1, 6)
   eqn = eqn_of(grouped, x, w_g, primitive="conv_general_dilated")
-  assert products.conv(eqn, [x, kernel(w_g, (0, 1, 2), (3,))], context()) is None  # materialised
+  assert products.conv(eqn, [x, kernel(w_g, (0, 1, 2), (3,))], context()) is None  # ungrouped factors
+
+
+def test_grouped_conv_is_peft_s_ungrouped_a_then_grouped_1x1_b():
+  # Conv(groups=2), kernel (3, 3, 2, 6): A over all 4 input channels to r=4, B (6, r/2) a grouped 1x1 map
+  x, w = normal(2, 7, 7, 4), normal(3, 3, 2, 6)
+  conv = lambda x, w, g: lax.conv_general_dilated(  # noqa: E731
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g
+  )
+  a, b = normal(3, 3, 4, 4), normal(6, 2)
+  view = LoraValue(w, a, b, (0, 1, 2), (3,), 0.5, "k", groups=2)
+  eqn = eqn_of(lambda x, w: conv(x, w, 2), x, w, primitive="conv_general_dilated")
+  (got,) = products.conv(eqn, [x, view], context())
+  want = conv(x, w, 2) + 0.5 * conv(conv(x, a, 1), b.T.reshape(1, 1, 2, 6), 2)  # lax's own grouped conv
+  close(got, want, 1e-4)
+  with pytest.raises(ValueError, match=r"'k' adapts a grouped convolution.*cannot be merged"):
+    view.dense()
+  ctx = context(roles={})
+  products.conv(eqn, [x, Probe(w, ((0,), (1,), (2,), (3,)), "k")], ctx)
+  assert ctx.roles == {"k": [("conv_general_dilated", {0: "i", 1: "i", 2: f"{layouts.GROUPED}2", 3: "o"})]}
 
 
 def test_gather_is_the_lookup_of_the_merged_table():
@@ -114,3 +136,31 @@ def test_gather_is_the_lookup_of_the_merged_table():
   eqn, idx = gather_of(lambda e, i: e[i], emb, IDX)
   (got,) = products.gather(eqn, [view, idx], context())
   close(got, view.dense()[IDX])
+
+
+def test_scanned_grouped_conv_is_each_layer_s_grouped_branch():
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+      return nn.Conv(8, (3, 3), padding="SAME", feature_group_count=2, name="conv")(c), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+      return blocks(name="blocks")(x, None)[0]
+
+  model, x = Scanned(), normal(1, 5, 5, 8)
+  variables = model.init(jax.random.key(0), x)
+  cfg = jlora.LoraConfig(r=2, target_modules=("conv",), init_lora_weights=False)
+  lora = jlora.init(variables, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  p, f = variables["params"]["blocks"]["conv"], lora["params"]["blocks"]["conv"]["kernel"]
+  assert f["lora_A"].shape == (2, 3, 3, 8, 2) and f["lora_B"].shape == (2, 1, 8)
+  conv = lambda x, w, g: lax.conv_general_dilated(  # noqa: E731
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g
+  )
+  want = x
+  for i in range(2):
+    lora_i = conv(conv(want, f["lora_A"][i], 1), f["lora_B"][i].reshape(1, 1, 1, 8), 2)
+    want = conv(want, p["kernel"][i], 2) + p["bias"][i] + cfg.lora_alpha / 2 * lora_i
+  close(jlora.wrap(model.apply, cfg)(variables, lora, x), want, 1e-5)

@@ -185,13 +185,10 @@ def test_peft_adapter_imports_with_the_same_outputs(tmp_path, spatial, dora):
   assert base_diff < ATOL and np.abs(got - np.asarray(model.apply(variables, x))).max() > 1e-3
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-@pytest.mark.parametrize("spatial", [1, 2], ids=["conv1d", "conv2d"])
-def test_export_loads_in_peft_with_the_same_outputs(tmp_path, spatial, dora):
-  model, variables, x = _flax(spatial)
-  lora, cfg = _jlora_adapter(model, variables, x, dora)
+def _export(directory, lora, cfg, *, model, variables, x):
+  """``lora`` exported in PEFT's format with PyTorch's module names, read off the model; its tensors."""
   jlora.export_peft(
-    tmp_path,
+    directory,
     lora,
     cfg,
     base=variables,
@@ -200,7 +197,15 @@ def test_export_loads_in_peft_with_the_same_outputs(tmp_path, spatial, dora):
     example_args=(x,),
     task_type=None,
   )
-  tensors = safetensors.numpy.load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
+  return safetensors.numpy.load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("spatial", [1, 2], ids=["conv1d", "conv2d"])
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path, spatial, dora):
+  model, variables, x = _flax(spatial)
+  lora, cfg = _jlora_adapter(model, variables, x, dora)
+  tensors = _export(tmp_path, lora, cfg, model=model, variables=variables, x=x)
   ones = (1,) * spatial
   assert tensors[f"{PREFIX}conv2.lora_A.weight"].shape == (R, 8) + (3,) * spatial
   assert tensors[f"{PREFIX}conv2.lora_B.weight"].shape == (6, R) + ones
@@ -441,22 +446,74 @@ def test_import_with_the_model_reads_only_the_kernels_the_file_adapts(tmp_path):
   np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
 
 
-def test_a_grouped_conv_is_refused_naming_the_exclusion(tmp_path):
+def test_a_grouped_conv_matches_peft_both_ways(tmp_path):
+  # PEFT adapts Conv2d(8, 8, 3, groups=2) with lora_A Conv2d(8, r, 3) and lora_B Conv2d(r, 8, 1, groups=2)
   model, variables, x, twin = _grouped()
-  grouped = (
-    r"'params/grouped/kernel' \(shape \(3, 3, 4, 8\)\) is a grouped conv.*exclude_modules=\('grouped',\)"
-  )
-  cfg = jlora.LoraConfig(r=R, target_modules=("conv1", "grouped"))
-  with pytest.raises(ValueError, match=grouped):
-    jlora.init(variables, cfg, key=jax.random.key(1), apply_fn=model.apply, example_args=(x,))
+  torch.manual_seed(0)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # PEFT's warning that it cannot merge a grouped conv's adapter
-    pm = peft.get_peft_model(twin, peft.LoraConfig(r=R, target_modules=["conv1", "grouped"]))
-  pm.save_pretrained(tmp_path)
-  with pytest.raises(ValueError, match=r"PEFT module 'grouped' adapts a kernel.*" + grouped):
-    jlora.import_peft(
-      tmp_path, variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+    pcfg = peft.LoraConfig(
+      r=R, lora_alpha=ALPHA, target_modules=["conv1", "grouped"], init_lora_weights=False
     )
+    pm = peft.get_peft_model(twin, pcfg).eval()
+  pm.save_pretrained(tmp_path / "peft")
+  want = _run(pm, x)
+  lora, cfg = jlora.import_peft(
+    tmp_path / "peft", variables, name_map=jlora.peft_module_name, apply_fn=model.apply, example_args=(x,)
+  )
+  grouped = lora["params"]["grouped"]["kernel"]
+  assert grouped["lora_A"].shape == (3, 3, 8, R) and grouped["lora_B"].shape == (R // 2, 8)
+  got = np.asarray(jlora.wrap(model.apply, cfg)(variables, lora, x))
+  assert np.abs(got - np.asarray(model.apply(variables, x))).max() > 1e-3
+  np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+  # without the model, the factor shapes alone tell the grouped layout
+  lora_shapes, _ = jlora.import_peft(tmp_path / "peft", variables, name_map=jlora.peft_module_name)
+  chex.assert_trees_all_equal(lora_shapes, lora)
+  np.testing.assert_allclose(jlora.wrap(model.apply, cfg)(variables, lora_shapes, x), want, atol=ATOL, rtol=0)
+  # jlora -> PEFT: a fresh jlora adapter, trained-like (nonzero B), loads in PEFT with the same outputs
+  cfg = jlora.LoraConfig(r=4, lora_alpha=ALPHA, target_modules=("conv1", "grouped"), init_lora_weights=False)
+  mine = jlora.init(variables, cfg, key=jax.random.key(3), apply_fn=model.apply, example_args=(x,))
+  tensors = _export(tmp_path / "jlora", mine, cfg, model=model, variables=variables, x=x)
+  assert tensors[f"{PREFIX}grouped.lora_A.weight"].shape == (4, 8, 3, 3)
+  assert tensors[f"{PREFIX}grouped.lora_B.weight"].shape == (8, 2, 1, 1)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pm = peft.PeftModel.from_pretrained(_grouped()[3], str(tmp_path / "jlora")).eval()
+  got = np.asarray(jlora.wrap(model.apply, cfg)(variables, mine, x))
+  np.testing.assert_allclose(got, _run(pm, x), atol=ATOL, rtol=0)
+  back, _ = jlora.import_peft(tmp_path / "jlora", variables, name_map=jlora.peft_module_name)
+  chex.assert_trees_all_equal(back, mine)
+
+
+def test_a_grouped_conv_refuses_what_peft_refuses():
+  model, variables, x, twin = _grouped()
+  read = dict(apply_fn=model.apply, example_args=(x,))
+  cfg = jlora.LoraConfig(r=3, target_modules=("grouped",))
+  with pytest.raises(
+    ValueError, match=r"'params/grouped/kernel'.*rank 3 is not a multiple of 2.*rank_pattern"
+  ):
+    jlora.init(variables, cfg, key=jax.random.key(1), **read)
+  with (
+    warnings.catch_warnings(),
+    pytest.raises(ValueError, match=r"Targeting a Conv2d with groups=2 and rank 3"),
+  ):
+    warnings.simplefilter("ignore")  # PEFT's own refusal, after its warning that it cannot merge
+    peft.get_peft_model(twin, peft.LoraConfig(r=3, target_modules=["grouped"]))
+  cfg = jlora.LoraConfig(r=R, target_modules=("grouped",), use_dora=True)
+  with pytest.raises(ValueError, match=r"'params/grouped/kernel'.*grouped convolution.*DoRA.*use_dora=False"):
+    jlora.init(variables, cfg, key=jax.random.key(1), **read)
+  cfg = jlora.LoraConfig(r=R, target_modules=("conv1", "grouped"), init_lora_weights=False)
+  lora = jlora.init(variables, cfg, key=jax.random.key(1), **read)
+  cannot = r"'params/grouped/kernel' adapts a grouped convolution.*cannot be merged.*PEFT refuses"
+  with pytest.raises(ValueError, match=cannot):
+    jlora.merge(variables, lora, cfg)
+  with warnings.catch_warnings(), pytest.raises(NotImplementedError, match="Merging is not supported"):
+    warnings.simplefilter("ignore")
+    peft.get_peft_model(twin, peft.LoraConfig(r=R, target_modules=["grouped"])).merge_adapter()
+  # the kernel used other than in its grouped convolution: the update cannot be formed
+  flat = lambda v, x: model.apply(v, x) + v["params"]["grouped"]["kernel"].sum()  # noqa: E731
+  with pytest.raises(ValueError, match=cannot):
+    jlora.wrap(flat, cfg)(variables, lora, x)
 
 
 def _edited(src, dst, edit, **config):

@@ -28,6 +28,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.extend import core as jex
 
 from jlora._src.core import jax_compat, layouts
@@ -124,8 +125,11 @@ def merged_dot(use: DotUse) -> jax.Array:
 def _probe_conv(eqn: Any, x: jax.Array, probe: Probe, ctx: Context) -> list[Any]:
   p = eqn.params
   o_axis, i_axis, *spatial = p["dimension_numbers"].rhs_spec
-  roles = {ax: layouts.IN for ax in (i_axis, *spatial)}
-  roles[o_axis] = layouts.OUT if p["feature_group_count"] == 1 else layouts.GROUPED
+  roles = {ax: layouts.IN for ax in spatial}
+  roles[i_axis] = (
+    layouts.IN if p["feature_group_count"] == 1 else f"{layouts.GROUPED}{p['feature_group_count']}"
+  )
+  roles[o_axis] = layouts.OUT
   ctx.record(probe, roles, "conv_general_dilated")
   if any(d != 1 for d in p["rhs_dilation"] or ()):
     ctx.record(probe, roles, layouts.DILATED_CONV)
@@ -134,8 +138,10 @@ def _probe_conv(eqn: Any, x: jax.Array, probe: Probe, ctx: Context) -> list[Any]
 
 def conv(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
   """The ``conv_general_dilated`` rule: ``conv(x, W) + scale * conv(drop(x), A) @ B``, with ``A``
-  as a convolution to r channels and ``B`` as a 1x1 map (a DoRA kernel: `dora.conv`); ``None``
-  for grouped convolutions and factors that do not split the kernel as output vs the rest."""
+  as a convolution to r channels and ``B`` as a 1x1 map (a DoRA kernel: `dora.conv`); a grouped
+  convolution's adapter (``kernel.groups``, PEFT's) convolves with ``A`` ungrouped, over all input
+  channels, and applies ``B`` as a grouped 1x1 map (`grouped_b_branch`). ``None`` for factors that do
+  not split the kernel as output vs the rest."""
   x, kernel = invals
   if is_special(x) or not is_special(kernel):
     return None
@@ -144,18 +150,35 @@ def conv(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:
   p = eqn.params
   dn = p["dimension_numbers"]
   o_axis, i_axis, *spatial = dn.rhs_spec
+  groups = p["feature_group_count"]
   if (
-    p["feature_group_count"] != 1
+    groups != kernel.groups
     or p["batch_group_count"] != 1
     or tuple(kernel.b_axes) != (o_axis,)
     or set(kernel.a_axes) != {i_axis, *spatial}
+    or kernel.a.shape[kernel.a_axes.index(i_axis)] != kernel.shape[i_axis] * groups
   ):
     return None
   if kernel.g is not None:
     return dora.conv(eqn, kernel, x, ctx)
   base = jax_compat.bind(eqn, [x, kernel.base])[0]
-  y = jax_compat.bind(eqn, [dropout(x, ctx), kernel.factor_in_view("a", o_axis).astype(x.dtype)])[0]
-  return [base + b_branch(y, kernel.b, kernel.scale, dn.out_spec[1]).astype(base.dtype)]
+  a = kernel.factor_in_view("a", o_axis).astype(x.dtype)
+  y = jax_compat.bind(eqn, [dropout(x, ctx), a], feature_group_count=1)[0]
+  axis = dn.out_spec[1]
+  lora = grouped_b_branch(y, kernel.b, kernel.scale, axis, groups)
+  return [base + lora.astype(base.dtype)]
+
+
+def grouped_b_branch(y: jax.Array, b: jax.Array, scale: float, axis: int, groups: int) -> jax.Array:
+  """`b_branch` as a grouped 1x1 map (PEFT's grouped ``lora_B``): ``y``'s ``axis`` holds r features,
+  ``b`` is ``(fan-out, r / groups)``, and fan-out group ``k`` reads rank features group ``k``."""
+  if groups == 1:
+    return b_branch(y, b, scale, axis)
+  y = jnp.moveaxis(y * jnp.asarray(scale, y.dtype), axis, -1)
+  y = y.reshape(*y.shape[:-1], groups, -1)
+  bg = b.astype(y.dtype).reshape(groups, -1, b.shape[-1])  # (groups, fan-out / groups, r / groups)
+  out = jnp.einsum("...gr,gor->...go", y, bg)
+  return jnp.moveaxis(out.reshape(*out.shape[:-2], -1), -1, axis)
 
 
 def gather(eqn: Any, invals: list[Any], ctx: Context) -> list[Any] | None:

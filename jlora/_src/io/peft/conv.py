@@ -14,8 +14,11 @@ jlora reads a kernel as a convolution's when the model uses it in
 under ``nn.scan``, one PEFT module per layer), so that its canonical factors
 are A ``(*k, in, r)`` and B ``(r, out)``. Then ``lora_A.weight`` is A with its
 rank axis first and ``in`` before the spatial axes, and ``lora_B.weight`` is
-``B.T`` with ``1``-sized spatial axes. jlora's convolution rule adapts
-``feature_group_count == 1`` kernels only, as here. A kernel whose storage
+``B.T`` with ``1``-sized spatial axes. A grouped convolution's kernel
+(``feature_group_count`` G, kernel ``(*k, in / G, out)``) takes PEFT's grouped
+adapter (layout ``groups=G`` on its ``in`` axis): ``lora_A`` a convolution over
+all ``in`` channels, ``(r, in, *k)``, and ``lora_B`` a grouped 1x1 convolution,
+``(out, r / G, 1, ...)``; the same transposes carry them. A kernel whose storage
 order reads the same roles but another axis order (``(in, *k, out)``) cannot
 be told from Flax's; it is read as Flax's.
 """
@@ -40,6 +43,18 @@ def flax_layout(ndim: int, stacked: bool = False) -> layouts.Layout:
   return layouts.Layout(layouts.STACKED * stacked + layouts.IN * (ndim - 1 - stacked) + layouts.OUT)
 
 
+def grouped_by_file(
+  layout: layouts.Layout, kernel_shape: tuple[int, ...], a_shape: tuple[int, ...]
+) -> layouts.Layout:
+  """Flax's conv ``layout`` as a grouped convolution's when PEFT's ``lora_A.weight`` ``(r, in, *k)``
+  has G > 1 times the kernel's ``in / G`` input channels (the file's shape tells G without the model)."""
+  cin = kernel_shape[-2]
+  groups, rest = divmod(a_shape[1], cin) if len(a_shape) > 1 else (1, 0)
+  if groups < 2 or rest:
+    return layout
+  return layouts.Layout(layout.roles, groups=groups, group_axis=layout.ndim - 2)
+
+
 def check_layout(layout: layouts.Layout, where: str) -> int:
   """The number of spatial axes of a conv kernel in Flax's storage order.
 
@@ -58,7 +73,12 @@ def check_layout(layout: layouts.Layout, where: str) -> int:
     )
   stacked = layout.roles.startswith(layouts.STACKED)
   spatial = layout.ndim - 2 - stacked
-  if layout != flax_layout(layout.ndim, stacked) or not 1 <= spatial <= MAX_SPATIAL:
+  flax = flax_layout(layout.ndim, stacked).roles
+  if (
+    layout.roles != flax
+    or layout.group_axis not in (None, layout.ndim - 2)
+    or not 1 <= spatial <= MAX_SPATIAL
+  ):
     raise ValueError(
       f"Convolution kernel {where!r} has layout {layout}; PEFT's ConvNd LoRA is written from kernels stored "
       "as Flax's `nn.Conv` stores them, (*kernel_size, in, out) (layout 'i…io', 1 to 3 spatial axes; "
@@ -72,10 +92,13 @@ def entry_shape(layout: layouts.Layout, kernel_shape: tuple[int, ...]) -> tuple[
   return tuple(n for i, n in enumerate(kernel_shape) if i not in layout.stacked_axes)
 
 
-def peft_shapes(kernel_shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """``(lora_A.weight, lora_B.weight)`` shapes for one Flax conv kernel ``(*k, in, out)`` (not stacked)."""
+def peft_shapes(
+  kernel_shape: tuple[int, ...], rank: int, groups: int = 1
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """``(lora_A.weight, lora_B.weight)`` shapes for one Flax conv kernel ``(*k, in / groups, out)`` (not
+  stacked) of a convolution with ``feature_group_count=groups``."""
   *k, cin, cout = kernel_shape
-  return (rank, cin, *k), (cout, rank) + (1,) * len(k)
+  return (rank, cin * groups, *k), (cout, rank // groups) + (1,) * len(k)
 
 
 def magnitude_shape(kernel_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -88,7 +111,8 @@ def to_peft(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """One kernel's canonical ``A`` ``(*k, in, r)``, ``B`` ``(r, out)`` and magnitude ``(out,)`` ->
   PEFT's ``lora_A.weight`` ``(r, in, *k)``, ``lora_B.weight`` ``(out, r, 1, ...)`` and
-  ``lora_magnitude_vector`` ``(1, out, 1, ...)``."""
+  ``lora_magnitude_vector`` ``(1, out, 1, ...)`` (a grouped convolution's: ``B`` ``(r / G, out)``,
+  ``lora_B.weight`` ``(out, r / G, 1, ...)``)."""
   spatial = a.ndim - 2
   la = np.transpose(a, (spatial + 1, spatial, *range(spatial)))
   lb = b.T.reshape(b.shape[1], b.shape[0], *(1,) * spatial)

@@ -131,9 +131,10 @@ def find_modules(
 def _file_conv_layout(
   cand: targets.Candidate, name_map: NameMap, info: Mapping[str, Any], keys: Keys, unknown: Unknown
 ) -> layouts.Layout | None:
-  """The layout of a kernel of unknown layout that the file adapts: Flax's conv layout when the file
-  holds PEFT ConvNd adapters for it (a ``lora_A.weight`` of 3+ dims; `peft_conv`) and the model's use
-  does not contradict it, ``None`` when the file does not adapt it.
+  """The layout of a kernel of unknown layout that the file adapts: Flax's conv layout (grouped where the
+  file's ``lora_A.weight`` has a multiple of the kernel's input channels) when the file holds PEFT ConvNd
+  adapters for it (a ``lora_A.weight`` of 3+ dims; `peft_conv`) and the model's use does not contradict
+  it, ``None`` when the file does not adapt it.
 
   Raises:
     ValueError: if the file adapts it with other tensors, or the model uses it in a way that gives it
@@ -146,7 +147,8 @@ def _file_conv_layout(
         continue
       conv = isinstance(name, str) and not embedding and len(info[keys(name)[0]][0]) > 2
       if conv and not unknown.used:
-        return peft_conv.flax_layout(len(cand.shape), stacked=guess is not None)
+        layout = peft_conv.flax_layout(len(cand.shape), stacked=guess is not None)
+        return peft_conv.grouped_by_file(layout, cand.shape, info[keys(name)[0]][0])
       raise ValueError(
         f"PEFT module {name_str(name)!r} adapts a kernel whose layout jlora does not know: {unknown.why}"
       )
@@ -212,8 +214,8 @@ def check_module(
       form = "PEFT's target_parameters: lora_A (E*r, in), lora_B (out, r*E)"
     elif conv:
       rank = rank if rank is not None else (sa[0] if sa else None)
-      want = peft_conv.peft_shapes(entry, rank)
-      form = "PEFT's ConvNd: lora_A (r, in, *kernel_size), lora_B (out, r, 1, ...)"
+      want = peft_conv.peft_shapes(entry, rank, layout.groups)
+      form = "PEFT's ConvNd: lora_A (r, in, *kernel_size), lora_B (out, r / groups, 1, ...)"
     else:
       rank = rank if rank is not None else (sa[0] if len(sa) == 2 else None)
       want = ((rank, math.prod(in_shape)), (math.prod(out_shape), rank))
