@@ -16,6 +16,8 @@ import pytest
 
 # Must be set before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# transformers (imported by peft) would import TensorFlow and Keras, 600 MB no test uses.
+os.environ.setdefault("USE_TF", "0")
 
 from tests import _gcs_emulator  # noqa: E402 - after the variables above; imports nothing heavy
 
