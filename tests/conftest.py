@@ -1,18 +1,23 @@
-"""Shared test configuration: 8 simulated CPU devices for sharding tests, and a local GCS for ``gs://`` tests.
+"""Shared test configuration: 8 simulated CPU devices for sharding tests, a compilation cache, and a local GCS
+for ``gs://`` tests.
 
 The GCS emulator's variables (`tests/_gcs_emulator.env`) are set here, before jax, fsspec or gcsfs are
 imported, so that every client in this session and in the processes it starts talks to 127.0.0.1 only;
 the `gcs_bucket` fixture starts the emulator on first use and stops it, by pid, at the end of the session.
 """
 
+import gc
 import importlib.util
 import os
 import socket
+import tempfile
 
 import pytest
 
 # Must be set before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# transformers (imported by peft) would import TensorFlow and Keras, 600 MB no test uses.
+os.environ.setdefault("USE_TF", "0")
 
 from tests import _gcs_emulator  # noqa: E402 - after the variables above; imports nothing heavy
 
@@ -25,6 +30,36 @@ def _free_port() -> int:
 
 _GCS_PORT = _free_port()
 os.environ.update(_gcs_emulator.env(_GCS_PORT))
+
+
+def pytest_configure(config):
+  """Compiled programs go to a persistent cache, read back by this and later runs.
+
+  Most of the suite's time is XLA compiling small programs, many of them the same program compiled again
+  (the same model under a fresh ``jax.jit`` in another test, eager ops after `_fresh_jax_caches`). The
+  cache is set in this process only, not through the environment: the processes that tests start (pods,
+  benchmarks) compile as they would anywhere. ``JAX_COMPILATION_CACHE_DIR`` picks another directory;
+  set it to an empty string to run without a cache.
+  """
+  import jax  # noqa: PLC0415 - after XLA_FLAGS above
+
+  default = os.path.join(tempfile.gettempdir(), "jlora-tests-xla-cache")
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", default)
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+  """Drops JAX's in-memory caches after each module, so compiled programs do not pile up over the session
+  (peak memory stays that of the largest module, not the sum of all); the persistent cache above makes
+  compiling them again cheap."""
+  yield
+  import jax  # noqa: PLC0415
+
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")

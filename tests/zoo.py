@@ -8,13 +8,15 @@ PyTorch model, so tests can compare against independent expectations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 import jlora
@@ -529,18 +531,60 @@ def _moe_case() -> Case:
   return Case("moe_scan", model.apply, variables, tokens, cfg, shapes, peft, jnp.roll(tokens, -1, 1))
 
 
+def _built_once(build: Callable[[], Case]) -> Callable[[], Case]:
+  """``build``, run once per session: later calls get the same arrays in fresh containers.
+
+  Building a model initializes it op by op, seconds of compiling on a small machine; a test that
+  edits its case's tree in place edits its own copy.
+  """
+  once = functools.cache(build)
+
+  def case() -> Case:
+    built = once()
+    return dataclasses.replace(built, tree=jax.tree_util.tree_map(lambda x: x, built.tree))
+
+  return case
+
+
 BUILDERS: dict[str, Callable[[], Case]] = {
-  "gemma_style": _gemma_case,
-  "gpt2_style": _gpt2_case,
-  "maxtext_scan": _maxtext_case,
-  "llama": lambda: _llama_case(False),
-  "llama_scan": lambda: _llama_case(True),
-  "mha_tied": _mha_case,
-  "convnet": _conv_case,
-  "nnx": _nnx_case,
-  "plain": _plain_case,
-  "moe_scan": _moe_case,
+  name: _built_once(build)
+  for name, build in {
+    "gemma_style": _gemma_case,
+    "gpt2_style": _gpt2_case,
+    "maxtext_scan": _maxtext_case,
+    "llama": lambda: _llama_case(False),
+    "llama_scan": lambda: _llama_case(True),
+    "mha_tied": _mha_case,
+    "convnet": _conv_case,
+    "nnx": _nnx_case,
+    "plain": _plain_case,
+    "moe_scan": _moe_case,
+  }.items()
 }
+
+
+def sweep(names: Sequence[str], *, fast: Sequence[str]) -> list[Any]:
+  """Zoo model names as ``pytest.mark.parametrize`` values: ``fast`` ones unmarked, the others ``slow``.
+
+  A check swept over many zoo models is end to end; ``pytest -m "not slow"`` keeps it on the models in
+  ``fast`` (chosen to cover the check's distinct paths cheaply) and CI's slow run covers the rest.
+
+  Args:
+    names: the zoo models (keys of `BUILDERS`) the check runs on.
+    fast: those of ``names`` that also run in the fast set.
+
+  Returns:
+    One ``pytest.param`` per name, in the order given.
+
+  Raises:
+    ValueError: a name in ``fast`` or ``names`` that is no zoo model, or a ``fast`` name not in ``names``.
+  """
+  unknown = sorted(set(names).union(fast) - set(BUILDERS))
+  if unknown:
+    raise ValueError(f"zoo.sweep: {unknown} are no zoo models; the zoo has {sorted(BUILDERS)}")
+  if not set(fast) <= set(names):
+    raise ValueError(f"zoo.sweep: fast={list(fast)} names models the sweep {list(names)} does not run")
+  return [pytest.param(name, marks=() if name in fast else pytest.mark.slow) for name in names]
 
 
 def loss_fn(case: Case, outputs: jax.Array) -> jax.Array:

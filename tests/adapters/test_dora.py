@@ -45,7 +45,7 @@ def _dora_formula(w, a, b, m, scale):
 ZOO = ["plain", "llama_scan", "gpt2_style", "gemma_style", "maxtext_scan", "mha_tied", "convnet"]
 
 
-@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("name", zoo.sweep(ZOO, fast=["plain", "mha_tied"]))
 def test_wrapped_equals_the_merged_dora_kernel(name):
   case = zoo.BUILDERS[name]()
   cfg = dataclasses.replace(case.config, use_dora=True)
@@ -84,6 +84,7 @@ def _adapters(tree, prefix=()):
       yield from _adapters(v, prefix + (k,))
 
 
+@pytest.mark.slow  # the zoo's scanned MoE decoder, end to end
 def test_dora_experts_materialise_with_the_warning_and_match_the_merge():
   case = zoo.BUILDERS["moe_scan"]()
   cfg = dataclasses.replace(case.config, use_dora=True)
@@ -211,7 +212,7 @@ def test_the_step_never_forms_a_kernel_sized_value():
 # -- dora_recompute: the same step without keeping each product's output -------------------------
 
 
-@pytest.mark.parametrize("name", ["llama_scan", "gemma_style", "convnet"])
+@pytest.mark.parametrize("name", zoo.sweep(["llama_scan", "gemma_style", "convnet"], fast=["convnet"]))
 def test_recompute_gives_the_same_values_and_gradients(name):
   case = zoo.BUILDERS[name]()
   cfg = dataclasses.replace(case.config, use_dora=True)

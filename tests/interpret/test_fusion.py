@@ -129,7 +129,9 @@ def test_fuse_siblings_must_be_bool():
     jlora.wrap(_qkv, CFG, fuse_siblings="yes")
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_scan", "mha_tied", "nnx", "moe_scan"])
+@pytest.mark.parametrize(
+  "name", zoo.sweep(["llama", "llama_scan", "mha_tied", "nnx", "moe_scan"], fast=["mha_tied", "nnx"])
+)
 def test_zoo_fused_matches_unfused(name):
   """Fused == unfused forward and gradients on zoo models (scanned layers included), with fewer dots."""
   case = zoo.BUILDERS[name]()

@@ -74,7 +74,7 @@ def _close(got, want, rtol=1e-5):
 
 
 @pytest.mark.parametrize("design", DESIGNS)
-@pytest.mark.parametrize("name", sorted(ADAPTERS))
+@pytest.mark.parametrize("name", zoo.sweep(sorted(ADAPTERS), fast=["llama", "mha_tied"]))
 def test_each_example_equals_its_adapter_alone(name, design):
   case, tokens, pairs, bank = _setup(name)
   apply = jax.jit(jlora.wrap(case.apply_fn, bank.config, routing=design))
@@ -98,7 +98,7 @@ def test_new_ids_do_not_retrace_and_order_follows_ids():
 
 
 @pytest.mark.parametrize("design", DESIGNS)
-@pytest.mark.parametrize("name", ["llama", "llama_scan"])
+@pytest.mark.parametrize("name", zoo.sweep(["llama", "llama_scan"], fast=["llama"]))
 def test_gradients_reach_only_the_adapters_used(name, design):
   case, tokens, pairs, bank = _setup(name)
   ids = (2, 1, 2, -1)  # adapter "a" (0) is unused; "b" adapts the embedding too
@@ -219,7 +219,7 @@ def test_a_model_that_flattens_examples_is_an_error():
     jlora.wrap(fn, bank.config)(params, bank.lora, x, adapter_ids=jnp.array([0, 1]))
 
 
-@pytest.mark.parametrize("name", ["convnet", "moe_scan"])
+@pytest.mark.parametrize("name", zoo.sweep(["convnet", "moe_scan"], fast=["convnet"]))
 def test_unroutable_uses_are_errors(name):
   case = zoo.BUILDERS[name]()
   cfg = case.config
