@@ -42,6 +42,9 @@ def env(port: int) -> dict[str, str]:
     "GCE_METADATA_HOST": closed,
     "GCE_METADATA_ROOT": closed,
     "GCE_METADATA_IP": closed,
+    # etils.epath reads gs:// through TensorFlow's own GCS client whenever TensorFlow is installed (the
+    # notebooks extra brings it, for keras-hub); that client knows no emulator, so keep epath on fsspec.
+    "EPATH_USE_TF": "false",
   }
 
 
