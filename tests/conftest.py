@@ -6,6 +6,7 @@ imported, so that every client in this session and in the processes it starts ta
 the `gcs_bucket` fixture starts the emulator on first use and stops it, by pid, at the end of the session.
 """
 
+import ctypes
 import gc
 import importlib.util
 import os
@@ -50,16 +51,47 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fresh_jax_caches():
-  """Drops JAX's in-memory caches after each module, so compiled programs do not pile up over the session
-  (peak memory stays that of the largest module, not the sum of all); the persistent cache above makes
-  compiling them again cheap."""
-  yield
+# Each compiled program holds about 1.5 MB of host memory until JAX's caches drop it; a module compiles
+# hundreds. Past this much resident memory (``JLORA_TEST_RSS_MB``), the caches are dropped after the test.
+_RSS_LIMIT = int(os.environ.get("JLORA_TEST_RSS_MB", "1200")) * 2**20
+
+
+def _resident_bytes() -> int:
+  """This process's resident memory (0 where ``/proc`` does not tell it)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except OSError:
+    return 0
+
+
+def _drop_jax_caches() -> None:
+  """Drops JAX's in-memory caches (compiled programs, traces) and hands the freed memory back to the OS."""
   import jax  # noqa: PLC0415
 
   jax.clear_caches()
   gc.collect()
+  try:
+    ctypes.CDLL(None).malloc_trim(0)  # glibc keeps freed pages otherwise; a no-op elsewhere
+  except (AttributeError, OSError):
+    pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+  """JAX's caches dropped after each module, so compiled programs do not pile up over the session (the
+  persistent cache above makes compiling them again cheap)."""
+  yield
+  _drop_jax_caches()
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory():
+  """JAX's caches dropped after a test that leaves this process over `_RSS_LIMIT`: the peak stays near the
+  limit plus one test's programs, whatever the module (and two ``pytest -n 2`` workers fit in 3 GB)."""
+  yield
+  if _resident_bytes() > _RSS_LIMIT:
+    _drop_jax_caches()
 
 
 @pytest.fixture(scope="session")
