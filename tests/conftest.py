@@ -1,5 +1,5 @@
-"""Shared test configuration: 8 simulated CPU devices for sharding tests, a compilation cache, and a local GCS
-for ``gs://`` tests.
+"""Shared test configuration: 8 simulated CPU devices for sharding tests, fast compiles, a compilation cache,
+one ``pytest-xdist`` worker per core, and a local GCS for ``gs://`` tests.
 
 The GCS emulator's variables (`tests/_gcs_emulator.env`) are set here, before jax, fsspec or gcsfs are
 imported, so that every client in this session and in the processes it starts talks to 127.0.0.1 only;
@@ -15,8 +15,14 @@ import tempfile
 
 import pytest
 
-# Must be set before jax is imported anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must be set before jax is imported anywhere in the test session. Besides the 8 devices: the suite compiles
+# thousands of small programs and runs each a few times, so XLA's backend optimizations (LLVM's passes) cost
+# far more than they save; off, the fast tests take half the time. (Processes that tests start set their own.)
+os.environ.setdefault(
+  "XLA_FLAGS",
+  "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  " --xla_llvm_disable_expensive_passes=true",
+)
 # transformers (imported by peft) would import TensorFlow and Keras, 600 MB no test uses.
 os.environ.setdefault("USE_TF", "0")
 
@@ -33,6 +39,20 @@ _GCS_PORT = _free_port()
 os.environ.update(_gcs_emulator.env(_GCS_PORT))
 
 
+_WORKER_BYTES = 1.5 * 2**30  # what one worker needs at its peak (see `_RSS_LIMIT`)
+
+
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto`` (pyproject.toml's default): one worker per core, as many as the available memory holds."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  try:
+    with open("/proc/meminfo") as f:
+      available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+  except (OSError, StopIteration):
+    return cores
+  return max(1, min(cores, int(available // _WORKER_BYTES)))
+
+
 def pytest_configure(config):
   """Compiled programs go to a persistent cache, read back by this and later runs.
 
@@ -42,6 +62,8 @@ def pytest_configure(config):
   benchmarks) compile as they would anywhere. ``JAX_COMPILATION_CACHE_DIR`` picks another directory;
   set it to an empty string to run without a cache.
   """
+  if getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput"):
+    return  # the controller of ``pytest -n``: it runs no test, and needs no jax
   import jax  # noqa: PLC0415 - after XLA_FLAGS above
 
   default = os.path.join(tempfile.gettempdir(), "jlora-tests-xla-cache")
