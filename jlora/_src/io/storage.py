@@ -2,7 +2,9 @@
 
 jlora takes the paths orbax takes. A local path (``str``, ``os.PathLike``)
 becomes an absolute `epath.Path`; a URL (``gs://bucket/dir``) stays one, read
-and written through `etils.epath` (fsspec's ``gcsfs`` for ``gs://``: install
+and written through `etils.epath`, the client orbax uses too (for ``gs://``:
+TensorFlow's when TensorFlow is installed, as on Colab, fsspec's ``gcsfs``
+otherwise; the writer lock's lease uses ``google-cloud-storage``: install
 ``jlora[gcs]``). Nothing else in jlora calls ``os``, ``open`` or ``shutil``
 on such a path: it calls the functions here, which know how the two kinds of
 storage differ.
