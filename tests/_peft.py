@@ -1,5 +1,5 @@
-"""Helpers for the PEFT file tests (`tests/io/peft/`): small trees, the files read and edited by hand,
-and PyTorch twins for the comparisons against PEFT.
+"""Helpers for the PEFT file tests (`tests/io/peft/`, `tests/e2e/test_peft_torch.py`): small trees, the
+files read and edited by hand, and PyTorch twins for the comparisons against PEFT.
 
 Shapes: Flax kernel ``(in, out)``; jlora ``lora_A`` ``(in, r)``, ``lora_B``
 ``(r, out)``; PEFT ``lora_A.weight`` ``(r, in)``, ``lora_B.weight`` ``(out, r)``.
@@ -19,6 +19,8 @@ import safetensors.numpy
 import jlora
 
 PREFIX = "base_model.model."
+# The order PEFT registers expert parameters in (GptOss/Llama4 register gate_up_proj first).
+EXPERT_ORDER = {"gate_up_proj": 0, "down_proj": 1}
 
 
 def linen_tree(key=0):

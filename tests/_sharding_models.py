@@ -15,6 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
+
+import jlora
 
 # Logical axis names -> mesh axes, for an ("fsdp", "tp") mesh and a pure data-parallel ("data",) mesh.
 FSDP_TP_RULES = (
@@ -124,3 +127,32 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """Mean cross-entropy of predicting ``tokens[:, 1:]`` from ``logits[:, :-1]``."""
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+# -- the small model the sharding tests share ------------------------------------------------------
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "down_proj", "embed_tokens", "lm_head")
+# The kernels' (stacked, fan_in) layouts, written out (`infer_layouts` is exercised separately).
+LAYOUTS = {"q_proj|k_proj|v_proj": (1, 1), "o_proj": (1, 2), "gate_proj|up_proj|down_proj": (1, 1)}
+
+
+def mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> jax.sharding.Mesh:
+  """A mesh of ``shape`` over the first devices, every axis `AxisType.Auto`."""
+  return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def small() -> dict[str, Any]:
+  """A 2-layer scanned Llama, its boxed/unboxed params, a batch, and an unsharded adapter.
+
+  Returns:
+    A dict with ``model``, ``tokens`` ``(8, 8)``, ``boxed`` (params with logical-axis metadata),
+    ``params`` (unboxed), ``cfg`` (rank 4 on `TARGETS`) and ``lora`` (made by a plain ``jit``, no
+    shardings: the reference for sharded creation).
+  """
+  model = Llama(LlamaConfig())
+  tokens = jax.random.randint(jax.random.key(5), (8, 8), 0, model.cfg.vocab)
+  boxed = jax.jit(model.init)(jax.random.key(0), tokens)
+  params = nn.unbox(boxed)
+  cfg = jlora.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False, layout_pattern=LAYOUTS)
+  lora = jax.jit(lambda k: jlora.init(params, cfg, key=k))(jax.random.key(1))
+  return dict(model=model, tokens=tokens, boxed=boxed, params=params, cfg=cfg, lora=lora)

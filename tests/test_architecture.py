@@ -1,5 +1,5 @@
 """The package's shape, read from the source (no jax, no compile): module and function sizes, stages that
-import only downward, and a test module beside every module.
+import only downward, a test module beside every module, and slow tests in tests/e2e/ only.
 
 A failure names each offender and the rule.
 """
@@ -175,3 +175,69 @@ def test_every_module_has_a_test_module():
 @pytest.mark.parametrize("module", sorted(NO_TEST_MODULE))
 def test_every_exemption_names_a_module_that_exists(module):
   assert (SRC / module).is_file()
+
+
+# -- tests: slow if and only if end to end --------------------------------------------------------
+
+E2E = ROOT / "tests" / "e2e"  # its conftest.py marks every test there slow
+
+
+def _is_slow_mark(node: ast.AST) -> bool:
+  """``<...>.mark.slow`` or ``mark.slow`` (after ``from pytest import mark``)."""
+  if not (isinstance(node, ast.Attribute) and node.attr == "slow"):
+    return False
+  inner = node.value
+  return (isinstance(inner, ast.Attribute) and inner.attr == "mark") or (
+    isinstance(inner, ast.Name) and inner.id == "mark"
+  )
+
+
+def _is_slow_marker_call(node: ast.AST) -> bool:
+  """``item.add_marker("slow")`` or ``request.applymarker("slow")``."""
+  return (
+    isinstance(node, ast.Call)
+    and isinstance(node.func, ast.Attribute)
+    and node.func.attr in ("add_marker", "applymarker")
+    and any(isinstance(a, ast.Constant) and a.value == "slow" for a in node.args)
+  )
+
+
+def slow_marks(source: str) -> list[int]:
+  """The lines of ``source`` that mark tests slow: ``pytest.mark.slow`` in any place (a decorator, a module's
+  ``pytestmark``, a parametrization's ``marks=``), and ``add_marker("slow")``/``applymarker("slow")``."""
+  tree = ast.parse(source)
+  return sorted({n.lineno for n in ast.walk(tree) if _is_slow_mark(n) or _is_slow_marker_call(n)})
+
+
+def test_slow_marks_finds_every_form():
+  source = """
+import pytest
+from pytest import mark
+pytestmark = pytest.mark.slow
+@pytest.mark.slow
+def test_a(): ...
+@pytest.mark.parametrize("x", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_b(x): ...
+@mark.slow(reason="big")
+def test_c(): ...
+def pytest_collection_modifyitems(items):
+  items[0].add_marker("slow")
+@pytest.mark.parametrize("x", ["pytest.mark.slow"])  # pytest.mark.slow in a comment
+def test_d(x): ...
+"""
+  assert slow_marks(source) == [4, 5, 7, 9, 12]
+
+
+def test_only_end_to_end_tests_are_slow():
+  marked = [
+    f"{p.relative_to(ROOT).as_posix()}:{line}"
+    for p in sorted((ROOT / "tests").rglob("*.py"))
+    if E2E not in p.parents
+    for line in slow_marks(p.read_text())
+  ]
+  assert not marked, (
+    f"tests marked slow outside tests/e2e/: {marked}. A test is slow if and only if it lives in tests/e2e/ "
+    "(whose conftest.py marks every test there slow): move the test to a topic file in tests/e2e/, without "
+    "the mark. A check swept over many models keeps its cheap models in the unit module and runs its body "
+    "(a `check_...` function there) on the others from tests/e2e/test_zoo_sweeps.py."
+  )

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import pytest
 from flax import nnx
 
 import jlora
@@ -563,28 +562,26 @@ BUILDERS: dict[str, Callable[[], Case]] = {
 }
 
 
-def sweep(names: Sequence[str], *, fast: Sequence[str]) -> list[Any]:
-  """Zoo model names as ``pytest.mark.parametrize`` values: ``fast`` ones unmarked, the others ``slow``.
-
-  A check swept over many zoo models is end to end; ``pytest -m "not slow"`` keeps it on the models in
-  ``fast`` (chosen to cover the check's distinct paths cheaply) and CI's slow run covers the rest.
+def trained(lora: Any, key: jax.Array) -> Any:
+  """An adapter moved off its init, as training leaves it: magnitudes off the kernel norms, factors perturbed.
 
   Args:
-    names: the zoo models (keys of `BUILDERS`) the check runs on.
-    fast: those of ``names`` that also run in the fast set.
+    lora: an adapter tree (``lora_A``/``lora_B`` factors, DoRA's ``lora_magnitude`` vectors).
+    key: the PRNG key; leaf ``i`` draws from ``fold_in(key, i)``.
 
   Returns:
-    One ``pytest.param`` per name, in the order given.
-
-  Raises:
-    ValueError: a name in ``fast`` or ``names`` that is no zoo model, or a ``fast`` name not in ``names``.
+    The same tree with every magnitude scaled by a uniform factor in [0.5, 1.5) and ``0.3 * N(0, 1)`` noise
+    added to every other leaf.
   """
-  unknown = sorted(set(names).union(fast) - set(BUILDERS))
-  if unknown:
-    raise ValueError(f"zoo.sweep: {unknown} are no zoo models; the zoo has {sorted(BUILDERS)}")
-  if not set(fast) <= set(names):
-    raise ValueError(f"zoo.sweep: fast={list(fast)} names models the sweep {list(names)} does not run")
-  return [pytest.param(name, marks=() if name in fast else pytest.mark.slow) for name in names]
+  leaves, tdef = jax.tree_util.tree_flatten_with_path(lora)
+  out = []
+  for i, (kp, x) in enumerate(leaves):
+    k = jax.random.fold_in(key, i)
+    if str(kp[-1].key) == "lora_magnitude":
+      out.append(x * jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5))
+    else:
+      out.append(x + 0.3 * jax.random.normal(k, x.shape, x.dtype))
+  return jax.tree_util.tree_unflatten(tdef, out)
 
 
 def loss_fn(case: Case, outputs: jax.Array) -> jax.Array:

@@ -1,7 +1,8 @@
 """DoRA (``use_dora=True``): the factorized forward and gradient against the merged kernel and
 against the formula written out by hand; the norms never form a kernel-sized update; init, merge,
 checkpoints, sharding specs and the error paths. PEFT parity (files both ways, logits and
-parameter counts): `tests/test_peft_families.py`."""
+parameter counts): `tests/e2e/test_peft_families.py`; the zoo checks on the larger zoo models, and DoRA on
+the MoE decoder's experts: `tests/e2e/test_zoo_sweeps.py`."""
 
 import dataclasses
 import warnings
@@ -21,19 +22,6 @@ from tests._jaxpr import out_shapes
 K = jax.random.split(jax.random.key(0), 8)
 
 
-def _trained(lora, key):
-  """An adapter moved off its init: magnitudes off the kernel norms, factors perturbed."""
-  leaves, tdef = jax.tree_util.tree_flatten_with_path(lora)
-  out = []
-  for i, (kp, x) in enumerate(leaves):
-    k = jax.random.fold_in(key, i)
-    if str(kp[-1].key) == "lora_magnitude":
-      out.append(x * jax.random.uniform(k, x.shape, minval=0.5, maxval=1.5))
-    else:
-      out.append(x + 0.3 * jax.random.normal(k, x.shape, x.dtype))
-  return jax.tree_util.tree_unflatten(tdef, out)
-
-
 def _dora_formula(w, a, b, m, scale):
   """m * V / ||V|| for a 2-D (in, out) kernel, V = W + scale * A @ B, in numpy float64."""
   v = np.asarray(w, np.float64) + scale * np.asarray(a, np.float64) @ np.asarray(b, np.float64)
@@ -42,16 +30,14 @@ def _dora_formula(w, a, b, m, scale):
 
 # -- the zoo: wrapped == merged, forward and gradient ---------------------------------------------
 
-ZOO = ["plain", "llama_scan", "gpt2_style", "gemma_style", "maxtext_scan", "mha_tied", "convnet"]
 
-
-@pytest.mark.parametrize("name", zoo.sweep(ZOO, fast=["plain", "mha_tied"]))
-def test_wrapped_equals_the_merged_dora_kernel(name):
+def check_wrapped_equals_the_merged_dora_kernel(name):
+  """DoRA on zoo model ``name``: the factorized forward and gradient equal the merged kernel's."""
   case = zoo.BUILDERS[name]()
   cfg = dataclasses.replace(case.config, use_dora=True)
   x = case.inputs
   lora = jlora.init(case.tree, cfg, key=K[1], apply_fn=case.apply_fn, example_args=(x,))
-  lora = _trained(lora, K[2])
+  lora = zoo.trained(lora, K[2])
   apply = jlora.wrap(case.apply_fn, cfg, strategy="factorized")
 
   def merged_loss(lo):
@@ -76,25 +62,17 @@ def test_wrapped_equals_the_merged_dora_kernel(name):
     )
 
 
+@pytest.mark.parametrize("name", ["plain", "mha_tied"])  # the other zoo models: tests/e2e/test_zoo_sweeps.py
+def test_wrapped_equals_the_merged_dora_kernel(name):
+  check_wrapped_equals_the_merged_dora_kernel(name)
+
+
 def _adapters(tree, prefix=()):
   if isinstance(tree, dict) and "lora_A" in tree:
     yield prefix, tree
   elif isinstance(tree, dict):
     for k, v in tree.items():
       yield from _adapters(v, prefix + (k,))
-
-
-@pytest.mark.slow  # the zoo's scanned MoE decoder, end to end
-def test_dora_experts_materialise_with_the_warning_and_match_the_merge():
-  case = zoo.BUILDERS["moe_scan"]()
-  cfg = dataclasses.replace(case.config, use_dora=True)
-  lora = _trained(
-    jlora.init(case.tree, cfg, key=K[1], apply_fn=case.apply_fn, example_args=(case.inputs,)), K[2]
-  )
-  with pytest.warns(jlora.MaterializationWarning, match=r"experts/w[io]'.*ragged_dot"):
-    got = jlora.wrap(case.apply_fn, cfg)(case.tree, lora, case.inputs)
-  want = case.apply_fn(jlora.merge(case.tree, lora, cfg), case.inputs)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # -- the formula, written out ---------------------------------------------------------------------
@@ -114,7 +92,7 @@ def _dense_case(bias: bool):
 def test_dense_dora_is_the_weight_decomposed_kernel_plus_bias():
   params, apply_fn = _dense_case(bias=True)
   cfg = jlora.LoraConfig(r=3, lora_alpha=6, target_modules=("fc",), init_lora_weights=False, use_dora=True)
-  lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+  lora = zoo.trained(jlora.init(params, cfg, key=K[2]), K[3])
   node = lora["fc"]["kernel"]
   x = jax.random.normal(K[4], (5, 12))
   got = jlora.wrap(apply_fn, cfg)(params, lora, x)
@@ -127,7 +105,7 @@ def test_dropout_rescales_the_dropped_input_as_peft_does():
   # PEFT under dropout: x @ W + (g - 1) * (drop(x) @ W) + g * scale * drop(x) @ A @ B.
   params, apply_fn = _dense_case(bias=False)
   cfg = jlora.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.5, target_modules=("fc",), use_dora=True)
-  lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+  lora = zoo.trained(jlora.init(params, cfg, key=K[2]), K[3])
   node, w = lora["fc"]["kernel"], np.asarray(params["fc"]["kernel"], np.float64)
   x = jax.random.normal(K[4], (5, 12))
   key = jax.random.key(7)
@@ -145,7 +123,7 @@ def test_conv_dora_norms_each_output_channel_over_its_window():
   case = zoo.BUILDERS["convnet"]()
   cfg = dataclasses.replace(case.config, use_dora=True, target_modules=("conv1",))
   lora = jlora.init(case.tree, cfg, key=K[1], apply_fn=case.apply_fn, example_args=(case.inputs,))
-  lora = _trained(lora, K[2])
+  lora = zoo.trained(lora, K[2])
   node = lora["params"]["conv1"]["kernel"]
   w = np.asarray(case.tree["params"]["conv1"]["kernel"], np.float64)  # (3, 3, cin, cout)
   v = w + cfg.scale_for("conv1") * np.einsum("hwir,ro->hwio", node["lora_A"], node["lora_B"])
@@ -164,7 +142,7 @@ def test_embedding_dora_scales_each_feature_as_peft_does():
   params = {"embed": {"embedding": table}}
   ids = jnp.array([[1, 4, 10], [0, 0, 7]])
   cfg = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=("embed",), init_lora_weights=False, use_dora=True)
-  lora = _trained(jlora.init(params, cfg, key=K[1]), K[2])
+  lora = zoo.trained(jlora.init(params, cfg, key=K[1]), K[2])
   node = lora["embed"]["embedding"]
   assert node["lora_magnitude"].shape == (6,)  # PEFT's: one per embedding feature
   with warnings.catch_warnings():
@@ -212,12 +190,12 @@ def test_the_step_never_forms_a_kernel_sized_value():
 # -- dora_recompute: the same step without keeping each product's output -------------------------
 
 
-@pytest.mark.parametrize("name", zoo.sweep(["llama_scan", "gemma_style", "convnet"], fast=["convnet"]))
-def test_recompute_gives_the_same_values_and_gradients(name):
+def check_recompute_gives_the_same_values_and_gradients(name):
+  """``dora_recompute=True`` on zoo model ``name``: the same loss and gradients, by the recomputing rule."""
   case = zoo.BUILDERS[name]()
   cfg = dataclasses.replace(case.config, use_dora=True)
   x = case.inputs
-  lora = _trained(jlora.init(case.tree, cfg, key=K[1], apply_fn=case.apply_fn, example_args=(x,)), K[2])
+  lora = zoo.trained(jlora.init(case.tree, cfg, key=K[1], apply_fn=case.apply_fn, example_args=(x,)), K[2])
   kept = jlora.wrap(case.apply_fn, cfg, strategy="factorized")
   again = jlora.wrap(case.apply_fn, cfg, strategy="factorized", dora_recompute=True)
 
@@ -235,6 +213,11 @@ def test_recompute_gives_the_same_values_and_gradients(name):
     )
 
 
+@pytest.mark.parametrize("name", ["convnet"])  # the other zoo models: tests/e2e/test_zoo_sweeps.py
+def test_recompute_gives_the_same_values_and_gradients(name):
+  check_recompute_gives_the_same_values_and_gradients(name)
+
+
 def test_recompute_covers_dropout_and_embeddings():
   table = jax.random.normal(K[0], (11, 24))
   params = {"embed": {"embedding": table}, "fc": {"kernel": jax.random.normal(K[1], (24, 7))}}
@@ -243,7 +226,7 @@ def test_recompute_covers_dropout_and_embeddings():
     return jnp.tanh(p["embed"]["embedding"][ids] @ p["fc"]["kernel"])
 
   cfg = jlora.LoraConfig(r=2, lora_dropout=0.3, target_modules=("embed", "fc"), use_dora=True)
-  lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+  lora = zoo.trained(jlora.init(params, cfg, key=K[2]), K[3])
   ids, key = jnp.array([[1, 4, 10], [0, 0, 7]]), jax.random.key(5)
 
   def grads(**kw):
@@ -330,7 +313,7 @@ def test_init_starts_at_the_kernel_norm_and_changes_nothing(layers):
     atol=1e-5,
   )
   if layers is not None:  # layers left out keep their kernels exactly
-    trained = _trained(lora, K[2])
+    trained = zoo.trained(lora, K[2])
     merged = jlora.merge(case.tree, trained, cfg)["params"]["layers"]["q_proj"]["kernel"]
     np.testing.assert_array_equal(merged[0], w[0])
 
@@ -338,7 +321,7 @@ def test_init_starts_at_the_kernel_norm_and_changes_nothing(layers):
 def test_merge_is_the_formula_and_unmerge_refuses():
   params, _ = _dense_case(bias=False)
   cfg = jlora.LoraConfig(r=3, lora_alpha=6, target_modules=("fc",), init_lora_weights=False, use_dora=True)
-  lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+  lora = zoo.trained(jlora.init(params, cfg, key=K[2]), K[3])
   node = lora["fc"]["kernel"]
   merged = jlora.merge(params, lora, cfg)
   want = _dora_formula(params["fc"]["kernel"], node["lora_A"], node["lora_B"], node["lora_magnitude"], 2.0)
@@ -354,7 +337,7 @@ def test_merge_is_the_formula_and_unmerge_refuses():
 def test_checkpoint_round_trip_keeps_the_magnitude(tmp_path):
   params, _ = _dense_case(bias=False)
   cfg = jlora.LoraConfig(r=3, target_modules=("fc",), init_lora_weights=False, use_dora=True)
-  lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+  lora = zoo.trained(jlora.init(params, cfg, key=K[2]), K[3])
   jlora.save_adapter(tmp_path / "a", lora, cfg, base=params)
   back, cfg2 = jlora.load_adapter(tmp_path / "a", base=params)
   assert cfg2 == cfg and cfg2.use_dora
@@ -471,7 +454,7 @@ def test_float64_inputs_are_computed_in_float64():
     w = jax.random.normal(K[0], (12, 7), jnp.float64)
     params = {"fc": {"kernel": w}}
     cfg = jlora.LoraConfig(r=3, lora_alpha=6, target_modules=("fc",), init_lora_weights=False, use_dora=True)
-    lora = _trained(jlora.init(params, cfg, key=K[2]), K[3])
+    lora = zoo.trained(jlora.init(params, cfg, key=K[2]), K[3])
     node = lora["fc"]["kernel"]
     assert node["lora_magnitude"].dtype == jnp.float64
     want = _dora_formula(w, node["lora_A"], node["lora_B"], node["lora_magnitude"], 2.0)

@@ -3,10 +3,9 @@
 The model: ``fc2(layer_norm(fc1(x)))`` with biases everywhere, as a plain JAX
 function over ``{"fc1": {"kernel" (in, out), "bias"}, "ln": {"scale", "bias"},
 "fc2": ...}`` and as the same PyTorch module (``weight`` ``(out, in)``).
-Comparisons against PEFT: float32, logits within 1e-5.
+Comparisons against PEFT: float32, logits within 1e-5. The same on Hugging Face models (OPT, BERT, GPT-2):
+`tests/e2e/test_peft_families.py`.
 """
-
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -183,101 +182,6 @@ def test_lora_only_bias_of_a_stacked_kernel_adapted_in_part_is_refused():
   cut = jlora.LoraConfig(**common, bias="lora_only")
   with pytest.raises(ValueError, match="bias='lora_only' with layers_to_transform"):
     jlora.merge(params, lora, cut)
-
-
-# -- Hugging Face Flax models (norms and biases outside the layer stack) against their PyTorch twins --
-
-_IDS = np.array([[5, 9, 1, 33, 12, 63, 7], [3, 3, 40, 22, 17, 8, 51]], np.int32)
-
-
-def _hf_family(kind):
-  transformers = pytest.importorskip("transformers")
-  if not hasattr(transformers, "FlaxOPTForCausalLM"):
-    pytest.skip("transformers >= 4.58 has no Flax models")
-  tiny = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32)
-  if kind == "opt":  # decoder.final_layer_norm outside the layers
-    config = transformers.OPTConfig(hidden_size=16, ffn_dim=32, word_embed_proj_dim=16, **tiny)
-    classes, names = (transformers.FlaxOPTForCausalLM, transformers.OPTForCausalLM), ["q_proj", "v_proj"]
-  elif kind == "bert":  # embeddings.LayerNorm, pooler.dense
-    config = transformers.BertConfig(hidden_size=16, intermediate_size=32, **tiny)
-    classes, names = (transformers.FlaxBertModel, transformers.BertModel), ["query", "value"]
-  else:  # transformer.ln_f; Conv1D modules (PEFT's fan_in_fan_out)
-    config = transformers.GPT2Config(
-      vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=32
-    )
-    classes, names = (transformers.FlaxGPT2LMHeadModel, transformers.GPT2LMHeadModel), ["c_attn"]
-  flax_model = classes[0](config, seed=0, dtype=jnp.float32)
-  params = flax_model.params
-
-  def apply_fn(p, ids):
-    out = flax_model(ids, params=p)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
-
-  def torch_model():
-    import torch  # noqa: PLC0415
-    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model  # noqa: PLC0415
-
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")  # transformers' chatter about the weights it copies
-      m = classes[1](config)
-      load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
-    return torch, m.eval()
-
-  return params, apply_fn, torch_model, names, {"fan_in_fan_out": True} if kind == "gpt2" else {}
-
-
-def _hf_outputs(torch, model):
-  with torch.no_grad():
-    out = model(torch.tensor(_IDS, dtype=torch.long))
-  return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("bias", ["all", "lora_only"])
-@pytest.mark.parametrize("kind", ["opt", "bert", "gpt2"])
-def test_hf_models_count_export_and_import_as_peft(kind, bias, tmp_path):
-  params, apply_fn, torch_model, names, extra = _hf_family(kind)
-  peft = pytest.importorskip("peft")
-  ids = (jnp.asarray(_IDS),)
-  torch, base = torch_model()
-  np.testing.assert_allclose(apply_fn(params, *ids), _hf_outputs(torch, base), atol=1e-4)  # the twin
-  cfg = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=tuple(names), bias=bias, init_lora_weights=False)
-  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=ids)
-  lora = jax.tree_util.tree_map(lambda x: x + 0.05, lora)  # trained biases moved off the base ones
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # transformers' and PEFT's chatter about the twin
-    pm = peft.get_peft_model(torch_model()[1], peft.LoraConfig(r=2, target_modules=names, bias=bias, **extra))
-    n_train, n_all = pm.get_nb_trainable_parameters()
-  assert jlora.summary(params, lora, cfg).startswith(
-    f"trainable params: {n_train:,d} || all params: {n_all:,d} ||"
-  )
-  # jlora -> PEFT
-  jlora.export_peft(
-    tmp_path / "out", lora, cfg, base=params, apply_fn=apply_fn, example_args=ids, task_type=None
-  )
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    theirs = _hf_outputs(torch, peft.PeftModel.from_pretrained(torch_model()[1], tmp_path / "out").eval())
-  ours = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, *ids))
-  assert np.abs(ours - apply_fn(params, *ids)).max() > 1e-2
-  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
-  # PEFT -> jlora, its trained biases moved too
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    pm = peft.get_peft_model(
-      torch_model()[1],
-      peft.LoraConfig(r=2, target_modules=names, bias=bias, init_lora_weights=False, **extra),
-    )
-  with torch.no_grad():
-    for name, p in pm.named_parameters():
-      if name.endswith("bias") and p.requires_grad:
-        p.add_(0.1)
-  pm.save_pretrained(str(tmp_path / "peft"))
-  lora2, cfg2 = jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=ids)
-  assert cfg2.bias == bias
-  np.testing.assert_allclose(
-    jlora.wrap(apply_fn, cfg2)(params, lora2, *ids), _hf_outputs(torch, pm.eval()), atol=1e-5, rtol=0
-  )
 
 
 def test_summary_without_the_config_refuses_bias_copies():

@@ -7,8 +7,9 @@ Hugging Face Flax GPT-2 (``Conv1D`` kernels stored ``(out, in)``, used as
 weights (`tests.zoo.GemmaStyle`: ``q_einsum`` ``(N, D, H)``, fused ``kv_einsum``,
 ``gating_einsum``) against PEFT on ``nn.Linear`` modules under the Hugging Face
 Gemma names: the merged weights PEFT builds from jlora's file equal jlora's
-merged kernels. Needs torch, peft and transformers < 4.58 (the last with Flax
-models); skipped otherwise.
+merged kernels. "all-linear" on BERT, ELECTRA, ALBERT and CLIP, and PEFT's ``bias`` modes on OPT, BERT
+and GPT-2, both ways, modules and norms outside the layer stack included. Needs torch, peft and
+transformers < 4.58 (the last with Flax models); skipped otherwise.
 """
 
 import warnings
@@ -232,6 +233,15 @@ def _hf_config(kind):
   return config, transformers.FlaxCLIPModel, transformers.CLIPModel
 
 
+def _twin(torch_cls, config, params):
+  """The PyTorch model of ``config`` holding the Flax ``params``, in eval mode."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # transformers' chatter about the weights it copies
+    m = torch_cls(config)
+    load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
+  return m.eval()
+
+
 def _hf_model(kind):
   """The Flax model's params, its apply function and inputs, its PyTorch twin and the twin's outputs."""
   config, flax_cls, torch_cls = _hf_config(kind)
@@ -257,11 +267,7 @@ def _hf_model(kind):
     inputs = {"input_ids": torch.tensor(_IDS, dtype=torch.long)}
 
   def torch_model():
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")  # transformers' chatter about the weights it copies
-      m = torch_cls(config)
-      load_flax_weights_in_pytorch_model(m, jax.tree_util.tree_map(np.asarray, params))
-    return m.eval()
+    return _twin(torch_cls, config, params)
 
   def outputs(m):
     with torch.no_grad():
@@ -305,3 +311,83 @@ def test_all_linear_on_hf_models_exports_and_imports_without_a_name_map(kind, tm
   pm.save_pretrained(tmp_path / "peft")
   lora2, cfg2 = jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=args)
   _assert_close(jlora.wrap(apply_fn, cfg2)(params, lora2, *args), outputs(pm))
+
+
+# -- PEFT's ``bias`` on Hugging Face Flax models (norms and biases outside the layer stack) --------
+
+
+def _bias_family(kind):
+  tiny = dict(vocab_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32)
+  if kind == "opt":  # decoder.final_layer_norm outside the layers
+    config = transformers.OPTConfig(hidden_size=16, ffn_dim=32, word_embed_proj_dim=16, **tiny)
+    classes, names = (transformers.FlaxOPTForCausalLM, transformers.OPTForCausalLM), ["q_proj", "v_proj"]
+  elif kind == "bert":  # embeddings.LayerNorm, pooler.dense
+    config = transformers.BertConfig(hidden_size=16, intermediate_size=32, **tiny)
+    classes, names = (transformers.FlaxBertModel, transformers.BertModel), ["query", "value"]
+  else:  # transformer.ln_f; Conv1D modules (PEFT's fan_in_fan_out)
+    config = transformers.GPT2Config(
+      vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, n_inner=32
+    )
+    classes, names = (transformers.FlaxGPT2LMHeadModel, transformers.GPT2LMHeadModel), ["c_attn"]
+  flax_model = classes[0](config, seed=0, dtype=jnp.float32)
+  params = flax_model.params
+
+  def apply_fn(p, ids):
+    out = flax_model(ids, params=p)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+  def torch_model():
+    return _twin(classes[1], config, params)
+
+  return params, apply_fn, torch_model, names, {"fan_in_fan_out": True} if kind == "gpt2" else {}
+
+
+def _hf_outputs(model):
+  with torch.no_grad():
+    out = model(torch.tensor(_IDS, dtype=torch.long))
+  return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+@pytest.mark.parametrize("kind", ["opt", "bert", "gpt2"])
+def test_hf_models_count_export_and_import_trained_biases_as_peft(kind, bias, tmp_path):
+  params, apply_fn, torch_model, names, extra = _bias_family(kind)
+  ids = (jnp.asarray(_IDS),)
+  np.testing.assert_allclose(apply_fn(params, *ids), _hf_outputs(torch_model()), atol=1e-4)  # the twin
+  cfg = jlora.LoraConfig(r=2, lora_alpha=4, target_modules=tuple(names), bias=bias, init_lora_weights=False)
+  lora = jlora.init(params, cfg, key=jax.random.key(1), apply_fn=apply_fn, example_args=ids)
+  lora = jax.tree_util.tree_map(lambda x: x + 0.05, lora)  # trained biases moved off the base ones
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # transformers' and PEFT's chatter about the twin
+    pm = peft.get_peft_model(torch_model(), peft.LoraConfig(r=2, target_modules=names, bias=bias, **extra))
+    n_train, n_all = pm.get_nb_trainable_parameters()
+  assert jlora.summary(params, lora, cfg).startswith(
+    f"trainable params: {n_train:,d} || all params: {n_all:,d} ||"
+  )
+  # jlora -> PEFT
+  jlora.export_peft(
+    tmp_path / "out", lora, cfg, base=params, apply_fn=apply_fn, example_args=ids, task_type=None
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    theirs = _hf_outputs(peft.PeftModel.from_pretrained(torch_model(), tmp_path / "out").eval())
+  ours = np.asarray(jlora.wrap(apply_fn, cfg)(params, lora, *ids))
+  assert np.abs(ours - apply_fn(params, *ids)).max() > 1e-2
+  np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+  # PEFT -> jlora, its trained biases moved too
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    pm = peft.get_peft_model(
+      torch_model(),
+      peft.LoraConfig(r=2, target_modules=names, bias=bias, init_lora_weights=False, **extra),
+    )
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if name.endswith("bias") and p.requires_grad:
+        p.add_(0.1)
+  pm.save_pretrained(str(tmp_path / "peft"))
+  lora2, cfg2 = jlora.import_peft(tmp_path / "peft", params, apply_fn=apply_fn, example_args=ids)
+  assert cfg2.bias == bias
+  np.testing.assert_allclose(
+    jlora.wrap(apply_fn, cfg2)(params, lora2, *ids), _hf_outputs(pm.eval()), atol=1e-5, rtol=0
+  )

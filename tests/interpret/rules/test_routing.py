@@ -73,9 +73,8 @@ def _close(got, want, rtol=1e-5):
   np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(want))))
 
 
-@pytest.mark.parametrize("design", DESIGNS)
-@pytest.mark.parametrize("name", zoo.sweep(sorted(ADAPTERS), fast=["llama", "mha_tied"]))
-def test_each_example_equals_its_adapter_alone(name, design):
+def check_each_example_equals_its_adapter_alone(name, design):
+  """Zoo model ``name``'s bank routed by ``design``: each example's output is its adapter's, merged, alone."""
   case, tokens, pairs, bank = _setup(name)
   apply = jax.jit(jlora.wrap(case.apply_fn, bank.config, routing=design))
   out = apply(case.tree, bank.lora, tokens, adapter_ids=jnp.array(IDS))
@@ -84,6 +83,12 @@ def test_each_example_equals_its_adapter_alone(name, design):
     if i >= 0:  # the adapter changes this example's output: the comparison has teeth
       assert float(jnp.max(jnp.abs(want - _alone(case, pairs, -1, tokens[e : e + 1])))) > 1e-3
     _close(out[e : e + 1], want)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("name", ["llama", "mha_tied"])  # the other models: tests/e2e/test_zoo_sweeps.py
+def test_each_example_equals_its_adapter_alone(name, design):
+  check_each_example_equals_its_adapter_alone(name, design)
 
 
 def test_new_ids_do_not_retrace_and_order_follows_ids():
@@ -97,9 +102,8 @@ def test_new_ids_do_not_retrace_and_order_follows_ids():
       _close(out[e : e + 1], _alone(case, pairs, i, tokens[e : e + 1]))
 
 
-@pytest.mark.parametrize("design", DESIGNS)
-@pytest.mark.parametrize("name", zoo.sweep(["llama", "llama_scan"], fast=["llama"]))
-def test_gradients_reach_only_the_adapters_used(name, design):
+def check_gradients_reach_only_the_adapters_used(name, design):
+  """Zoo model ``name``'s bank routed by ``design``: unused adapters get no gradient, used ones their own."""
   case, tokens, pairs, bank = _setup(name)
   ids = (2, 1, 2, -1)  # adapter "a" (0) is unused; "b" adapts the embedding too
   apply = jlora.wrap(case.apply_fn, bank.config, routing=design)
@@ -121,6 +125,12 @@ def test_gradients_reach_only_the_adapters_used(name, design):
     for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
       s = float(jnp.max(jnp.abs(b)))
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * s, err_msg=jax.tree_util.keystr(p))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("name", ["llama"])  # llama_scan: tests/e2e/test_zoo_sweeps.py
+def test_gradients_reach_only_the_adapters_used(name, design):
+  check_gradients_reach_only_the_adapters_used(name, design)
 
 
 @pytest.mark.parametrize("design", DESIGNS)
@@ -219,8 +229,8 @@ def test_a_model_that_flattens_examples_is_an_error():
     jlora.wrap(fn, bank.config)(params, bank.lora, x, adapter_ids=jnp.array([0, 1]))
 
 
-@pytest.mark.parametrize("name", zoo.sweep(["convnet", "moe_scan"], fast=["convnet"]))
-def test_unroutable_uses_are_errors(name):
+def check_unroutable_uses_are_errors(name):
+  """Zoo model ``name`` uses an adapted kernel in a way no bank routes per example: an error."""
   case = zoo.BUILDERS[name]()
   cfg = case.config
   key = jax.random.key(0)
@@ -229,6 +239,11 @@ def test_unroutable_uses_are_errors(name):
   ids = jnp.zeros((case.inputs.shape[0],), jnp.int32)
   with pytest.raises(ValueError, match=r"cannot be routed per example|leading axis to be the example axis"):
     jlora.wrap(case.apply_fn, bank.config)(case.tree, bank.lora, case.inputs, adapter_ids=ids)
+
+
+@pytest.mark.parametrize("name", ["convnet"])  # moe_scan: tests/e2e/test_zoo_sweeps.py
+def test_unroutable_uses_are_errors(name):
+  check_unroutable_uses_are_errors(name)
 
 
 def test_a_bank_for_another_base_is_an_error():

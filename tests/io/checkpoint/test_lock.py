@@ -1,23 +1,14 @@
-"""Tests for the single-writer lock of a checkpoint directory (`checkpoint.lock`)."""
+"""Tests for the single-writer lock of a checkpoint directory (`checkpoint.lock`).
+
+The lock of a killed process: `tests/e2e/test_checkpoint_processes.py`.
+"""
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from jlora._src.io.checkpoint.lock import LOCK_NAME, CheckpointBusyError, WriterLock, active_writer
-from tests import ROOT
-
-HOLDER = """
-import sys, time
-from jlora._src.io.checkpoint.lock import WriterLock
-lock = WriterLock.acquire(sys.argv[1])
-print("locked", flush=True)
-time.sleep(60)
-"""
 
 
 def test_second_acquire_is_refused_naming_the_holder(tmp_path):
@@ -34,21 +25,3 @@ def test_second_acquire_is_refused_naming_the_holder(tmp_path):
   assert not lock.held and active_writer(str(tmp_path)) is None
   WriterLock.acquire(str(tmp_path)).release()
   assert os.path.exists(tmp_path / LOCK_NAME)  # kept: deleting lock files races
-
-
-def test_lock_of_a_killed_process_is_free(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  cmd = [sys.executable, "-c", HOLDER, str(tmp_path)]
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
-  try:
-    assert proc.stdout.readline() == "locked\n"
-    assert active_writer(str(tmp_path)).pid == proc.pid
-    with pytest.raises(CheckpointBusyError, match=rf"pid {proc.pid} on host"):
-      WriterLock.acquire(str(tmp_path))
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-  finally:
-    proc.kill()
-    proc.communicate()
-  assert active_writer(str(tmp_path)) is None
-  WriterLock.acquire(str(tmp_path)).release()

@@ -26,33 +26,6 @@ def test_round_trip(tmp_path, dtype):
   chex.assert_trees_all_close(jlora.merge(tree, lora2, cfg2), jlora.merge(tree, lora, cfg), atol=0, rtol=0)
 
 
-@pytest.mark.slow
-@P.PEFT_WARNINGS
-def test_peft_saved_adapter_imports(tmp_path):
-  torch, model, flax_model, variables, ids = P.torch_llama(seed=1)
-  import peft  # noqa: PLC0415
-
-  pcfg = peft.LoraConfig(
-    r=4,
-    lora_alpha=8,
-    target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
-    rank_pattern={"o_proj": 2},
-    alpha_pattern={"k_proj": 5},
-    init_lora_weights=False,
-    task_type="CAUSAL_LM",
-  )
-  peft_model = peft.get_peft_model(model, pcfg).eval()
-  theirs = P.torch_logits(torch, peft_model, ids)
-  peft_model.save_pretrained(str(tmp_path))
-  lora, cfg = jlora.import_peft(tmp_path, variables)
-  assert cfg.rank_for("model/layers_1/self_attn/o_proj") == 2
-  assert cfg.scale_for("model/layers_0/self_attn/k_proj") == 5 / 4
-  ours = np.asarray(jlora.wrap(flax_model.apply, cfg)(variables, lora, ids))
-  assert np.abs(ours - flax_model.apply(variables, ids)).max() > 1e-2
-  print(f"PEFT -> jlora logits max abs diff {np.abs(ours - theirs).max():.2e}")
-  np.testing.assert_allclose(ours, theirs, atol=1e-4)
-
-
 @pytest.fixture(scope="module", params=["gemma_style", "gpt2_style", "maxtext_scan"])
 def family(request):
   from tests import zoo  # noqa: PLC0415
