@@ -43,19 +43,21 @@ def check_wrapped_equals_the_merged_dora_kernel(name):
   def merged_loss(lo):
     return zoo.loss_fn(case, case.apply_fn(jlora.merge(case.tree, lo, cfg), x))
 
+  # Each side compiled whole: eagerly, every primitive of the model would be a program of its own.
   with warnings.catch_warnings():
     warnings.simplefilter("error", jlora.MaterializationWarning)
-    got = apply(case.tree, lora, x)
-    grads = jax.grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, x)))(lora)
-  want = case.apply_fn(jlora.merge(case.tree, lora, cfg), x)
+    got = jax.jit(apply)(case.tree, lora, x)
+    grads = jax.jit(jax.grad(lambda lo: zoo.loss_fn(case, apply(case.tree, lo, x))))(lora)
+  want = jax.jit(lambda lo: case.apply_fn(jlora.merge(case.tree, lo, cfg), x))(lora)
   lora_only = jlora.wrap(case.apply_fn, dataclasses.replace(cfg, use_dora=False))
   plain = jax.tree_util.tree_map(lambda n: n, lora)
   for _, node in _adapters(plain):
     del node["lora_magnitude"]
-  assert float(jnp.max(jnp.abs(want - lora_only(case.tree, plain, x)))) > 1e-3, "DoRA must differ from LoRA"
+  lora_out = jax.jit(lora_only)(case.tree, plain, x)
+  assert float(jnp.max(jnp.abs(want - lora_out))) > 1e-3, "DoRA must differ from LoRA"
   scale = float(jnp.max(jnp.abs(want)))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
-  want_grads = jax.grad(merged_loss)(lora)
+  want_grads = jax.jit(jax.grad(merged_loss))(lora)
   for (kp, g), w in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(want_grads)):
     np.testing.assert_allclose(
       g, w, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(w))), err_msg=jax.tree_util.keystr(kp)

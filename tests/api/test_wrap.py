@@ -34,8 +34,9 @@ def _check(fn, params, targets, *args, rtol=1e-5, layout_pattern=None, infer=Tru
   with warnings.catch_warnings():
     warnings.simplefilter("error", jlora.MaterializationWarning)
     got = jax.jit(apply)(params, lora, *args)
-  want = fn(jlora.merge(params, lora, cfg), *args)
-  base = fn(params, *args)
+  # The references compiled whole too (eagerly, every operation would be a program of its own).
+  want = jax.jit(lambda lo: fn(jlora.merge(params, lo, cfg), *args))(lora)
+  base = jax.jit(fn)(params, *args)
   assert float(jnp.max(jnp.abs(want - base))) > 1e-3
   scale = float(jnp.max(jnp.abs(want)))
   np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
@@ -44,7 +45,7 @@ def _check(fn, params, targets, *args, rtol=1e-5, layout_pattern=None, infer=Tru
     return jnp.sum(jnp.sin(f(lo)))
 
   g = jax.jit(jax.grad(loss), static_argnums=1)(lora, lambda lo: apply(params, lo, *args))
-  g_ref = jax.grad(loss)(lora, lambda lo: fn(jlora.merge(params, lo, cfg), *args))
+  g_ref = jax.jit(jax.grad(loss), static_argnums=1)(lora, lambda lo: fn(jlora.merge(params, lo, cfg), *args))
   for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree_util.tree_leaves(g_ref)):
     s = float(jnp.max(jnp.abs(b)))
     np.testing.assert_allclose(a, b, rtol=10 * rtol, atol=10 * rtol * s, err_msg=jax.tree_util.keystr(p))

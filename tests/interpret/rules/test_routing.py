@@ -63,10 +63,14 @@ def _setup(name):
   return case, tokens, pairs, jlora.stack(pairs, names=["a", "b", "c"])
 
 
+# The references compiled whole (eagerly, every operation of the model would be a program of its own).
+_jit = functools.cache(jax.jit)
+
+
 def _alone(case, pairs, i, x):
   """The model run alone on ``x`` with adapter ``i`` merged (``-1``: the base)."""
   tree = case.tree if i < 0 else jlora.merge(case.tree, *pairs[i])
-  return case.apply_fn(tree, x)
+  return _jit(case.apply_fn)(tree, x)
 
 
 def _close(got, want, rtol=1e-5):
@@ -120,7 +124,7 @@ def check_gradients_reach_only_the_adapters_used(name, design):
       merged = jlora.merge(case.tree, lo, cfg_k)
       return sum(jnp.sum(jnp.sin(case.apply_fn(merged, tokens[e : e + 1]))) for e in mine)
 
-    want = jax.grad(ref_loss)(lora_k)
+    want = jax.jit(jax.grad(ref_loss))(lora_k)
     got, _ = g_bank.adapter(k)
     for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
       s = float(jnp.max(jnp.abs(b)))
@@ -160,11 +164,15 @@ def test_dropout_is_the_single_adapter_dropout_per_example(design):
   bank = jlora.stack(pairs)
   key = jax.random.key(3)
   ids = (1, 0, 0, 1)
-  out = jlora.wrap(case.apply_fn, bank.config, routing=design)(
+  out = jax.jit(jlora.wrap(case.apply_fn, bank.config, routing=design))(
     case.tree, bank.lora, tokens, adapter_ids=jnp.array(ids), lora_dropout_key=key
   )
-  singles = [jlora.wrap(case.apply_fn, c)(case.tree, lo, tokens, lora_dropout_key=key) for lo, c in pairs]
-  no_drop = jlora.wrap(case.apply_fn, bank.config)(case.tree, bank.lora, tokens, adapter_ids=jnp.array(ids))
+  singles = [
+    jax.jit(jlora.wrap(case.apply_fn, c))(case.tree, lo, tokens, lora_dropout_key=key) for lo, c in pairs
+  ]
+  no_drop = jax.jit(jlora.wrap(case.apply_fn, bank.config))(
+    case.tree, bank.lora, tokens, adapter_ids=jnp.array(ids)
+  )
   assert float(jnp.max(jnp.abs(out - no_drop))) > 1e-3  # dropout did something
   for e, i in enumerate(ids):
     _close(out[e], singles[i][e])
