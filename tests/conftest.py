@@ -23,6 +23,8 @@ os.environ.setdefault(
   "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
   " --xla_llvm_disable_expensive_passes=true",
 )
+# Each xdist worker is a process of its own: on a GPU, none may take most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # transformers (imported by peft) would import TensorFlow and Keras, 600 MB no test uses.
 os.environ.setdefault("USE_TF", "0")
 
