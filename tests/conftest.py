@@ -17,7 +17,7 @@ import pytest
 
 # Must be set before jax is imported anywhere in the test session. Besides the 8 devices: the suite compiles
 # thousands of small programs and runs each a few times, so XLA's backend optimizations (LLVM's passes) cost
-# far more than they save; off, the fast tests take half the time. (Processes that tests start set their own.)
+# more than they save; off, the fast tests take a third less time. (Processes that tests start set their own.)
 os.environ.setdefault(
   "XLA_FLAGS",
   "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
