@@ -159,7 +159,6 @@ def _kill_mid_save(directory: str) -> list[int]:
   return done
 
 
-@pytest.mark.slow
 def test_a_killed_save_leaves_the_previous_adapter_and_a_lease_to_break(gs, small):
   directory = f"{gs}/killed"
   done = _kill_mid_save(directory)

@@ -29,7 +29,6 @@ if not hasattr(transformers, "FlaxGPT2LMHeadModel"):
   pytest.skip("transformers >= 4.58 has no Flax models", allow_module_level=True)
 from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model  # noqa: E402
 
-pytestmark = pytest.mark.slow
 TOKENS = np.array([[5, 9, 1, 33, 12, 63, 7, 2], [3, 3, 40, 22, 17, 8, 51, 6]], np.int32)
 R, ALPHA = 4, 8
 

@@ -18,7 +18,6 @@ import pytest
 from tests import TESTS, _launch
 
 JOB = os.path.join(TESTS, "_pod_job.py")
-pytestmark = pytest.mark.slow
 
 
 def _results(out: str, processes: int) -> list[dict]:

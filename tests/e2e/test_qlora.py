@@ -73,7 +73,6 @@ def test_a_scanned_quantized_kernel_is_dequantized_one_layer_at_a_time():
   assert _float_shapes(jax.make_jaxpr(merged_step)(lora).jaxpr) & stacked
 
 
-@pytest.mark.slow
 def test_training_on_a_quantized_base_lowers_the_loss(qcase):
   case, qparams, lora = qcase
   wrapped = jlora.wrap(case.apply_fn, case.config)

@@ -69,7 +69,6 @@ def test_merge_unmerge_round_trip(setup):
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(case.tree)
 
 
-@pytest.mark.slow
 def test_training_reduces_loss(setup):
   case, lora, _, _ = setup
   wrapped = jlora.wrap(case.apply_fn, case.config)
